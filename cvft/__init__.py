@@ -1,0 +1,3 @@
+"""cvft: transfer learning for computer vision on timm backbones and Lightning."""
+
+__version__ = "0.1.0"
