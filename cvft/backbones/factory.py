@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import socket
 import urllib.error
 from collections.abc import Iterable
@@ -143,13 +144,14 @@ def _check_model_name(name: str) -> None:
         return
     close = _close_model_names(arch)
     hint = f" Close matches: {', '.join(close)}." if close else ""
+    pattern = (re.findall(r"[a-z]+", arch.lower()) or [arch])[0]
     raise UnknownBackboneError(
-        f"Unknown backbone {name!r}: not a timm model.{hint} List models with timm.list_models('*{arch[:8]}*')."
+        f"Unknown backbone {name!r}: not a timm model.{hint} List models with timm.list_models('*{pattern}*')."
     )
 
 
 def _close_model_names(arch: str, limit: int = 8) -> list[str]:
-    tokens = [t for t in arch.replace("-", "_").split("_") if len(t) >= 3] or [arch]
+    tokens = {t for t in re.findall(r"[a-z]+|[a-z0-9]+", arch.lower()) if len(t) >= 3} or {arch}
     pool: set[str] = set()
     for token in tokens:
         pool.update(timm.list_models(f"*{token}*"))
