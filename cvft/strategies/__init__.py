@@ -1,0 +1,58 @@
+"""Fine-tuning strategies: one interface, a registry of names, usable in cvft modules, as a callback or on a module.
+
+Example:
+    >>> from cvft.strategies import available_strategies
+    >>> {"full", "linear_probe", "gradual_unfreeze", "layerwise_lr"} <= set(available_strategies())
+    True
+"""
+
+from cvft.strategies.apply import apply_strategies
+from cvft.strategies.base import Strategy, StrategyStack
+from cvft.strategies.callback import StrategyCallback
+from cvft.strategies.freezing import (
+    BitFit,
+    ClassifierOnly,
+    EmbeddingOnly,
+    FreezeLayers,
+    FreezingStrategy,
+    FullFineTune,
+    LinearProbe,
+    NormOnly,
+)
+from cvft.strategies.gradual_unfreeze import GradualUnfreeze
+from cvft.strategies.layerwise_lr import LayerwiseLRDecay
+from cvft.strategies.param_groups import add_param_groups, build_param_groups, no_weight_decay_names
+from cvft.strategies.registry import (
+    StrategySpec,
+    available_strategies,
+    build_strategies,
+    build_strategy,
+    get_strategy,
+    register_strategy,
+)
+
+__all__ = [
+    "Strategy",
+    "StrategyStack",
+    "StrategySpec",
+    "StrategyCallback",
+    "apply_strategies",
+    "register_strategy",
+    "get_strategy",
+    "build_strategy",
+    "build_strategies",
+    "available_strategies",
+    "build_param_groups",
+    "add_param_groups",
+    "no_weight_decay_names",
+    "FreezingStrategy",
+    "FullFineTune",
+    "LinearProbe",
+    "ClassifierOnly",
+    "FreezeLayers",
+    "BitFit",
+    "NormOnly",
+    "EmbeddingOnly",
+    "GradualUnfreeze",
+    "LayerwiseLRDecay",
+]

@@ -1,0 +1,108 @@
+"""Private freezing machinery shared by the strategies.
+
+Freezing a parameter means ``requires_grad=False``. Freezing a BatchNorm layer additionally means its running
+statistics must not move, which ``requires_grad`` alone does not give: Lightning puts the whole model back in
+train mode at every epoch. We keep such layers in eval mode with a forward pre-hook, so the guarantee holds in
+cvft's modules, on someone else's LightningModule and in a hand-written loop alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_GUARD_ATTR = "_cvft_frozen_stats_hook"
+_NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (BatchNorm, LayerNorm, GroupNorm, timm's norm variants)."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    # timm defines norms such as LayerNorm2d, RmsNorm, BatchNormAct2d; recognise them by name
+    return "Norm" in type(module).__name__
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` keeps running statistics (any ``_BatchNorm``, including timm's BatchNormAct2d)."""
+    return isinstance(module, _BatchNorm)
+
+
+def set_trainable(model: nn.Module, trainable_names: Iterable[str]) -> None:
+    """Make exactly the parameters named in ``trainable_names`` trainable and freeze the rest."""
+    wanted = set(trainable_names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that currently require gradients."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _keep_eval(module: nn.Module, args: tuple) -> None:
+    if module.training:
+        module.train(False)
+
+
+def freeze_batchnorm_stats(module: nn.Module) -> None:
+    """Keep a BatchNorm layer's running statistics fixed whatever mode its parent is put in."""
+    if getattr(module, _GUARD_ATTR, None) is None:
+        setattr(module, _GUARD_ATTR, module.register_forward_pre_hook(_keep_eval))
+    module.train(False)
+
+
+def release_batchnorm_stats(module: nn.Module, training: bool) -> None:
+    """Undo :func:`freeze_batchnorm_stats`; ``training`` is the mode the layer should take now."""
+    handle = getattr(module, _GUARD_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(module, _GUARD_ATTR)
+        module.train(training)
+
+
+def has_frozen_stats(module: nn.Module) -> bool:
+    """Whether :func:`freeze_batchnorm_stats` currently guards ``module``."""
+    return getattr(module, _GUARD_ATTR, None) is not None
+
+
+def sync_batchnorm_stats(model: nn.Module, train_bn: bool) -> None:
+    """Fix the statistics of every BatchNorm layer that has a frozen parameter, and release the others.
+
+    With ``train_bn=True``, BatchNorm layers are left alone (their statistics keep updating in train mode).
+
+    Args:
+        model: The model whose BatchNorm layers to update.
+        train_bn: Whether BatchNorm layers should keep training even where the rest is frozen.
+    """
+    for module in model.modules():
+        if not is_batchnorm(module):
+            continue
+        params = list(module.parameters(recurse=False))
+        frozen = any(not p.requires_grad for p in params) if params else True
+        if frozen and not train_bn:
+            freeze_batchnorm_stats(module)
+        else:
+            release_batchnorm_stats(module, model.training)
+
+
+def batchnorm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the affine parameters of every BatchNorm layer in ``model``."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        if is_batchnorm(module):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of every normalisation layer in ``model``."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        if is_norm_layer(module):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+    return names

@@ -1,0 +1,162 @@
+"""The strategy interface every fine-tuning method implements, and the stack that composes several of them.
+
+A strategy acts on the *backbone* (the timm model, head included) at five moments:
+
+1. :meth:`Strategy.setup` runs once, before any optimizer exists. It may inject modules (LoRA, adapters,
+   prompts), freeze parameters and attach state.
+2. :meth:`Strategy.lr_scales` tells the optimizer builder which parameters get a scaled learning rate.
+3. :meth:`Strategy.on_epoch_start` runs at every training epoch start and may make more parameters trainable
+   (gradual unfreezing). It must derive its decisions from ``epoch`` alone, so a resumed run behaves exactly
+   like an uninterrupted one.
+4. :meth:`Strategy.loss_terms` adds named terms to the task loss (distillation, contrastive, EWC).
+5. :attr:`Strategy.num_views` asks the data side for extra augmented views of each batch.
+
+Strategies compose in the order given: each one sees the model as the previous ones left it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+__all__ = ["Strategy", "StrategyStack"]
+
+
+class Strategy:
+    """Base class of all fine-tuning strategies.
+
+    Subclasses set :attr:`name` (their registry name) and override the hooks they need; every hook has a
+    do-nothing default. Configuration goes into typed ``__init__`` arguments, validated there, so that
+    LightningCLI and YAML recipes can build strategies by name.
+
+    Example:
+        >>> import timm
+        >>> class HeadOnly(Strategy):
+        ...     name = "head_only_example"
+        ...     def setup(self, model):
+        ...         head = set(model.get_classifier().parameters())
+        ...         for p in model.parameters():
+        ...             p.requires_grad_(p in head)
+        >>> model = timm.create_model("test_resnet", num_classes=3)
+        >>> HeadOnly().setup(model)
+        >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
+        291
+    """
+
+    name: ClassVar[str] = "strategy"
+    #: Augmented views of each training image the strategy needs (contrastive methods ask for 2).
+    num_views: ClassVar[int] = 1
+
+    def setup(self, model: nn.Module) -> None:
+        """Prepare ``model`` before the optimizer is built: inject modules, freeze parameters."""
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name; parameters left out keep a scale of 1."""
+        return {}
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> list[str]:
+        """Update trainability for ``epoch`` (0-based); return the names of parameters that became trainable."""
+        return []
+
+    def loss_terms(self, model: nn.Module, batch: Any, outputs: Tensor) -> dict[str, Tensor]:
+        """Extra loss terms, by name, to add to the task loss for this training batch."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """The strategy's constructor arguments, for logs, checkpoints and adapter metadata."""
+        return {key: value for key, value in vars(self).items() if not key.startswith("_")}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a checkpoint (tensors or primitives only)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class StrategyStack:
+    """Several strategies applied in order, seen from outside as one.
+
+    Learning-rate scales multiply, loss terms are collected under ``"<strategy name>/<term>"`` and the number of
+    views is the largest any strategy asks for.
+
+    Args:
+        strategies: Strategy instances, applied in the given order.
+
+    Example:
+        >>> import timm
+        >>> from cvft.strategies import build_strategy
+        >>> stack = StrategyStack([build_strategy("linear_probe")])
+        >>> model = timm.create_model("test_vit", num_classes=3)
+        >>> stack.setup(model)
+        >>> [n for n, p in model.named_parameters() if p.requires_grad]
+        ['head.weight', 'head.bias']
+    """
+
+    def __init__(self, strategies: Iterable[Strategy] = ()) -> None:
+        self.strategies: list[Strategy] = list(strategies)
+        names = [s.name for s in self.strategies]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            from cvft.errors import StrategyError
+
+            raise StrategyError(f"Strategy {duplicates[0]!r} is listed twice; give each strategy once.")
+
+    def __iter__(self):
+        return iter(self.strategies)
+
+    def __len__(self) -> int:
+        return len(self.strategies)
+
+    @property
+    def num_views(self) -> int:
+        """Largest number of views any strategy asks for."""
+        return max((s.num_views for s in self.strategies), default=1)
+
+    def setup(self, model: nn.Module) -> None:
+        """Run every strategy's :meth:`Strategy.setup`, in order."""
+        for strategy in self.strategies:
+            strategy.setup(model)
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        """Product of all strategies' learning-rate scales, by parameter name."""
+        scales: dict[str, float] = {}
+        for strategy in self.strategies:
+            for name, scale in strategy.lr_scales(model).items():
+                scales[name] = scales.get(name, 1.0) * scale
+        return scales
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> list[str]:
+        """Run every strategy's epoch hook; return all newly trainable parameter names, in model order."""
+        changed: set[str] = set()
+        for strategy in self.strategies:
+            changed.update(strategy.on_epoch_start(model, epoch))
+        return [name for name, _ in model.named_parameters() if name in changed]
+
+    def loss_terms(self, model: nn.Module, batch: Any, outputs: Tensor) -> dict[str, Tensor]:
+        """All strategies' loss terms, keyed ``"<strategy>/<term>"``."""
+        terms: dict[str, Tensor] = {}
+        for strategy in self.strategies:
+            for key, value in strategy.loss_terms(model, batch, outputs).items():
+                terms[f"{strategy.name}/{key}"] = value
+        return terms
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each strategy's state under its name."""
+        return {s.name: s.state_dict() for s in self.strategies}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; strategies absent from ``state`` are left as they are."""
+        for strategy in self.strategies:
+            if strategy.name in state:
+                strategy.load_state_dict(state[strategy.name])
+
+    def config(self) -> list[dict[str, Any]]:
+        """``[{"name": ..., **config}, ...]`` for logs and metadata."""
+        return [{"name": s.name, **s.config()} for s in self.strategies]

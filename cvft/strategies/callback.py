@@ -1,0 +1,157 @@
+"""Strategies as a Lightning ``Callback`` on any LightningModule, not only cvft's own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+from cvft.errors import StrategyError
+from cvft.strategies._ddp import LateGradientSync
+from cvft.strategies.base import StrategyStack
+from cvft.strategies.param_groups import add_param_groups, split_param_groups_by_scale
+from cvft.strategies.registry import StrategySpec, build_strategies
+
+__all__ = ["StrategyCallback", "find_backbone"]
+
+
+def find_backbone(pl_module: nn.Module, module_attr: str | None = None) -> nn.Module:
+    """The sub-module strategies act on: ``module_attr`` if given, else the first timm model inside ``pl_module``.
+
+    A timm model is recognised by its ``get_classifier()`` method; without one, the whole module is used.
+
+    Raises:
+        StrategyError: ``module_attr`` names no sub-module.
+    """
+    if module_attr is not None:
+        try:
+            return pl_module.get_submodule(module_attr)
+        except AttributeError:
+            children = ", ".join(name for name, _ in pl_module.named_children())
+            raise StrategyError(
+                f"StrategyCallback(module_attr={module_attr!r}): {type(pl_module).__name__} has no such sub-module. "
+                f"Its children are: {children}."
+            ) from None
+    for module in pl_module.modules():
+        if callable(getattr(module, "get_classifier", None)) and module is not pl_module:
+            return module
+    return pl_module
+
+
+class StrategyCallback(pl.Callback):
+    """Apply fine-tuning strategies to someone else's LightningModule.
+
+    * ``setup``: strategies are set up on the backbone before the optimizer exists (modules injected, freezing).
+    * ``on_fit_start``: the module's optimizer groups are split by the strategies' learning-rate scales.
+    * ``on_train_epoch_start``: schedules run; parameters that became trainable and are missing from the optimizer
+      are added as *named* param groups (``cvft/<layer group>/<decay>``), and per-group schedulers are extended.
+    * Checkpoints record the added groups; on resume they are re-created before Lightning restores the optimizer
+      state, so the optimizer and the unfreeze schedule continue exactly where they stopped.
+    * Under DDP, gradients of parameters unfrozen after wrapping are averaged across ranks.
+
+    Strategies that add loss terms need the module's help: call :meth:`loss_terms` in ``training_step``.
+
+    Args:
+        strategies: Names, ``{"name": ..., **kwargs}`` mappings or strategy instances, applied in order.
+        module_attr: Attribute path of the backbone inside the LightningModule (``"model"``, ``"net.encoder"``).
+            By default the first timm model found.
+
+    Example:
+        >>> import lightning.pytorch as pl, timm, torch
+        >>> class MyModule(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = timm.create_model("test_resnet", num_classes=3)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+        >>> callback = StrategyCallback([{"name": "gradual_unfreeze", "milestones": [1]}])
+        >>> callback.setup(pl.Trainer(logger=False), MyModule(), "fit")
+    """
+
+    def __init__(self, strategies: StrategySpec | Iterable[StrategySpec], module_attr: str | None = None) -> None:
+        self.stack = StrategyStack(build_strategies(strategies))
+        self.module_attr = module_attr
+        self._backbone: nn.Module | None = None
+        self._added_events: list[list[str]] = []
+        self._restored_events: list[list[str]] = []
+        self._restored_epoch: int | None = None
+        self._grad_sync = LateGradientSync()
+
+    @property
+    def state_key(self) -> str:
+        """Key in the checkpoint; includes the strategy names so several callbacks can coexist."""
+        return f"StrategyCallback[{','.join(s.name for s in self.stack)}]"
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The module the strategies act on (available after ``setup``)."""
+        if self._backbone is None:
+            raise StrategyError("StrategyCallback has not been set up yet; it runs when the Trainer starts.")
+        return self._backbone
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Set the strategies up on the backbone once, before optimizers exist."""
+        if self._backbone is not None:
+            return
+        self._backbone = find_backbone(pl_module, self.module_attr)
+        self.stack.setup(self._backbone)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Split optimizer groups by learning-rate scale and re-create groups added before a checkpoint."""
+        self._grad_sync.capture(pl_module)
+        scales = self.stack.lr_scales(self.backbone)
+        for optimizer in trainer.optimizers:
+            schedulers = self._schedulers(trainer, optimizer)
+            if scales:
+                split_param_groups_by_scale(optimizer, self.backbone, scales, schedulers)
+            if self._restored_events:
+                self.stack.on_epoch_start(self.backbone, self._restored_epoch or 0)
+                for names in self._restored_events:
+                    add_param_groups(optimizer, self.backbone, names, lr_scales=scales, schedulers=schedulers)
+        self._added_events = [list(names) for names in self._restored_events]
+        self._restored_events = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the strategies' schedules and give newly trainable parameters to the optimizer."""
+        self.stack.on_epoch_start(self.backbone, trainer.current_epoch)
+        trainable = [name for name, p in self.backbone.named_parameters() if p.requires_grad]
+        scales = self.stack.lr_scales(self.backbone)
+        for optimizer in trainer.optimizers:
+            schedulers = self._schedulers(trainer, optimizer)
+            added = add_param_groups(optimizer, self.backbone, trainable, lr_scales=scales, schedulers=schedulers)
+            if added:
+                self._added_events.append([n for group in added for n in _group_param_names(group, self.backbone)])
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Average gradients DDP does not know about (parameters unfrozen after wrapping)."""
+        self._grad_sync.sync(pl_module)
+
+    def loss_terms(self, batch: Any, outputs: Tensor) -> dict[str, Tensor]:
+        """The strategies' extra loss terms for this batch; add their sum to your loss in ``training_step``."""
+        return self.stack.loss_terms(self.backbone, batch, outputs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Added param groups (by parameter name, in order), the epoch and the strategies' own state."""
+        return {"added_param_groups": self._added_events, "strategies": self.stack.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Remember what to re-create in ``on_fit_start``."""
+        self._restored_events = [list(names) for names in state_dict.get("added_param_groups", [])]
+        self.stack.load_state_dict(state_dict.get("strategies", {}))
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Remember the epoch the checkpoint was written in, to restore trainability before the optimizer."""
+        self._restored_epoch = int(checkpoint.get("epoch", 0))
+
+    @staticmethod
+    def _schedulers(trainer: pl.Trainer, optimizer: Any) -> list[Any]:
+        return [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.scheduler.optimizer is optimizer]
+
+
+def _group_param_names(group: Mapping[str, Any], model: nn.Module) -> list[str]:
+    ids = {id(p) for p in group["params"]}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
