@@ -69,21 +69,25 @@ def _group_name(parameter_names: Iterable[str]) -> str:
     Groups without a common path join their distinct top-level names (``cls_token+pos_embed+patch_embed``).
     """
     module_paths = [name.split(".")[:-1] or [name] for name in parameter_names]
-    common: list[str] = []
-    for parts in zip(*module_paths, strict=False):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
+    common = _common_prefix(module_paths)
     if common:
         return ".".join(common)
-    tops: list[str] = []
+    by_top: dict[str, list[list[str]]] = {}
     for parts in module_paths:
-        top = ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
-        if top not in tops:
-            tops.append(top)
+        by_top.setdefault(parts[0], []).append(parts)
+    tops = [".".join(_common_prefix(paths)) for paths in by_top.values()]
     if len(tops) > _MAX_NAME_PARTS:
         return "+".join(tops[:_MAX_NAME_PARTS]) + f"+{len(tops) - _MAX_NAME_PARTS}more"
     return "+".join(tops)
+
+
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    common: list[str] = []
+    for parts in zip(*paths, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return common
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -126,7 +130,7 @@ def layer_groups(model: nn.Module, coarse: bool = False) -> list[LayerGroup]:
         >>> import timm
         >>> groups = layer_groups(timm.create_model("test_vit"))
         >>> groups[0].name, groups[-1].name, groups[-1].is_head
-        ('cls_token+pos_embed+patch_embed', 'head', True)
+        ('cls_token+pos_embed+patch_embed.proj', 'head', True)
     """
     if callable(getattr(model, "group_matcher", None)):
         ordered = _ordered_groups_from_matcher(model, coarse)

@@ -1,0 +1,12 @@
+"""Lightning callbacks that write what people look at after training.
+
+Example:
+    >>> from cvft.callbacks import PredictionWriter, TrainingReport
+    >>> TrainingReport().curves
+    True
+"""
+
+from cvft.callbacks.predictions import PredictionWriter
+from cvft.callbacks.report import TrainingReport, output_dir, plot_confusion_matrix, plot_learning_curves
+
+__all__ = ["TrainingReport", "PredictionWriter", "output_dir", "plot_learning_curves", "plot_confusion_matrix"]

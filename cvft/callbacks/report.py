@@ -1,0 +1,163 @@
+"""Pictures written at the end of a fit: learning curves and the validation confusion matrix."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+__all__ = ["TrainingReport", "output_dir", "plot_learning_curves", "plot_confusion_matrix"]
+
+_logger = logging.getLogger(__name__)
+_CURVE_PANELS = (
+    ("loss", ("train/loss_epoch", "val/loss")),
+    ("metric", ("train/acc", "val/acc", "val/f1_macro", "val/auroc")),
+)
+
+
+def output_dir(trainer: pl.Trainer) -> Path:
+    """The folder of this run: the first logger's version folder, else ``default_root_dir``."""
+    directory = trainer.log_dir if trainer.loggers else None
+    return Path(directory or trainer.default_root_dir)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(history: list[Mapping[str, float]], path: str | Path) -> Path:
+    """Plot loss and metric curves by epoch into a PNG.
+
+    Args:
+        history: One mapping of metric name to value per epoch (``train/loss_epoch``, ``val/acc`` ...).
+        path: Output PNG path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "curves.png"
+        >>> plot_learning_curves([{"train/loss_epoch": 1.0, "val/acc": 0.5}, {"train/loss_epoch": 0.5}], out).exists()
+        True
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (ylabel, keys) in zip(axes, _CURVE_PANELS, strict=True):
+        for key in keys:
+            points = [(i + 1, row[key]) for i, row in enumerate(history) if key in row and math.isfinite(row[key])]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle("Learning curves")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(matrix: Tensor, class_names: list[str], path: str | Path, normalize: bool = True) -> Path:
+    """Draw a confusion matrix (rows: true class, columns: predicted) as a PNG, with counts in the cells.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "cm.png"
+        >>> plot_confusion_matrix(torch.tensor([[3, 1], [0, 4]]), ["cat", "dog"], out).exists()
+        True
+    """
+    plt = _pyplot()
+    counts = matrix.detach().cpu().double()
+    shown = counts / counts.sum(1, keepdim=True).clamp_min(1) if normalize else counts
+    n = len(class_names)
+    size = min(4 + 0.45 * n, 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(shown.numpy(), cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        threshold = shown.max().item() / 2
+        for i in range(n):
+            for j in range(n):
+                colour = "white" if shown[i, j] > threshold else "black"
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", color=colour, fontsize=8)
+    accuracy = counts.diag().sum() / counts.sum().clamp_min(1)
+    ax.set_title(f"Validation confusion matrix (accuracy {accuracy:.3f})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class TrainingReport(pl.Callback):
+    """Write ``learning_curves.png``, ``confusion_matrix.png`` and ``confusion_matrix.csv`` when a fit ends.
+
+    Epoch metrics are collected from ``trainer.callback_metrics``; the history is saved in checkpoints so a resumed
+    run draws the whole curve. The confusion matrix comes from the LightningModule's ``last_val_confusion`` (as in
+    :class:`cvft.tasks.ImageClassifier`); modules without it only get learning curves.
+
+    Args:
+        curves: Draw the learning curves.
+        confusion: Draw the confusion matrix.
+        normalize: Colour confusion cells by row-normalised rate (the numbers show counts).
+    """
+
+    def __init__(self, curves: bool = True, confusion: bool = True, normalize: bool = True) -> None:
+        self.curves = curves
+        self.confusion = confusion
+        self.normalize = normalize
+        self.history: list[dict[str, float]] = []
+        self.written: list[Path] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record this epoch's metrics (validation of the epoch has already run)."""
+        if trainer.sanity_checking:
+            return
+        row = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
+        self.history.append(row)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the PNGs (and the confusion matrix as CSV) into the run folder."""
+        folder = output_dir(trainer)
+        if self.curves and self.history:
+            self.written.append(plot_learning_curves(self.history, folder / "learning_curves.png"))
+        matrix = getattr(pl_module, "last_val_confusion", None)
+        if self.confusion and matrix is not None:
+            names = list(getattr(pl_module, "class_names", [str(i) for i in range(len(matrix))]))
+            self.written.append(plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png", self.normalize))
+            with open(folder / "confusion_matrix.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["true\\predicted", *names])
+                for name, row in zip(names, matrix.tolist(), strict=True):
+                    writer.writerow([name, *row])
+        for path in self.written:
+            _logger.info("wrote %s", path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The metric history so far."""
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the metric history."""
+        self.history = [dict(row) for row in state_dict.get("history", [])]

@@ -1,0 +1,158 @@
+"""The ``cvft`` command: LightningCLI with cvft's classifier, image-folder data and sensible run outputs.
+
+Examples::
+
+    cvft fit --config configs/efficientnet_lite0_digits.yaml
+    cvft fit --model.backbone vit_small_patch16_224.augreg_in21k --data.root my_images/ --trainer.max_epochs 5
+    cvft predict --config runs/cvft/version_0/config.yaml --data.predict_root new_images/
+        --ckpt_path runs/cvft/version_0/checkpoints/best.ckpt
+
+Every fit writes, into ``<trainer.default_root_dir>/<run name>/version_<n>/``: ``checkpoints/`` (best and last),
+``metrics.csv``, TensorBoard event files, ``learning_curves.png``, ``confusion_matrix.png`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from cvft import __version__
+from cvft.callbacks import PredictionWriter, TrainingReport, output_dir
+from cvft.data import ImageFolderDataModule
+from cvft.errors import CvftError
+from cvft.tasks import ImageClassifier
+
+__all__ = ["CvftCLI", "main", "default_loggers"]
+
+_logger = logging.getLogger("cvft")
+
+
+def read_checkpoint_hparams(path: str | Path) -> dict[str, Any]:
+    """The ``hyper_parameters`` of a Lightning checkpoint, read with ``torch.load(weights_only=True)``."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CvftError(f"Checkpoint {path} does not exist; pass the .ckpt written by `cvft fit` (checkpoints/).")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(checkpoint.get("hyper_parameters", {}))
+
+
+def default_loggers(root: str | Path, name: str = "cvft") -> list[Any]:
+    """A CSV logger and a TensorBoard logger that share one run folder (``root/name/version_<n>``)."""
+    csv_logger = CSVLogger(save_dir=str(root), name=name)
+    tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=csv_logger.version, default_hp_metric=False)
+    return [csv_logger, tensorboard]
+
+
+class CvftCLI(LightningCLI):
+    """LightningCLI wired for cvft.
+
+    * ``model.backbone`` is passed on to ``data.backbone`` (so preprocessing follows the backbone's pretrained
+      config), ``data.multi_label`` to ``model.multi_label`` and ``data.channels`` to ``model.in_chans``;
+      ``num_classes`` and ``class_names`` come from the data once it is instantiated.
+    * Callbacks always present and configurable: ``--checkpoint.*`` (best by ``val/acc`` and last),
+      ``--report.*`` (learning-curve and confusion-matrix PNGs), ``--predictions.*`` (predictions CSV).
+    * Without ``--trainer.logger``, metrics go to CSV and TensorBoard in the same run folder.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link model and data arguments and add cvft's callbacks."""
+        parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("data.multi_label", "model.multi_label")
+        parser.link_arguments("data.channels", "model.in_chans")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(TrainingReport, "report")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path`` outside fit, take weights and class names from the checkpoint, not the hub."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in (None, "fit"):
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        config.model.pretrained = False
+        config.model.weights = None
+        hparams = read_checkpoint_hparams(ckpt_path)
+        if config.data.get("class_names") is None and hparams.get("class_names"):
+            config.data.class_names = list(hparams["class_names"])
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(config.get("default_root_dir") or "runs")
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        """Say which weights the run starts from and how many parameters train."""
+        model = self.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        strategies = ", ".join(s.name for s in model.strategy_stack) or "full (default)"
+        print(
+            f"cvft {__version__}: {model.hparams.backbone} | weights: {model.weights_source} | "
+            f"{model.num_classes} classes | strategies: {strategies} | "
+            f"trainable parameters: {trainable:,} of {total:,}",
+            flush=True,
+        )
+
+    def after_fit(self) -> None:
+        """Print the final validation metrics and where the outputs are."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        folder = output_dir(trainer)
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        summary = " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"Final validation: {summary}", flush=True)
+        if best is not None:
+            print(f"Best val/acc: {float(best):.4f} ({trainer.checkpoint_callback.best_model_path})", flush=True)
+        print(f"Weights used: {self.model.weights_source}", flush=True)
+        print(f"Outputs: {folder}", flush=True)
+
+    def after_predict(self) -> None:
+        """Print where the predictions went."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter) and callback.path is not None:
+                print(f"Predictions: {callback.path}", flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``cvft`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        CvftCLI(
+            ImageClassifier,
+            ImageFolderDataModule,
+            args=args,
+            trainer_defaults={"default_root_dir": "runs"},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "cvft: fine-tune timm backbones on your images."},
+        )
+    except CvftError as err:
+        print(f"cvft: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

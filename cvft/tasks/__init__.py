@@ -1,0 +1,12 @@
+"""Lightning task modules.
+
+Example:
+    >>> from cvft.tasks import ImageClassifier
+    >>> ImageClassifier("test_resnet", pretrained=False, num_classes=2).num_classes
+    2
+"""
+
+from cvft.tasks.classification import ImageClassifier
+from cvft.tasks.schedules import WarmupCosine
+
+__all__ = ["ImageClassifier", "WarmupCosine"]

