@@ -23,9 +23,16 @@ _CURVE_PANELS = (
 
 
 def output_dir(trainer: pl.Trainer) -> Path:
-    """The folder of this run: the first logger's version folder, else ``default_root_dir``."""
-    directory = trainer.log_dir if trainer.loggers else None
-    return Path(directory or trainer.default_root_dir)
+    """The folder of this run: the first logger's version folder, else ``default_root_dir``.
+
+    Unlike ``trainer.log_dir`` this does not broadcast, so it is safe on rank zero alone under DDP.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        directory = getattr(logger, "log_dir", None) or logger.save_dir
+        if directory:
+            return Path(directory)
+    return Path(trainer.default_root_dir)
 
 
 def _pyplot():

@@ -68,7 +68,7 @@ def has_frozen_stats(module: nn.Module) -> bool:
     return getattr(module, _GUARD_ATTR, None) is not None
 
 
-def sync_batchnorm_stats(model: nn.Module, train_bn: bool) -> None:
+def sync_batchnorm_stats(model: nn.Module, train_bn: bool, only: set[str] | None = None) -> None:
     """Fix the statistics of every BatchNorm layer that has a frozen parameter, and release the others.
 
     With ``train_bn=True``, BatchNorm layers are left alone (their statistics keep updating in train mode).
@@ -76,10 +76,15 @@ def sync_batchnorm_stats(model: nn.Module, train_bn: bool) -> None:
     Args:
         model: The model whose BatchNorm layers to update.
         train_bn: Whether BatchNorm layers should keep training even where the rest is frozen.
+        only: Touch only BatchNorm layers owning one of these parameter names (a strategy's own scope).
     """
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         if not is_batchnorm(module):
             continue
+        if only is not None:
+            prefix = f"{module_name}." if module_name else ""
+            if not any(prefix + n in only for n, _ in module.named_parameters(recurse=False)):
+                continue
         params = list(module.parameters(recurse=False))
         frozen = any(not p.requires_grad for p in params) if params else True
         if frozen and not train_bn:

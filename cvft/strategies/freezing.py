@@ -29,6 +29,7 @@ from cvft.errors import StrategyError
 from cvft.strategies._freeze import (
     batchnorm_parameter_names,
     freeze_batchnorm_stats,
+    has_frozen_stats,
     is_batchnorm,
     norm_parameter_names,
     release_batchnorm_stats,
@@ -108,7 +109,7 @@ class FullFineTune(Strategy):
         for param in model.parameters():
             param.requires_grad_(True)
         for module in model.modules():
-            if is_batchnorm(module):
+            if has_frozen_stats(module):  # also undoes classifier_only's eval guards on dropout / drop-path
                 release_batchnorm_stats(module, model.training)
 
 

@@ -88,8 +88,6 @@ class GradualUnfreeze(Strategy):
         count = self.unfrozen_groups(epoch)
         open_groups = [g for g in self._groups if g.is_head] + (body[len(body) - count :] if count else [])
         names = {n for g in open_groups for n in g.parameter_names}
-        grouped = {n for g in self._groups for n in g.parameter_names}
-        names |= {n for n, _ in model.named_parameters() if n not in grouped}  # added after setup: leave trainable
         if self.train_bn:
             names |= batchnorm_parameter_names(model)
         return names & self._candidates
@@ -100,13 +98,16 @@ class GradualUnfreeze(Strategy):
 
     def _apply(self, model: nn.Module, epoch: int) -> list[str]:
         wanted = self.trainable_names(epoch, model)
+        grouped = {n for g in self._groups for n in g.parameter_names}
         newly: list[str] = []
         for name, param in model.named_parameters():
+            if name not in grouped:  # added after setup (by a later strategy): not ours to freeze or unfreeze
+                continue
             train = name in wanted
             if train and not param.requires_grad:
                 newly.append(name)
             param.requires_grad_(train)
-        sync_batchnorm_stats(model, self.train_bn)
+        sync_batchnorm_stats(model, self.train_bn, only=self._candidates)
         return newly
 
     def config(self) -> dict:

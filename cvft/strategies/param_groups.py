@@ -126,7 +126,9 @@ def add_param_groups(
         optimizer: An optimizer built on a subset of ``model``'s parameters.
         model: The module whose parameter ``names`` refer to.
         names: Parameters to make sure the optimizer holds.
-        lr: Base rate of new groups; defaults to the first group's ``initial_lr`` (or ``lr``).
+        lr: Base rate of new groups; defaults to the first group's ``initial_lr`` (or ``lr``) divided by its
+            ``lr_scale``. New groups start at this rate times the schedule factor the first group is at now
+            (its ``lr / initial_lr``), so they join a running schedule where it stands.
         lr_scales: Multipliers by parameter name.
         schedulers: Schedulers stepping ``optimizer``.
 
@@ -139,8 +141,11 @@ def add_param_groups(
     if not missing:
         return []
     first = optimizer.param_groups[0]
-    base_lr = lr if lr is not None else first.get("initial_lr", first["lr"])
-    weight_decay = first.get("weight_decay", 0.0)
+    first_initial = first.get("initial_lr", first["lr"])
+    base_lr = lr if lr is not None else first_initial / first.get("lr_scale", 1.0)
+    schedule_factor = first["lr"] / first_initial if first_initial else 1.0
+    # the largest decay among existing groups: a first group without decay (biases) must not disable it for all
+    weight_decay = max(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
     candidates = build_param_groups(model, base_lr, weight_decay, lr_scales, include_frozen=True)
     template = {k: v for k, v in first.items() if k not in {"params", "param_names", "lr", "initial_lr", "name"}}
     uses_names = "param_names" in first
@@ -150,6 +155,7 @@ def add_param_groups(
         if not keep:
             continue
         new_group = {**template, **group, "params": [p for p, _ in keep], "name": f"cvft/{group['name']}"}
+        new_group["lr"] = group["initial_lr"] * schedule_factor
         if uses_names:
             new_group["param_names"] = [n for _, n in keep]
         else:

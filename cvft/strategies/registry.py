@@ -43,7 +43,8 @@ def register_strategy(cls: S) -> S:
         raise TypeError(f"register_strategy expects a Strategy subclass, got {cls!r}.")
     name = cls.name
     existing = _REGISTRY.get(name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
+    # the same class defined again (module reloaded) may re-register; any other class may not take the name
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise StrategyError(
             f"Strategy name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}. "
             "Choose another `name` for your class."

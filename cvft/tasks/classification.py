@@ -63,6 +63,8 @@ class ImageClassifier(pl.LightningModule):
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         drop_path_rate: Stochastic depth rate passed to timm (``None`` keeps timm's default).
         grad_checkpointing: Recompute activations in backward to save memory (timm's ``set_grad_checkpointing``).
+        backbone_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"img_size": 384}`` for a ViT at another
+            resolution (position embeddings are resampled when pretrained weights load).
 
     Example:
         >>> import torch
@@ -93,6 +95,7 @@ class ImageClassifier(pl.LightningModule):
         min_lr_ratio: float = 0.01,
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -118,7 +121,7 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["strategies"])
         self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
 
-        timm_kwargs: dict[str, Any] = {}
+        timm_kwargs: dict[str, Any] = dict(backbone_kwargs or {})
         if drop_path_rate is not None:
             timm_kwargs["drop_path_rate"] = drop_path_rate
         self.backbone = create_backbone(

@@ -1,0 +1,141 @@
+"""A map-style dataset of image files with class-index, multi-hot or index targets."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from cvft.data.io import load_image
+from cvft.data.samples import Sample
+from cvft.errors import DatasetError, ImageLoadError
+
+__all__ = ["ImageDataset", "seed_worker"]
+
+
+class ImageDataset(Dataset):
+    """Images from files, transformed into tensors.
+
+    Items are ``(image, target)``:
+
+    * single-label: ``target`` is an ``int64`` scalar tensor (class index);
+    * multi-label: a ``float32`` multi-hot vector of length ``num_classes``;
+    * unlabelled (items given as plain paths, for prediction): the item's ``int64`` index, so predictions can be
+      matched to :attr:`paths`.
+
+    Without a transform the image is returned as a ``float32`` ``C x H x W`` tensor in 0..1.
+
+    Args:
+        samples: :class:`~cvft.data.samples.Sample` items or ``(path, target)`` tuples, or plain paths for
+            unlabelled data.
+        transform: Albumentations-style callable taking ``image=`` and returning ``{"image": tensor}``.
+        channels: 3 (RGB) or 1 (grayscale); see :func:`~cvft.data.io.load_image`.
+        multi_label: Targets are tuples of class indices, returned as multi-hot vectors.
+        num_classes: Length of multi-hot vectors; required when ``multi_label``.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> path = Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (5, 4)).save(path)
+        >>> image, target = ImageDataset([Sample(path, 2)])[0]
+        >>> image.shape, target
+        (torch.Size([3, 4, 5]), tensor(2))
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample | tuple[Any, Any] | str | Path],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        channels: int = 3,
+        multi_label: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        if multi_label and not num_classes:
+            raise ValueError("ImageDataset(multi_label=True) needs num_classes for the multi-hot targets.")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+        self.samples: list[Sample | Path] = [_as_item(s) for s in samples]
+        self.transform = transform
+        self.channels = channels
+        self.multi_label = multi_label
+        self.num_classes = num_classes
+
+    @property
+    def paths(self) -> list[Path]:
+        """Image files in item order."""
+        return [s.path if isinstance(s, Sample) else s for s in self.samples]
+
+    @property
+    def labelled(self) -> bool:
+        """Whether items carry targets (``False``: items return their index)."""
+        return bool(self.samples) and isinstance(self.samples[0], Sample)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        path = sample.path if isinstance(sample, Sample) else sample
+        image = self._image(path)
+        if not isinstance(sample, Sample):
+            return image, torch.tensor(index, dtype=torch.int64)
+        return image, self._target(sample.target)
+
+    def _image(self, path: Path) -> torch.Tensor:
+        array = load_image(path, channels=self.channels)
+        if self.transform is None:
+            return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+        try:
+            return self.transform(image=array)["image"]
+        except ImageLoadError:
+            raise
+        except Exception as error:  # name the file in whatever the transform raised
+            raise DatasetError(
+                f"Transforming image {path} (shape {array.shape}) failed: {type(error).__name__}: {error}"
+            ) from error
+
+    def _target(self, target: int | tuple[int, ...]) -> torch.Tensor:
+        if not self.multi_label:
+            return torch.tensor(int(target), dtype=torch.int64)
+        vector = torch.zeros(int(self.num_classes or 0), dtype=torch.float32)
+        vector[list(target)] = 1.0
+        return vector
+
+
+def _as_item(item: Sample | tuple[Any, Any] | str | Path) -> Sample | Path:
+    if isinstance(item, tuple):
+        path, target = item
+        if isinstance(target, (int, np.integer)):
+            return Sample(Path(path), int(target))
+        return Sample(Path(path), tuple(int(t) for t in target))
+    return Path(item)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation, NumPy and ``random`` seed.
+
+    Albumentations pipelines keep their own random generator, which forked workers would otherwise share (all
+    workers producing the same augmentations). The seed is the worker's torch seed, so runs are reproducible under
+    ``lightning.seed_everything``. Pass as ``DataLoader(worker_init_fn=seed_worker)``.
+
+    Args:
+        worker_id: Worker number (unused; the seed comes from ``torch.utils.data.get_worker_info()``).
+
+    Example:
+        >>> loader = torch.utils.data.DataLoader(range(4), num_workers=0, worker_init_fn=seed_worker)
+    """
+    info = get_worker_info()
+    if info is None:
+        return
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)

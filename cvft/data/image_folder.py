@@ -1,0 +1,419 @@
+"""``ImageFolderDataModule``: class folders or label CSV files in, seeded train / val / test DataLoaders out."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from cvft.data.dataset import ImageDataset, seed_worker
+from cvft.data.io import check_image
+from cvft.data.samples import (
+    Sample,
+    find_split_roots,
+    read_label_csv,
+    scan_class_folders,
+    scan_split_folders,
+    scan_unlabelled,
+)
+from cvft.data.split import stratified_split
+from cvft.data.transforms import AUGMENT_PRESETS, IMAGENET_DATA_CONFIG, build_transforms, data_config_for
+from cvft.errors import CheckpointMismatchError, DatasetError, ImageLoadError
+
+__all__ = ["ImageFolderDataModule", "CHECK_IMAGES_MODES"]
+
+_logger = logging.getLogger(__name__)
+
+CHECK_IMAGES_MODES: tuple[str, ...] = ("none", "header", "full")
+"""Values of ``ImageFolderDataModule(check_images=...)``."""
+
+_MAX_LISTED = 20
+_SPLITS = ("train", "val", "test")
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Image classification data from class folders or ``path,label`` CSV files.
+
+    Where the labelled images come from (first match wins):
+
+    1. ``csv`` (+ optional ``val_csv`` / ``test_csv``): ``path,label`` files, multi-label rows as ``a|b``.
+    2. ``root`` with ``train/`` (+ optional ``val/``, ``valid/``, ``validation/``, ``test/``) class folders.
+    3. ``root`` with one sub-folder per class.
+
+    Splits not given explicitly are cut from the training images by a seeded, stratified split
+    (``val_fraction``, ``test_fraction``). Image size, mean, std, interpolation and eval crop default to the
+    backbone's pretrained config (ImageNet statistics at 224 px without a backbone).
+
+    ``num_classes``, ``class_names`` and ``class_counts`` work right after construction (the data is scanned on
+    first use), so a CLI can link them into the model before ``setup``.
+
+    Args:
+        root: Folder of class folders, or of ``train``/``val``/``test`` folders of class folders. With ``csv``:
+            the folder that the CSV's relative paths start from (default: each CSV file's folder).
+        csv: Training ``path,label`` CSV file.
+        val_csv: Validation CSV file; without it ``val_fraction`` of the training images are held out.
+        test_csv: Test CSV file; without it ``test_fraction`` of the training images are held out.
+        backbone: timm model name whose pretrained data config (size, mean, std, interpolation, crop) is used.
+        image_size: Input size in pixels; default: the backbone's, else 224.
+        mean: Per-channel normalisation mean in 0..1; default: the backbone's, else ImageNet's.
+        std: Per-channel normalisation std in 0..1; default: the backbone's, else ImageNet's.
+        val_fraction: Share of each class held out for validation when no validation split is given (0: none).
+        test_fraction: Share of each class held out for testing when no test split is given (0: none).
+        seed: Seed of the train / val / test split.
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        augment: Training augmentation preset: ``none``, ``light``, ``default`` or ``strong``.
+        multi_label: Images may have several classes (CSV labels ``a|b``); targets become multi-hot vectors.
+        channels: 3 for RGB, 1 for grayscale input.
+        predict_root: Image file or folder (searched recursively) for ``predict``.
+        check_images: Validate every image before training: ``none``, ``header`` (cheap, catches most broken
+            files) or ``full`` (decodes every image). All bad files are reported in one error.
+        class_names: Class names in index order. Given, ``class_names`` / ``num_classes`` come from this list
+            without scanning the data (e.g. predicting with a checkpoint's classes), and labelled data is mapped
+            onto this order (a class not in the list raises). ``None``: the sorted class folder names or CSV labels.
+
+    Example:
+        >>> from cvft.data.demo import write_demo_image_folder
+        >>> import tempfile
+        >>> root = write_demo_image_folder("digits", Path(tempfile.mkdtemp()) / "digits", limit_per_class=5)
+        >>> data = ImageFolderDataModule(root, image_size=32, batch_size=4, num_workers=0)
+        >>> data.num_classes, data.class_names[:3]
+        (10, ['0', '1', '2'])
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        csv: str | None = None,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        backbone: str | None = None,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        augment: str = "default",
+        multi_label: bool = False,
+        channels: int = 3,
+        predict_root: str | None = None,
+        check_images: str = "header",
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        # class_names stays out of hparams: the model records the resolved list, and Lightning refuses to log
+        # model and data hparams that share a key with different values.
+        self.save_hyperparameters(ignore=["class_names"])
+        _validate_options(augment, check_images, channels, batch_size, num_workers, val_fraction, test_fraction)
+        if multi_label and csv is None and root is not None:
+            raise DatasetError(
+                "multi_label=True needs labels from a CSV file (csv=...); class folders are single-label."
+            )
+        self.root = Path(root) if root is not None else None
+        self.csv, self.val_csv, self.test_csv = csv, val_csv, test_csv
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.augment, self.multi_label, self.channels = augment, multi_label, channels
+        self.predict_root, self.check_images = predict_root, check_images
+
+        config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
+        height, width = config["input_size"][1:]
+        self.image_size: int | tuple[int, int] = image_size or (height if height == width else (height, width))
+        self.mean = _per_channel(mean or config["mean"], channels, "mean")
+        self.std = _per_channel(std or config["std"], channels, "std")
+        self.interpolation: str = config["interpolation"]
+        self.crop_pct: float = config["crop_pct"]
+        config.update(input_size=(channels, *_pair(self.image_size)), mean=self.mean, std=self.std)
+        self.data_config: dict[str, Any] = config
+        """Resolved ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct``."""
+
+        self._splits: dict[str, list[Sample]] | None = None
+        self._class_names: list[str] | None = _checked_class_names(class_names)
+        self._predict_files: list[Path] | None = None
+        self.datasets: dict[str, ImageDataset] = {}
+
+    # --- what the data is -----------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; index ``i`` is class ``i``."""
+        if self._class_names is None:
+            self._scan()
+        assert self._class_names is not None
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (multi-label: images carrying each class), in class order."""
+        counts: Counter[int] = Counter()
+        for sample in self.samples("train"):
+            counts.update([sample.target] if isinstance(sample.target, int) else sample.target)
+        return [counts.get(i, 0) for i in range(self.num_classes)]
+
+    def samples(self, split: str) -> list[Sample]:
+        """Return the samples of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The split's samples.
+
+        Example:
+            >>> data.samples("val")[0].path  # doctest: +SKIP
+            PosixPath('digits/0/0003.png')
+        """
+        if split not in _SPLITS:
+            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(_SPLITS)}.")
+        self._scan()
+        assert self._splits is not None
+        return list(self._splits.get(split, []))
+
+    @property
+    def predict_files(self) -> list[Path]:
+        """Images of ``predict_root`` in the order ``predict_dataloader`` yields them (batch indices point here)."""
+        if self._predict_files is None:
+            if self.predict_root is None:
+                raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
+            files = scan_unlabelled(self.predict_root)
+            self._validate_images(files)
+            self._predict_files = files
+        return list(self._predict_files)
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage == "predict":
+            self.datasets["predict"] = ImageDataset(self.predict_files, self._transform(False), self.channels)
+            return
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", _SPLITS)
+        for split in wanted:
+            self.datasets[split] = ImageDataset(
+                self.samples(split),
+                self._transform(split == "train"),
+                self.channels,
+                multi_label=self.multi_label,
+                num_classes=self.num_classes,
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the last incomplete batch is dropped when the set exceeds one batch."""
+        return self._loader(self._dataset("train"), train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""
+        dataset = self._dataset("val", required=False)
+        return self._loader(dataset, train=False) if dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._loader(self._dataset("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of ``(image, index)`` over ``predict_root``; ``index`` points into :attr:`predict_files`."""
+        if "predict" not in self.datasets:
+            self.setup("predict")
+        return self._loader(self.datasets["predict"], train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the class names, so a checkpoint records which classes its outputs mean."""
+        has_classes = self._class_names is not None or self._has_labelled_data()
+        return {"class_names": self.class_names} if has_classes else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a resumed checkpoint was trained on the same classes.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
+
+        Raises:
+            CheckpointMismatchError: The checkpoint's classes differ from this data's.
+        """
+        saved = state_dict.get("class_names")
+        if saved is None or (self._class_names is None and not self._has_labelled_data()):
+            return
+        if list(saved) != self.class_names:
+            raise CheckpointMismatchError(
+                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
+                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
+            )
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _transform(self, train: bool) -> Any:
+        return build_transforms(
+            self.image_size,
+            self.mean,
+            self.std,
+            train=train,
+            preset=self.augment,
+            interpolation=self.interpolation,
+            crop_pct=self.crop_pct,
+            seed=torch.initial_seed() % 2**32 if train else None,
+        )
+
+    def _dataset(self, split: str, required: bool = True) -> ImageDataset | None:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            if not required:
+                return None
+            raise DatasetError(
+                f"There is no {split} split. Set {split}_fraction > 0, pass {split}_csv=..., or add a "
+                f"root/{split} folder of class folders."
+            )
+        return dataset
+
+    def _loader(self, dataset: ImageDataset, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=seed_worker if workers > 0 else None,
+        )
+
+    def _scan(self) -> None:
+        if self._splits is not None:
+            return
+        splits, class_names = self._read_labelled()
+        self._split_missing(splits)
+        if not splits["train"]:
+            raise DatasetError(f"The training split of {self._source()} is empty. Add images.")
+        self._validate_images([s.path for split in splits.values() for s in split])
+        self._splits, self._class_names = splits, class_names
+        sizes = ", ".join(f"{name} {len(splits[name])}" for name in _SPLITS if splits.get(name))
+        _logger.info("%s: %d classes, %s images", self._source(), len(class_names), sizes)
+
+    def _has_labelled_data(self) -> bool:
+        return self.root is not None or self.csv is not None
+
+    def _source(self) -> str:
+        return str(self.csv or self.root)
+
+    def _read_labelled(self) -> tuple[dict[str, list[Sample]], list[str]]:
+        given = self._class_names
+        if self.csv is not None:
+            train, names = read_label_csv(self.csv, self.root, self.multi_label, class_names=given)
+            splits = {"train": train}
+            for split, path in (("val", self.val_csv), ("test", self.test_csv)):
+                if path is not None:
+                    splits[split], _ = read_label_csv(path, self.root, self.multi_label, class_names=names)
+            return splits, names
+        if self.root is None:
+            raise DatasetError("No labelled data: set root (a folder of class folders) or csv (a 'path,label' file).")
+        if self.val_csv is not None or self.test_csv is not None:
+            raise DatasetError("val_csv / test_csv need csv for the training split too.")
+        if find_split_roots(self.root) is not None:
+            return scan_split_folders(self.root, given)
+        train, names = scan_class_folders(self.root, given)
+        return {"train": train}, names
+
+    def _split_missing(self, splits: dict[str, list[Sample]]) -> None:
+        val_fraction = self.val_fraction if "val" not in splits else 0.0
+        test_fraction = self.test_fraction if "test" not in splits else 0.0
+        if val_fraction == 0.0 and test_fraction == 0.0:
+            return
+        train = splits["train"]
+        train_idx, val_idx, test_idx = stratified_split(
+            [s.target for s in train], val_fraction, test_fraction, self.seed
+        )
+        splits["train"] = [train[i] for i in train_idx]
+        if val_fraction:
+            splits["val"] = [train[i] for i in val_idx]
+        if test_fraction:
+            splits["test"] = [train[i] for i in test_idx]
+
+    def _validate_images(self, paths: Sequence[Path]) -> None:
+        if self.check_images == "none" or not paths:
+            return
+        full = self.check_images == "full"
+        unique = list(dict.fromkeys(paths))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            errors = [e for e in pool.map(lambda p: _image_error(p, full), unique) if e]
+        if errors:
+            listed = "\n  ".join(errors[:_MAX_LISTED])
+            more = f"\n  … and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+            raise ImageLoadError(
+                f"{len(errors)} of {len(unique)} image(s) cannot be read (check_images={self.check_images!r}):\n"
+                f"  {listed}{more}\nRe-export or delete these files, then run again."
+            )
+
+
+def _checked_class_names(class_names: Sequence[str] | None) -> list[str] | None:
+    if class_names is None:
+        return None
+    names = [str(name) for name in class_names]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if not names or duplicates:
+        problem = f"duplicates {duplicates}" if duplicates else "no names"
+        raise DatasetError(f"class_names has {problem}; give each class exactly once.")
+    return names
+
+
+def _image_error(path: Path, full: bool) -> str | None:
+    try:
+        check_image(path, full=full)
+    except ImageLoadError as error:
+        return str(error)
+    return None
+
+
+def _validate_options(
+    augment: str,
+    check_images: str,
+    channels: int,
+    batch_size: int,
+    num_workers: int,
+    val_fraction: float,
+    test_fraction: float,
+) -> None:
+    if augment not in AUGMENT_PRESETS:
+        raise ValueError(f"Unknown augment preset {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}.")
+    if check_images not in CHECK_IMAGES_MODES:
+        raise ValueError(f"Unknown check_images {check_images!r}; choose one of {', '.join(CHECK_IMAGES_MODES)}.")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
+    stratified_split([], val_fraction, test_fraction)  # validates the fractions
+
+
+def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1 and len(values) == 3:
+        return (sum(values) / 3,)  # timm's convention for single-channel input
+    raise ValueError(f"{name} needs {channels} value(s) (one per channel), got {values}.")
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
