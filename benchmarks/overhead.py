@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import statistics
 import time
 import warnings
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--strategies", nargs="+", default=["full", "linear_probe"])
+    parser.add_argument(
+        "--only",
+        choices=["cvft", "plain"],
+        help="run one side only and print its peak RSS (run each side in its own process to compare memory)",
+    )
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -120,6 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"model {args.model} @ {args.image_size}px, batch {args.batch_size}, {args.steps} steps "
         f"({args.warmup} warmup), {args.rounds} rounds, torch threads {torch.get_num_threads()}"
     )
+    if args.only:
+        side = cvft_images_per_second if args.only == "cvft" else plain_images_per_second
+        for strategy in args.strategies:
+            rates = [side(args, strategy, state, loader, args.steps) for _ in range(args.rounds)]
+            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"{args.only} {strategy}: median {statistics.median(rates):.1f} img/s, peak RSS {peak_mib:.0f} MiB")
+        return {}
     print(f"{'strategy':<14}{'cvft img/s':>12}{'plain img/s':>13}{'median ratio':>14}{'min':>7}{'max':>7}")
     ratios_by_strategy: dict[str, float] = {}
     for strategy in args.strategies:

@@ -58,6 +58,8 @@ def plot_learning_curves(history: list[Mapping[str, float]], path: str | Path) -
         True
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (ylabel, keys) in zip(axes, _CURVE_PANELS, strict=True):
         for key in keys:
@@ -66,6 +68,7 @@ def plot_learning_curves(history: list[Mapping[str, float]], path: str | Path) -
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
