@@ -44,6 +44,14 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(history: list[Mapping[str, float]], path: str | Path) -> Path:
     """Plot loss and metric curves by epoch into a PNG.
 
@@ -75,11 +83,7 @@ def plot_learning_curves(history: list[Mapping[str, float]], path: str | Path) -
             ax.legend()
     fig.suptitle("Learning curves")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_confusion_matrix(matrix: Tensor, class_names: list[str], path: str | Path, normalize: bool = True) -> Path:
@@ -112,11 +116,7 @@ def plot_confusion_matrix(matrix: Tensor, class_names: list[str], path: str | Pa
     accuracy = counts.diag().sum() / counts.sum().clamp_min(1)
     ax.set_title(f"Validation confusion matrix (accuracy {accuracy:.3f})")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 class TrainingReport(pl.Callback):

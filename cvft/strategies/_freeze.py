@@ -8,7 +8,7 @@ cvft's modules, on someone else's LightningModule and in a hand-written loop ali
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -93,21 +93,20 @@ def sync_batchnorm_stats(model: nn.Module, train_bn: bool, only: set[str] | None
             release_batchnorm_stats(module, model.training)
 
 
-def batchnorm_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the affine parameters of every BatchNorm layer in ``model``."""
+def _parameter_names_of(model: nn.Module, is_wanted: Callable[[nn.Module], bool]) -> set[str]:
     names: set[str] = set()
     for module_name, module in model.named_modules():
-        if is_batchnorm(module):
+        if is_wanted(module):
             prefix = f"{module_name}." if module_name else ""
             names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
     return names
+
+
+def batchnorm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the affine parameters of every BatchNorm layer in ``model``."""
+    return _parameter_names_of(model, is_batchnorm)
 
 
 def norm_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters of every normalisation layer in ``model``."""
-    names: set[str] = set()
-    for module_name, module in model.named_modules():
-        if is_norm_layer(module):
-            prefix = f"{module_name}." if module_name else ""
-            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
-    return names
+    return _parameter_names_of(model, is_norm_layer)
