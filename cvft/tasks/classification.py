@@ -174,7 +174,9 @@ class ImageClassifier(pl.LightningModule):
             metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
             if n > 5:
                 metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
-        return MetricCollection(metrics, prefix=prefix)
+        # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
+        # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
+        return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
     @property
     def weights_source(self) -> str:

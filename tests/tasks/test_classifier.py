@@ -294,3 +294,21 @@ def test_gradient_checkpointing_trains_and_matches_plain_gradients():
     trainer.fit(checkpointed, single_label_loader())
     assert all(not torch.equal(p, before[n]) for n, p in checkpointed.named_parameters() if n.endswith("weight"))
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_metrics_stay_separate_when_first_batch_makes_states_equal():
+    """A perfect first batch gives equal top-1 and top-5 states; later batches must not share them."""
+    from sklearn.metrics import f1_score
+
+    model = ImageClassifier("test_resnet", pretrained=False, num_classes=10)
+    targets = torch.arange(10).repeat(3)
+    perfect = torch.nn.functional.one_hot(targets, 10).float()
+    always_zero = torch.full((30, 10), 0.01)
+    always_zero[:, 0] = 0.5
+    model.val_metrics.update(perfect, targets)
+    model.val_metrics.update(always_zero, targets)
+    result = model.val_metrics.compute()
+    predicted = torch.cat([targets, torch.zeros(30, dtype=torch.long)])
+    expected_f1 = f1_score(torch.cat([targets, targets]), predicted, average="macro")
+    assert result["val/acc"] == pytest.approx(33 / 60)
+    assert result["val/f1_macro"].item() == pytest.approx(expected_f1, abs=1e-6)
