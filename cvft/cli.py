@@ -88,6 +88,11 @@ class CvftCLI(LightningCLI):
         if subcommand in (None, "fit"):
             return
         config = self.config[subcommand]
+        adapter = config.model.get("adapter")
+        if adapter and config.data.get("class_names") is None:
+            from cvft.adapters import read_adapter
+
+            config.data.class_names = read_adapter(adapter)[1].class_names
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
@@ -128,6 +133,9 @@ class CvftCLI(LightningCLI):
         if best is not None:
             print(f"Best val/acc: {float(best):.4f} ({trainer.checkpoint_callback.best_model_path})", flush=True)
         print(f"Weights used: {self.model.weights_source}", flush=True)
+        if len(self.model.strategy_stack):
+            adapter = self.model.save_adapter(folder / "adapter.safetensors")
+            print(f"Adapter (trained tensors only): {adapter}", flush=True)
         print(f"Outputs: {folder}", flush=True)
 
     def after_predict(self) -> None:

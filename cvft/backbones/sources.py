@@ -13,7 +13,6 @@ Built in:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cvft.backbones.weights import write_safetensors_atomic
 from cvft.errors import WeightsError
 
 __all__ = [
@@ -196,22 +196,7 @@ def _map_by_position(
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as exc:
-        raise WeightsError(
-            f"Cannot write the converted weights cache {target}: {exc}. Set CVFT_CACHE to a writable folder."
-        ) from exc
+    write_safetensors_atomic(tensors, target, metadata, hint="Set CVFT_CACHE to a writable folder.")
 
 
 register_weights_source(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ __all__ = [
     "read_checkpoint",
     "load_state_dict_file",
     "strip_key_prefix",
+    "read_safetensors",
+    "write_safetensors_atomic",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -82,7 +86,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"convert other formats to .safetensors first."
         )
     if suffix == ".safetensors":
-        state_dict, metadata = _read_safetensors(path)
+        state_dict, metadata = read_safetensors(path)
         return Checkpoint(path, state_dict, metadata, _architecture_from_metadata(metadata))
     raw = _torch_load(path)
     state_dict = _unwrap_state_dict(raw, path)
@@ -143,7 +147,12 @@ def strip_key_prefix(state_dict: Mapping[str, Tensor], model_keys: Iterable[str]
     return stripped, prefix
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file, on CPU.
+
+    Raises:
+        WeightsError: The file is corrupt, not safetensors, or holds no tensors.
+    """
     from safetensors import safe_open
 
     try:
@@ -219,3 +228,31 @@ def _architecture_from_object(raw: Any) -> str | None:
                 if isinstance(cand.get(key), str):
                     return cand[key]
     return None
+
+
+def write_safetensors_atomic(
+    tensors: Mapping[str, Tensor], target: str | Path, metadata: Mapping[str, str], hint: str = ""
+) -> Path:
+    """Write a safetensors file atomically: to a temporary file beside ``target``, then rename.
+
+    A crash or a full disk never leaves a half-written file under ``target``.
+
+    Raises:
+        WeightsError: The folder is not writable; the message names ``target`` and adds ``hint``.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise WeightsError(f"Cannot write {target}: {exc}. {hint}".rstrip()) from exc
+    return target

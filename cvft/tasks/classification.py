@@ -65,6 +65,8 @@ class ImageClassifier(pl.LightningModule):
         grad_checkpointing: Recompute activations in backward to save memory (timm's ``set_grad_checkpointing``).
         backbone_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"img_size": 384}`` for a ViT at another
             resolution (position embeddings are resampled when pretrained weights load).
+        adapter: An adapter file (``.safetensors`` from :meth:`save_adapter`) to put on the backbone after the
+            strategies are set up; it must come from the same backbone.
 
     Example:
         >>> import torch
@@ -96,6 +98,7 @@ class ImageClassifier(pl.LightningModule):
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        adapter: str | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -141,6 +144,10 @@ class ImageClassifier(pl.LightningModule):
         self.multi_label = multi_label
         self.strategy_stack = stack
         stack.setup(self.backbone)
+        if adapter is not None:
+            from cvft.adapters import load_adapter
+
+            load_adapter(self.backbone, adapter, backbone=backbone)
 
         if multi_label:
             weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight is not None else None
@@ -161,6 +168,36 @@ class ImageClassifier(pl.LightningModule):
         """
         overrides = {"pretrained": False, "weights": None, **overrides}
         return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+
+    @classmethod
+    def from_adapter(
+        cls, path: str | Path, pretrained: bool = True, weights: str | None = None, **overrides: Any
+    ) -> ImageClassifier:
+        """Rebuild a classifier from an adapter file: backbone, strategies and classes come from its metadata.
+
+        The base weights must be the ones the adapter was trained on: ``pretrained=True`` (hub) or ``weights``.
+        """
+        from cvft.adapters import read_adapter
+
+        _, info = read_adapter(path)
+        kwargs: dict[str, Any] = {
+            "backbone": info.backbone,
+            "pretrained": pretrained,
+            "weights": weights,
+            "strategies": info.strategies,
+            "adapter": str(path),
+        }
+        if info.class_names:
+            kwargs["class_names"] = info.class_names
+        return cls(**{**kwargs, **overrides})
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the trained tensors (adapter, head, updating BatchNorm statistics) and metadata to ``path``."""
+        from cvft.adapters import save_adapter
+
+        return save_adapter(
+            self.backbone, path, self.hparams.backbone, self.strategy_stack.config(), class_names=self.class_names
+        )
 
     def _metrics(self, prefix: str) -> MetricCollection:
         n = self.num_classes

@@ -107,6 +107,31 @@ def test_cvft_fit_then_predict_end_to_end(shapes_folder, resnet_weights, tmp_pat
     assert all(r["class_name"] in class_names for r in rows)
     assert all(abs(sum(float(r[f"p_{c}"]) for c in class_names) - 1) < 1e-4 for r in rows)
 
+    # the adapter written at fit end predicts the same without the checkpoint or the training folder
+    assert (run / "adapter.safetensors").is_file() and "Adapter (trained tensors only)" in fit.stdout
+    from_adapter = _run(
+        [
+            "predict",
+            "--model.backbone=test_resnet",
+            "--model.pretrained=false",
+            f"--model.weights={resnet_weights}",
+            "--model.strategies=linear_probe",
+            f"--model.adapter={run / 'adapter.safetensors'}",
+            f"--data.predict_root={shapes_folder / 'unlabelled'}",
+            "--data.image_size=32",
+            "--data.num_workers=0",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path / 'predict_runs'}",
+            f"--predictions.output={tmp_path / 'adapter_predictions.csv'}",
+        ],
+        tmp_path,
+    )
+    assert from_adapter.returncode == 0, from_adapter.stderr[-3000:]
+    with open(tmp_path / "adapter_predictions.csv") as handle:
+        adapter_rows = list(csv.DictReader(handle))
+    assert [r["file"] for r in adapter_rows] == [r["file"] for r in rows]
+    assert all(r["class_name"] in class_names for r in adapter_rows)
+
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_frozen_backbone(shapes_folder, resnet_weights, tmp_path):

@@ -1,0 +1,176 @@
+"""Adapter files: only the tensors a fine-tuning run trained, in ``.safetensors``, with what is needed to reuse them.
+
+An adapter file holds the trainable parameters (LoRA matrices, biases, the head ...) plus the running statistics
+of BatchNorm layers that were allowed to update; the frozen pretrained weights stay out. Its metadata records the
+backbone name, the strategy configuration, the class names and the cvft version, so the file can be put back on a
+fresh copy of the same pretrained backbone, and refuses to go onto another one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cvft import __version__
+from cvft.backbones.weights import read_safetensors, write_safetensors_atomic
+from cvft.errors import CheckpointMismatchError, WeightsError
+from cvft.strategies._freeze import has_frozen_stats, is_batchnorm
+
+__all__ = ["ADAPTER_FORMAT", "AdapterInfo", "adapter_state_dict", "save_adapter", "read_adapter", "load_adapter"]
+
+ADAPTER_FORMAT = "cvft-adapter/1"
+
+
+class AdapterInfo(dict):
+    """Metadata of an adapter file: ``backbone``, ``strategies``, ``class_names``, ``cvft_version``, ``format``."""
+
+    @property
+    def backbone(self) -> str:
+        """Timm name of the backbone the adapter was trained on."""
+        return self["backbone"]
+
+    @property
+    def strategies(self) -> list[dict[str, Any]]:
+        """Strategy configurations, ``[{"name": ..., **kwargs}]``."""
+        return self["strategies"]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names of the head, when known."""
+        return self.get("class_names")
+
+
+def _architecture(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors an adapter file stores: trainable parameters and the statistics of updating BatchNorm layers.
+
+    Example:
+        >>> import timm
+        >>> from cvft.strategies import apply_strategies
+        >>> model = timm.create_model("test_resnet", num_classes=3)
+        >>> _ = apply_strategies(model, ["linear_probe"])
+        >>> sorted(adapter_state_dict(model))
+        ['fc.bias', 'fc.weight']
+    """
+    tensors = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    for module_name, module in model.named_modules():
+        if is_batchnorm(module) and not has_frozen_stats(module):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                continue  # fully frozen layer: its statistics do not move either
+            prefix = f"{module_name}." if module_name else ""
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    tensors[prefix + buffer_name] = buffer.detach()
+    return tensors
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    backbone: str,
+    strategies: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Write ``model``'s trained tensors and metadata to ``path`` (``.safetensors``), atomically.
+
+    Args:
+        model: The backbone after training (strategies applied).
+        path: Output file; ``.safetensors`` is appended when missing.
+        backbone: timm name of the backbone (``vit_small_patch16_224.augreg_in21k``).
+        strategies: Strategy configurations, e.g. ``StrategyStack.config()``.
+        class_names: Class names of the head.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    tensors = adapter_state_dict(model)
+    if not tensors:
+        raise WeightsError("The model has no trainable tensors to save; apply a strategy and train it first.")
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "backbone": backbone,
+        "strategies": json.dumps(list(strategies)),
+        "class_names": json.dumps(list(class_names) if class_names is not None else None),
+        "cvft_version": __version__,
+    }
+    return write_safetensors_atomic(tensors, path, metadata, hint="Choose a writable output folder.")
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], AdapterInfo]:
+    """Read an adapter file (safetensors only: nothing is unpickled).
+
+    Raises:
+        WeightsError: The file is missing, unreadable, or not a cvft adapter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Adapter file {path} does not exist; pass the .safetensors written by save_adapter.")
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise WeightsError(
+            f"{path} is not a cvft adapter file (metadata format={metadata.get('format')!r}); "
+            "for full weights use create_backbone(weights=...)."
+        )
+    info = AdapterInfo(
+        format=metadata["format"],
+        backbone=metadata["backbone"],
+        strategies=json.loads(metadata.get("strategies", "[]")),
+        class_names=json.loads(metadata.get("class_names", "null")),
+        cvft_version=metadata.get("cvft_version", "unknown"),
+    )
+    return tensors, info
+
+
+def load_adapter(model: nn.Module, path: str | Path, backbone: str | None = None) -> AdapterInfo:
+    """Copy an adapter's tensors into ``model`` (already built with the same strategies) and return its metadata.
+
+    Args:
+        model: A fresh backbone with the adapter's strategies set up (e.g. LoRA layers injected).
+        path: The adapter file.
+        backbone: Name of ``model``'s backbone; checked against the adapter's. Defaults to timm's
+            ``pretrained_cfg["architecture"]`` when the model has one.
+
+    Raises:
+        CheckpointMismatchError: The adapter was trained on another backbone, or its tensors do not fit the model;
+            the message says which backbone it expects.
+    """
+    tensors, info = read_adapter(path)
+    if backbone is None:
+        backbone = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if backbone is not None and _architecture(backbone) != _architecture(info.backbone):
+        raise CheckpointMismatchError(
+            f"Adapter {path} was trained on backbone {info.backbone!r}, not {backbone!r}. Create the model with "
+            f"backbone={info.backbone!r} (and the same pretrained weights) before loading it."
+        )
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing = sorted(k for k in tensors if k not in state)
+    wrong = sorted(k for k in tensors if k in state and state[k].shape != tensors[k].shape)
+    if missing or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"not in the model: {', '.join(missing[:5])}" if missing else "",
+                f"shape differs: {', '.join(wrong[:5])}" if wrong else "",
+            )
+            if part
+        )
+        raise CheckpointMismatchError(
+            f"Adapter {path} does not fit this model ({detail}). It expects backbone {info.backbone!r} with "
+            f"strategies {[s.get('name') for s in info.strategies]} and {len(info.class_names or [])} classes."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+    return info
