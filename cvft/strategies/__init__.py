@@ -21,6 +21,7 @@ from cvft.strategies.freezing import (
 )
 from cvft.strategies.gradual_unfreeze import GradualUnfreeze
 from cvft.strategies.layerwise_lr import LayerwiseLRDecay
+from cvft.strategies.lora import LoRA, export_plain_model, merge_lora, unmerge_lora
 from cvft.strategies.param_groups import add_param_groups, build_param_groups, no_weight_decay_names
 from cvft.strategies.registry import (
     StrategySpec,
@@ -55,4 +56,8 @@ __all__ = [
     "EmbeddingOnly",
     "GradualUnfreeze",
     "LayerwiseLRDecay",
+    "LoRA",
+    "merge_lora",
+    "unmerge_lora",
+    "export_plain_model",
 ]

@@ -17,8 +17,9 @@ The same checks then run through the three ways of using strategies: ``ImageClas
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import pytest
@@ -69,6 +70,8 @@ class Dims:
     bn_channels: int
     groups: list[int]
     group_bn_channels: list[int]
+    #: Parameters a strategy injected (LoRA updates), from the row's closed-form formula.
+    injected: int = 0
 
 
 def _vit_dims(model: nn.Module) -> Dims:
@@ -106,6 +109,8 @@ def _resnet_dims(model: nn.Module) -> Dims:
     group_bn = [0] * len(prefixes)
     for name, module in model.named_modules():
         index = group_of(name)
+        if ".lora_" in name:  # injected by LoRA; counted by the row's own formula
+            continue
         if isinstance(module, nn.Conv2d) and index is not None:
             assert module.bias is None
             kh, kw = module.kernel_size
@@ -168,6 +173,51 @@ def _minus(whole, *parts):
     return lambda name, model: whole(name, model) - set().union(*(part(name, model) for part in parts))
 
 
+def _no_injection(name, model):
+    return 0
+
+
+# LoRA rows: rank LORA_RANK on the ViT's attention (q and v thirds of qkv, and proj) and on the ResNet's block convs.
+LORA_RANK = 4
+LORA_SPEC = {"name": "lora", "rank": LORA_RANK, "alpha": 8, "qkv_parts": ["q", "v"]}
+_RESNET_BLOCK_CONV = re.compile(r"layer[1-4]\.\d+\.conv[123]")
+
+
+def _lora_spec(model_name: str) -> dict:
+    return {**LORA_SPEC, "targets": "vit_attention" if model_name == "test_vit" else "resnet_blocks"}
+
+
+def _lora_params(name, model):
+    if name == "test_vit":
+        return {
+            f"blocks.{i}.attn.{layer}.{ab}.weight"
+            for i in range(len(model.blocks))
+            for layer, ab in [("qkv", "lora_A.q"), ("qkv", "lora_B.q"), ("qkv", "lora_A.v"), ("qkv", "lora_B.v")]
+            + [("proj", "lora_A"), ("proj", "lora_B")]
+        }
+    return {
+        f"{module}.{ab}.weight"
+        for module, _ in model.named_modules()
+        if _RESNET_BLOCK_CONV.fullmatch(module)
+        for ab in ("lora_A", "lora_B")
+    }
+
+
+def _lora_count(name, model):
+    """Closed form: r * (in + out) per Linear update (out = D for each qkv third), r * (in * k * k + out) per conv."""
+    r = LORA_RANK
+    if name == "test_vit":
+        D = model.embed_dim  # noqa: N806
+        return len(model.blocks) * (2 * r * (D + D) + r * (D + D))
+    total = 0
+    for module_name, module in model.named_modules():
+        if _RESNET_BLOCK_CONV.fullmatch(module_name):
+            conv = module.base
+            kh, kw = conv.kernel_size
+            total += r * (conv.in_channels * kh * kw + conv.out_channels)
+    return total
+
+
 @dataclass(frozen=True)
 class Row:
     """One strategy configuration and what it must do."""
@@ -180,6 +230,13 @@ class Row:
     bn_fixed: Literal["frozen", "all", "none"] = "frozen"
     lr: float = 1e-2
     covers: tuple[str, ...] = field(default=())
+    #: Closed-form number of parameters the strategies inject into the model.
+    injected: Callable[[str, nn.Module], int] = _no_injection
+    #: Per-model specs, when the specs depend on the architecture (LoRA targets).
+    specs_for: Callable[[str], list[Any]] | None = None
+
+    def specs_of(self, model_name: str) -> list[Any]:
+        return self.specs_for(model_name) if self.specs_for is not None else self.specs
 
     @property
     def strategy_names(self) -> set[str]:
@@ -285,6 +342,24 @@ ROWS = [
         lambda d: d.total - d.groups[0] - d.groups[1],
         lr=1e-3,
     ),
+    Row(
+        "lora",
+        [LORA_SPEC],
+        _union(_head, _lora_params),
+        lambda d: d.head + d.injected,
+        injected=_lora_count,
+        specs_for=lambda model_name: [_lora_spec(model_name)],
+        lr=3e-2,
+    ),
+    Row(
+        "lora+gradual_unfreeze",
+        [LORA_SPEC, {"name": "gradual_unfreeze", "milestones": [1, 2]}],
+        _head,
+        lambda d: d.head,
+        injected=_lora_count,
+        specs_for=lambda model_name: [_lora_spec(model_name), {"name": "gradual_unfreeze", "milestones": [1, 2]}],
+        lr=3e-2,
+    ),
 ]
 ROWS_BY_ID = {row.id: row for row in ROWS}
 assert len(ROWS_BY_ID) == len(ROWS), "row ids must be unique"
@@ -337,8 +412,8 @@ def check_trainable(row: Row, model_name: str, model: nn.Module) -> set[str]:
     expected = row.trainable(model_name, model)
     actual = trainable_names(model)
     assert actual == expected, f"unexpected: {sorted(actual - expected)[:5]}, missing: {sorted(expected - actual)[:5]}"
-    dims = dims_of(model_name, model)
-    assert dims.total == sum(p.numel() for p in model.parameters()), "closed-form model size is wrong"
+    dims = replace(dims_of(model_name, model), injected=row.injected(model_name, model))
+    assert dims.total + dims.injected == sum(p.numel() for p in model.parameters()), "closed-form size is wrong"
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == row.count(dims)
     return expected
 
@@ -385,14 +460,14 @@ def check_loss_fell(losses: list[float], factor: float = 0.7) -> None:
 @pytest.mark.parametrize(("row", "model_name"), MATRIX)
 def test_intended_parameters_train(row, model_name):
     model = make_backbone(model_name)
-    apply_strategies(model, row.specs)
+    apply_strategies(model, row.specs_of(model_name))
     check_trainable(row, model_name, model)
 
 
 @pytest.mark.parametrize(("row", "model_name"), MATRIX)
 def test_frozen_parameters_stay_bit_identical(row, model_name):
     model = make_backbone(model_name)
-    stack = apply_strategies(model, row.specs)
+    stack = apply_strategies(model, row.specs_of(model_name))
     expected = row.trainable(model_name, model)
     optimizer = optimizer_for(model, stack, lr=1e-3, weight_decay=0.1)
     # frozen parameters are in the optimizer too, so weight decay would move them if they were not skipped
@@ -408,7 +483,7 @@ def test_frozen_parameters_stay_bit_identical(row, model_name):
 @pytest.mark.parametrize(("row", "model_name"), RESNET_MATRIX)
 def test_batchnorm_statistics_follow_train_bn(row, model_name):
     model = make_backbone(model_name)
-    stack = apply_strategies(model, row.specs)
+    stack = apply_strategies(model, row.specs_of(model_name))
     expected = row.trainable(model_name, model)
     stats = bn_stats(model)
     assert stats, "test_resnet should have BatchNorm layers"
@@ -419,7 +494,7 @@ def test_batchnorm_statistics_follow_train_bn(row, model_name):
 @pytest.mark.parametrize(("row", "model_name"), MATRIX)
 def test_loss_falls_on_toy_task(row, model_name):
     model = make_backbone(model_name)
-    stack = apply_strategies(model, row.specs)
+    stack = apply_strategies(model, row.specs_of(model_name))
     optimizer = optimizer_for(model, stack, lr=row.lr, weight_decay=0.01)
     losses = train_steps(model, optimizer, 25, *toy_task(32))
     check_loss_fell(losses)
@@ -428,7 +503,7 @@ def test_loss_falls_on_toy_task(row, model_name):
 @pytest.mark.parametrize(("row", "model_name"), MATRIX)
 def test_output_shape(row, model_name):
     model = make_backbone(model_name)
-    apply_strategies(model, row.specs)
+    apply_strategies(model, row.specs_of(model_name))
     for mode in (True, False):
         model.train(mode)
         with torch.no_grad():
@@ -458,7 +533,12 @@ def _check_fit(row, model_name, backbone, before, stats, losses, steps_per_epoch
 def test_mode_image_classifier(row, model_name):
     torch.manual_seed(0)
     model = ImageClassifier(
-        model_name, pretrained=False, num_classes=NUM_CLASSES, strategies=row.specs, lr=row.lr, warmup_epochs=0
+        model_name,
+        pretrained=False,
+        num_classes=NUM_CLASSES,
+        strategies=row.specs_of(model_name),
+        lr=row.lr,
+        warmup_epochs=0,
     )
     before, stats = snapshot(model.backbone), bn_stats(model.backbone)
     recorder = LossRecorder()
@@ -470,7 +550,7 @@ def test_mode_image_classifier(row, model_name):
 def test_mode_strategy_callback_on_foreign_module(row, model_name):
     module = ForeignClassifier(model_name, lr=row.lr)
     before, stats = snapshot(module.net), bn_stats(module.net)
-    callback = StrategyCallback(row.specs)
+    callback = StrategyCallback(row.specs_of(model_name))
     recorder = LossRecorder()
     trainer = make_trainer(6, [callback, recorder])
     trainer.fit(module, toy_loader(64, 16))
@@ -483,7 +563,7 @@ def test_mode_strategy_callback_on_foreign_module(row, model_name):
 @pytest.mark.parametrize(("row", "model_name"), MODE_CASES)
 def test_mode_apply_strategies_on_bare_model(row, model_name):
     model = make_backbone(model_name)
-    stack = apply_strategies(model, row.specs)
+    stack = apply_strategies(model, row.specs_of(model_name))
     before, stats = snapshot(model), bn_stats(model)
     optimizer = optimizer_for(model, stack, row.lr, weight_decay=0.05)
     loader = toy_loader(64, 16)

@@ -1,0 +1,191 @@
+"""The ``lora`` strategy and the helpers that merge, unmerge and export LoRA models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from cvft.backbones.layer_groups import head_parameter_names
+from cvft.errors import StrategyError
+from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies.base import Strategy
+from cvft.strategies.lora.layer import QKV_PARTS, LoRAConv2d, LoRALayer, LoRALinear
+from cvft.strategies.lora.targets import find_targets
+from cvft.strategies.registry import register_strategy
+
+__all__ = [
+    "LoRA",
+    "inject_lora",
+    "lora_layers",
+    "lora_parameter_names",
+    "merge_lora",
+    "unmerge_lora",
+    "export_plain_model",
+]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every LoRA wrapper in ``model``, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALayer)}
+
+
+def lora_parameter_names(model: nn.Module) -> set[str]:
+    """Names (in ``model.named_parameters()``) of all LoRA update parameters, base weights excluded."""
+    return {f"{name}.{p}" for name, layer in lora_layers(model).items() for p, _ in layer.lora_parameters()}
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: str | Sequence[str] = "auto",
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    qkv_parts: Sequence[str] | None = None,
+) -> list[str]:
+    """Replace the target layers of ``model`` by LoRA wrappers in place; return their names.
+
+    ``qkv_parts`` applies to targeted Linear layers named ``...qkv`` (timm's fused attention projection).
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit")
+        >>> inject_lora(model, "vit_attention", rank=2, qkv_parts=["q", "v"])[:2]
+        ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
+        >>> model.blocks[0].attn.qkv.split
+        ('q', 'v')
+    """
+    names = find_targets(model, targets)
+    for name in names:
+        base = model.get_submodule(name)
+        if isinstance(base, nn.Linear):
+            split = qkv_parts if qkv_parts is not None and name.rsplit(".", 1)[-1] == "qkv" else None
+            wrapper: LoRALayer = LoRALinear(base, rank, alpha, dropout, use_rslora, split=split)
+        else:
+            wrapper = LoRAConv2d(base, rank, alpha, dropout, use_rslora)
+        _set_submodule(model, name, wrapper.to(device=base.weight.device, dtype=base.weight.dtype))
+    return names
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (inference without extra cost); already merged layers stay."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every LoRA update out of its base weight again."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def export_plain_model(model: nn.Module) -> nn.Module:
+    """Merge the updates and put the base layers back, in place; the result has exactly the original keys.
+
+    The returned model (``model`` itself) loads into a freshly created timm model with ``strict=True``.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_resnet", num_classes=3)
+        >>> keys = list(model.state_dict())
+        >>> LoRA(rank=2).setup(model)
+        >>> list(export_plain_model(model).state_dict()) == keys
+        True
+    """
+    merge_lora(model)
+    for name, layer in lora_layers(model).items():
+        _set_submodule(model, name, layer.base)
+    return model
+
+
+@register_strategy
+class LoRA(Strategy):
+    """Low-rank adaptation: freeze the backbone and learn ``W + (alpha / r) * B @ A`` for chosen layers.
+
+    Linear layers (attention, MLP) and Conv2d layers (grouped and depthwise included) can be adapted; see
+    :mod:`cvft.strategies.lora.targets` for the presets. Put freezing strategies *before* ``lora`` and
+    ``gradual_unfreeze`` *after* it: gradual unfreezing then schedules only LoRA and head parameters.
+
+    Args:
+        rank: Rank ``r`` of every update.
+        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
+        dropout: Dropout probability on the input of the update path.
+        targets: A preset (``"auto"``, ``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``, ``"resnet_blocks"``,
+            ``"convnext_blocks"``), a type name (``"Linear"``, ``"Conv2d"``), module names or regexes, or a list.
+        qkv_parts: Adapt only these thirds (``"q"``, ``"k"``, ``"v"``) of fused ``qkv`` projections, e.g.
+            ``["q", "v"]`` as in the LoRA paper; ``None`` adapts all three.
+        use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
+        train_head: Also train the classifier head.
+        train_bias: Also train the biases of the adapted layers.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", num_classes=3)
+        >>> LoRA(rank=2, targets="vit_attention", qkv_parts=["q", "v"]).setup(model)
+        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[:3]
+        ['blocks.0.attn.proj.lora_A.weight', 'blocks.0.attn.proj.lora_B.weight', 'blocks.0.attn.qkv.lora_A.q.weight']
+    """
+
+    name = "lora"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        targets: str | list[str] = "auto",
+        qkv_parts: list[str] | None = None,
+        use_rslora: bool = False,
+        train_head: bool = True,
+        train_bias: bool = False,
+    ) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise StrategyError(f"lora: rank must be a positive integer, got {rank!r}.")
+        if not alpha > 0:
+            raise StrategyError(f"lora: alpha must be > 0, got {alpha!r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise StrategyError(f"lora: dropout must be in [0, 1), got {dropout!r}.")
+        if isinstance(targets, str):
+            targets_value: str | list[str] = targets
+        else:
+            targets_value = list(targets)
+            if not targets_value:
+                raise StrategyError("lora: `targets` is empty; give a preset such as 'auto' or module names.")
+        if qkv_parts is not None:
+            qkv_parts = list(qkv_parts)
+            if not qkv_parts or any(p not in QKV_PARTS for p in qkv_parts) or len(set(qkv_parts)) != len(qkv_parts):
+                raise StrategyError(
+                    f"lora: qkv_parts must be a non-empty subset of {list(QKV_PARTS)} without repeats, got {qkv_parts}."
+                )
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.targets = targets_value
+        self.qkv_parts = qkv_parts
+        self.use_rslora = bool(use_rslora)
+        self.train_head = bool(train_head)
+        self.train_bias = bool(train_bias)
+
+    def setup(self, model: nn.Module) -> None:
+        """Freeze the model, inject LoRA layers into the targets and make their updates (and head) trainable."""
+        head = head_parameter_names(model) if self.train_head else set()
+        if self.train_head and not head:
+            raise StrategyError(
+                f"lora: train_head=True needs a classifier head, but {type(model).__name__} has none "
+                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
+            )
+        names = inject_lora(
+            model, self.targets, self.rank, self.alpha, self.dropout, self.use_rslora, qkv_parts=self.qkv_parts
+        )
+        trainable = set(head) | lora_parameter_names(model)
+        if self.train_bias:
+            trainable |= {f"{name}.base.bias" for name in names if model.get_submodule(name).base.bias is not None}
+        set_trainable(model, trainable)
+        sync_batchnorm_stats(model, train_bn=False)
