@@ -21,8 +21,11 @@ from cvft.strategies.freezing import (
 )
 from cvft.strategies.gradual_unfreeze import GradualUnfreeze
 from cvft.strategies.layerwise_lr import LayerwiseLRDecay
+from cvft.strategies.loha import LoHA
+from cvft.strategies.lokr import LoKr
 from cvft.strategies.lora import LoRA, export_plain_model, merge_lora, unmerge_lora
 from cvft.strategies.param_groups import add_param_groups, build_param_groups, no_weight_decay_names
+from cvft.strategies.qlora import QLoRA
 from cvft.strategies.registry import (
     StrategySpec,
     available_strategies,
@@ -57,7 +60,10 @@ __all__ = [
     "GradualUnfreeze",
     "LayerwiseLRDecay",
     "LoRA",
+    "LoHA",
+    "LoKr",
     "merge_lora",
     "unmerge_lora",
+    "QLoRA",
     "export_plain_model",
 ]

@@ -106,9 +106,15 @@ def trainable_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def dense(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor view of ``value``: quantised (NF4) weights are compared through their dequantised values."""
+    dequantize = getattr(value, "get_original_weight", None)
+    return dequantize() if callable(dequantize) else value
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter and buffer."""
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {name: dense(value.detach()).clone() for name, value in model.state_dict().items()}
 
 
 def bn_stats(model: nn.Module) -> dict[str, list[torch.Tensor]]:

@@ -95,11 +95,20 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling * delta_weight()`` into ``base.weight``; merging a merged layer does nothing."""
+        """Fold ``scaling * delta_weight()`` into ``base.weight``; merging a merged layer does nothing.
+
+        A quantised base (QLoRA's :class:`~cvft.strategies.qlora.NF4Linear`) is first dequantised into a dense
+        layer; the quantised one is kept aside so that :meth:`unmerge` restores it exactly.
+        """
         if self.merged:
             return
+        delta = self.scaling * self.delta_weight()
+        dequantize = getattr(self.base, "dequantize", None)
+        if callable(dequantize):
+            object.__setattr__(self, "_quantized_base", self.base)  # not a registered sub-module
+            self.base = dequantize()
         weight = self.base.weight
-        weight.add_((self.scaling * self.delta_weight()).to(weight.dtype))
+        weight.add_(delta.to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -107,8 +116,12 @@ class LoRALayer(nn.Module):
         """Take the update out of ``base.weight`` again; unmerging an unmerged layer does nothing."""
         if not self.merged:
             return
-        weight = self.base.weight
-        weight.sub_((self.scaling * self.delta_weight()).to(weight.dtype))
+        quantized = self.__dict__.pop("_quantized_base", None)
+        if quantized is not None:
+            self.base = quantized
+        else:
+            weight = self.base.weight
+            weight.sub_((self.scaling * self.delta_weight()).to(weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -189,7 +202,7 @@ class LoRALinear(LoRALayer):
             if part in self.split:
                 rows.append(self.lora_B[part].weight @ self.lora_A[part].weight)
             else:
-                rows.append(self.base.weight.new_zeros(third, self.base.in_features))
+                rows.append(self.lora_A[self.split[0]].weight.new_zeros(third, self.base.in_features))
         return torch.cat(rows, dim=0)
 
     def lora_forward(self, x: Tensor) -> Tensor:

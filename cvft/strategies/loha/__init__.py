@@ -1,0 +1,15 @@
+"""LoHA (low-rank Hadamard product adaptation): the wrapper layer and the registered ``loha`` strategy.
+
+Importing this package registers ``"loha"``. Merging, unmerging and export use the LoRA helpers
+(:func:`cvft.strategies.lora.merge_lora`, :func:`~cvft.strategies.lora.export_plain_model`).
+
+Example:
+    >>> from cvft.strategies import build_strategy
+    >>> build_strategy({"name": "loha", "rank": 4, "targets": "vit_attention"}).rank
+    4
+"""
+
+from cvft.strategies.loha.layer import LoHALayer
+from cvft.strategies.loha.strategy import LoHA, inject_loha
+
+__all__ = ["LoHA", "LoHALayer", "inject_loha"]

@@ -1,0 +1,56 @@
+"""The ``loha`` strategy: LoHA updates on the chosen layers of a frozen backbone."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cvft.strategies._adapters import AdapterStrategy, inject_adapters
+from cvft.strategies.loha.layer import LoHALayer
+from cvft.strategies.registry import register_strategy
+
+__all__ = ["LoHA", "inject_loha"]
+
+
+def inject_loha(
+    model: nn.Module, targets: str | list[str] = "auto", rank: int = 8, alpha: float = 16, dropout: float = 0.0
+) -> list[str]:
+    """Replace the target layers of ``model`` by :class:`LoHALayer` wrappers in place; return their names.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit")
+        >>> inject_loha(model, "vit_attention", rank=2)[:2]
+        ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
+    """
+    return inject_adapters(model, targets, lambda base: LoHALayer(base, rank, alpha, dropout))
+
+
+@register_strategy
+class LoHA(AdapterStrategy):
+    """Low-rank Hadamard adaptation: freeze the backbone and learn ``W + (alpha / r) * (B1 A1) ⊙ (B2 A2)``.
+
+    Targets are chosen as for ``lora`` (presets ``"auto"``, ``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``,
+    ``"resnet_blocks"``, ``"convnext_blocks"``, type names, module names or regexes). The wrappers are LoRA layers,
+    so ``merge_lora``, ``unmerge_lora`` and ``export_plain_model`` apply to them unchanged.
+
+    Args:
+        rank: Rank ``r`` of each of the two products.
+        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
+        dropout: Dropout probability on the input of the update path.
+        targets: Layers to adapt: a preset, a type name, module names or regexes, or a list.
+        train_head: Also train the classifier head.
+        train_bias: Also train the biases of the adapted layers.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", num_classes=3)
+        >>> LoHA(rank=2, targets="vit_attention").setup(model)
+        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[:2]
+        ['blocks.0.attn.proj.hada_w1_a', 'blocks.0.attn.proj.hada_w1_b']
+    """
+
+    name = "loha"
+
+    def make_layer(self, base: nn.Module) -> LoHALayer:
+        """A :class:`LoHALayer` around ``base``."""
+        return LoHALayer(base, self.rank, self.alpha, self.dropout)

@@ -1,0 +1,80 @@
+"""The ``lokr`` strategy: LoKr updates on the chosen layers of a frozen backbone."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cvft.strategies._adapters import AdapterStrategy, inject_adapters
+from cvft.strategies.lokr.layer import LoKrLayer, factorize
+from cvft.strategies.registry import register_strategy
+
+__all__ = ["LoKr", "inject_lokr"]
+
+
+def inject_lokr(
+    model: nn.Module,
+    targets: str | list[str] = "auto",
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    factor: int = -1,
+    factor_c: bool = False,
+) -> list[str]:
+    """Replace the target layers of ``model`` by :class:`LoKrLayer` wrappers in place; return their names.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_resnet")
+        >>> inject_lokr(model, "resnet_blocks", rank=2)[:2]
+        ['layer1.0.conv1', 'layer1.0.conv2']
+    """
+    return inject_adapters(model, targets, lambda base: LoKrLayer(base, rank, alpha, dropout, factor, factor_c))
+
+
+@register_strategy
+class LoKr(AdapterStrategy):
+    """Low-rank Kronecker adaptation: freeze the backbone and learn ``W + (alpha / r) * C ⊗ (B A)``.
+
+    Targets are chosen as for ``lora``. The wrappers are LoRA layers, so ``merge_lora``, ``unmerge_lora`` and
+    ``export_plain_model`` apply to them unchanged.
+
+    Args:
+        rank: Rank ``r`` of ``B A`` (and of ``C`` with ``factor_c``).
+        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
+        dropout: Dropout probability on the input of the update path.
+        targets: Layers to adapt: a preset, a type name, module names or regexes, or a list.
+        factor: How each weight dimension is split between ``C`` and ``B A``: ``-1`` for the most balanced split,
+            or the largest size ``C`` may have along each dimension.
+        factor_c: Also factor ``C`` into a rank-``r`` product.
+        train_head: Also train the classifier head.
+        train_bias: Also train the biases of the adapted layers.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", num_classes=3)
+        >>> LoKr(rank=2, targets="vit_attention").setup(model)
+        >>> model.blocks[0].attn.qkv.kron_shapes  # qkv weight (192, 64) = (12 x 8) kron (16 x 8)
+        ((12, 8), (16, 8))
+    """
+
+    name = "lokr"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        targets: str | list[str] = "auto",
+        factor: int = -1,
+        factor_c: bool = False,
+        train_head: bool = True,
+        train_bias: bool = False,
+    ) -> None:
+        super().__init__(rank, alpha, dropout, targets, train_head, train_bias)
+        factorize(1, factor)  # validates factor
+        self.factor = factor
+        self.factor_c = bool(factor_c)
+
+    def make_layer(self, base: nn.Module) -> LoKrLayer:
+        """A :class:`LoKrLayer` around ``base``."""
+        return LoKrLayer(base, self.rank, self.alpha, self.dropout, self.factor, self.factor_c)

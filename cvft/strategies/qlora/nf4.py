@@ -1,0 +1,98 @@
+"""Linear layers whose frozen weight is stored in 4-bit NormalFloat (NF4), through torchao's ``NF4Tensor``.
+
+Why torchao and not bitsandbytes: torchao's NF4 tensor is written in PyTorch itself, so the same code runs on the
+CPU (our tests, CI) and on CUDA (where ``torch.compile`` fuses the dequantisation into the matmul), with no native
+library to match to a CUDA version. Its block scales are themselves quantised to int8 (QLoRA's double
+quantisation), so a weight takes about 0.53 bytes per value instead of 4.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cvft.errors import StrategyError
+
+__all__ = ["NF4Linear", "nf4_nbytes", "require_torchao"]
+
+
+def require_torchao():
+    """Import torchao's NF4 functions, or say how to install them."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4, to_nf4
+    except ImportError:
+        try:  # older torchao releases
+            from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4
+        except ImportError as err:
+            raise StrategyError(
+                "qlora stores base weights in 4-bit NF4 through torchao, which is not installed. "
+                "Install it with `pip install 'cvft[qlora]'` (or `pip install torchao`)."
+            ) from err
+    return NF4Tensor, linear_nf4, to_nf4
+
+
+def _largest_divisor_at_most(number: int, limit: int) -> int:
+    return max(d for d in range(1, min(number, limit) + 1) if number % d == 0)
+
+
+def nf4_nbytes(weight: Tensor) -> int:
+    """Bytes an NF4 weight really occupies: 4-bit codes, int8 block scales and their fp32 factors."""
+    inner = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+    return sum(getattr(weight, name).numel() * getattr(weight, name).element_size() for name in inner)
+
+
+class NF4Linear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is held in NF4 (QLoRA, Dettmers et al. 2023); the bias stays dense.
+
+    Args:
+        linear: The layer to quantise (its weight is read once and not kept).
+        block_size: Values sharing one absmax scale (64 in the QLoRA paper).
+        scaler_block_size: Scales sharing one second-level factor (256 in the paper); lowered to a divisor of the
+            number of blocks for small layers.
+
+    Example:
+        >>> import torch
+        >>> dense = nn.Linear(128, 64)
+        >>> quantised = NF4Linear(dense)
+        >>> x = torch.randn(2, 128)
+        >>> bool((quantised(x) - dense(x)).abs().max() < 0.5)
+        True
+        >>> nf4_nbytes(quantised.weight) / (dense.weight.numel() * 4) < 0.3
+        True
+    """
+
+    def __init__(self, linear: nn.Linear, block_size: int = 64, scaler_block_size: int = 256) -> None:
+        nn.Module.__init__(self)
+        _, _, to_nf4 = require_torchao()
+        weight = linear.weight.detach()
+        if weight.numel() % block_size:
+            raise StrategyError(
+                f"qlora: a {tuple(weight.shape)} weight does not split into NF4 blocks of {block_size}; "
+                "choose a block_size that divides it or leave this layer out of `targets`."
+            )
+        blocks = weight.numel() // block_size
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_size = block_size
+        self.scaler_block_size = _largest_divisor_at_most(blocks, scaler_block_size)
+        self.weight = nn.Parameter(to_nf4(weight, block_size, self.scaler_block_size), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ dequantise(W).T + b``, without materialising ``W`` for the backward pass."""
+        _, linear_nf4, _ = require_torchao()
+        out = linear_nf4(x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def dequantize(self) -> nn.Linear:
+        """A dense ``nn.Linear`` with the dequantised weight (what a merge folds updates into)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense.weight = nn.Parameter(self.weight.get_original_weight().detach().clone(), requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return dense
+
+    def extra_repr(self) -> str:
+        """Shape and quantisation settings."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4 block_size={self.block_size}, scaler_block_size={self.scaler_block_size}"
+        )

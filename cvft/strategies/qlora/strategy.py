@@ -1,0 +1,83 @@
+"""The ``qlora`` strategy: LoRA on top of base Linear weights frozen in 4-bit NF4."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cvft.errors import StrategyError
+from cvft.strategies.lora.strategy import LoRA, _set_submodule
+from cvft.strategies.lora.targets import find_targets
+from cvft.strategies.qlora.nf4 import NF4Linear
+from cvft.strategies.registry import register_strategy
+
+__all__ = ["QLoRA", "quantize_linear_layers"]
+
+
+def quantize_linear_layers(
+    model: nn.Module, names: list[str], block_size: int = 64, scaler_block_size: int = 256
+) -> None:
+    """Replace the named ``nn.Linear`` layers of ``model`` by :class:`NF4Linear`, in place."""
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.Linear):
+            raise StrategyError(
+                f"qlora quantises Linear layers, but target {name!r} is a {type(layer).__name__}; "
+                "use `lora` for convolutions or restrict `targets` to Linear layers (e.g. 'vit_all')."
+            )
+        if not isinstance(layer, NF4Linear):
+            _set_submodule(model, name, NF4Linear(layer, block_size, scaler_block_size))
+
+
+@register_strategy
+class QLoRA(LoRA):
+    """QLoRA (Dettmers et al., 2023): the frozen base Linear weights go to 4-bit NF4, LoRA trains on top.
+
+    Everything else is :class:`~cvft.strategies.lora.LoRA`: targets, ranks, qkv parts, merge (into a dense,
+    dequantised layer; unmerge restores the NF4 one) and export. NF4 block scales are always double-quantised
+    (torchao's NF4 tensor); the bias, the head and normalisation layers stay in full precision.
+
+    Args:
+        rank: Rank of every update.
+        alpha: Scale numerator.
+        dropout: Dropout on the update's input.
+        targets: Linear layers to quantise and adapt (default: all Linear layers of a ViT's blocks).
+        qkv_parts: Thirds of fused ``qkv`` projections to adapt.
+        use_rslora: rsLoRA scaling.
+        train_head: Train the classifier head.
+        train_bias: Train the adapted layers' biases.
+        block_size: Values per NF4 absmax block.
+        scaler_block_size: Blocks per second-level scale block.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", num_classes=3)
+        >>> QLoRA(rank=2).setup(model)
+        >>> type(model.blocks[0].attn.qkv.base).__name__
+        'NF4Linear'
+    """
+
+    name = "qlora"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        targets: str | list[str] = "vit_all",
+        qkv_parts: list[str] | None = None,
+        use_rslora: bool = False,
+        train_head: bool = True,
+        train_bias: bool = False,
+        block_size: int = 64,
+        scaler_block_size: int = 256,
+    ) -> None:
+        super().__init__(rank, alpha, dropout, targets, qkv_parts, use_rslora, train_head, train_bias)
+        if block_size < 2 or scaler_block_size < 1:
+            raise StrategyError(f"qlora: block sizes must be positive, got {block_size}, {scaler_block_size}.")
+        self.block_size = block_size
+        self.scaler_block_size = scaler_block_size
+
+    def setup(self, model: nn.Module) -> None:
+        """Quantise the target Linear layers to NF4, then inject LoRA into them."""
+        quantize_linear_layers(model, find_targets(model, self.targets), self.block_size, self.scaler_block_size)
+        super().setup(model)
