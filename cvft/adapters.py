@@ -21,7 +21,15 @@ from cvft.backbones.weights import read_safetensors, write_safetensors_atomic
 from cvft.errors import CheckpointMismatchError, WeightsError
 from cvft.strategies._freeze import has_frozen_stats, is_batchnorm
 
-__all__ = ["ADAPTER_FORMAT", "AdapterInfo", "adapter_state_dict", "save_adapter", "read_adapter", "load_adapter"]
+__all__ = [
+    "ADAPTER_FORMAT",
+    "AdapterInfo",
+    "AdapterSet",
+    "adapter_state_dict",
+    "save_adapter",
+    "read_adapter",
+    "load_adapter",
+]
 
 ADAPTER_FORMAT = "cvft-adapter/1"
 
@@ -174,3 +182,77 @@ def load_adapter(model: nn.Module, path: str | Path, backbone: str | None = None
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
     return info
+
+
+class AdapterSet:
+    """Several adapters for one backbone, switched by name.
+
+    All adapters must come from the same backbone and strategy layout (same LoRA targets and ranks, same head
+    size). Their tensors stay in memory; :meth:`use` copies one set into the model, so switching costs one copy of
+    the adapter tensors and never touches the frozen base weights.
+
+    Args:
+        model: The backbone with the adapters' strategies set up.
+        backbone: Its timm name, checked against each adapter's.
+
+    Example:
+        >>> import tempfile, timm, torch
+        >>> from cvft.strategies import apply_strategies
+        >>> model = timm.create_model("test_resnet", num_classes=2)
+        >>> _ = apply_strategies(model, ["linear_probe"])
+        >>> folder = tempfile.mkdtemp()
+        >>> for i, name in enumerate(["cats", "cars"]):
+        ...     _ = torch.nn.init.constant_(model.fc.bias, float(i))
+        ...     _ = save_adapter(model, f"{folder}/{name}", "test_resnet", [{"name": "linear_probe"}], ["a", "b"])
+        >>> adapters = AdapterSet(model, "test_resnet")
+        >>> _ = adapters.add("cats", f"{folder}/cats.safetensors")
+        >>> _ = adapters.add("cars", f"{folder}/cars.safetensors")
+        >>> adapters.use("cats")
+        >>> model.fc.bias.tolist(), adapters.active
+        ([0.0, 0.0], 'cats')
+        >>> adapters.use("cars")
+        >>> model.fc.bias.tolist()
+        [1.0, 1.0]
+    """
+
+    def __init__(self, model: nn.Module, backbone: str | None = None) -> None:
+        self.model = model
+        self.backbone = backbone
+        self.active: str | None = None
+        self._adapters: dict[str, tuple[dict[str, Tensor], AdapterInfo]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return list(self._adapters)
+
+    def info(self, name: str) -> AdapterInfo:
+        """Metadata of adapter ``name`` (class names, strategies ...)."""
+        return self._adapters[name][1]
+
+    def add(self, name: str, path: str | Path) -> AdapterInfo:
+        """Read an adapter file, check that it fits the model, and keep it under ``name``."""
+        if name in self._adapters:
+            raise WeightsError(f"An adapter named {name!r} is already loaded; pick another name.")
+        previous = {k: v.detach().clone() for k, v in adapter_state_dict(self.model).items()}
+        info = load_adapter(self.model, path, self.backbone)  # validates backbone, names and shapes
+        tensors, _ = read_adapter(path)
+        self._adapters[name] = (tensors, info)
+        self._copy_in(previous)  # adding does not switch
+        return info
+
+    def use(self, name: str) -> None:
+        """Make adapter ``name`` the active one."""
+        if name not in self._adapters:
+            raise WeightsError(f"No adapter named {name!r}; loaded adapters: {', '.join(self.names) or 'none'}.")
+        self._copy_in(self._adapters[name][0])
+        self.active = name
+
+    def _copy_in(self, tensors: Mapping[str, Tensor]) -> None:
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                state[key].copy_(tensor)

@@ -148,6 +148,15 @@ class CvftCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``cvft`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from cvft.export import main as export_main
+
+        try:
+            raise SystemExit(export_main(argv[1:]))
+        except CvftError as err:
+            print(f"cvft export: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     try:
         CvftCLI(
             ImageClassifier,

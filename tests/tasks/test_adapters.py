@@ -102,3 +102,29 @@ def test_saving_nothing_trainable_is_an_error(tmp_path):
     model = timm.create_model("test_resnet", num_classes=3).requires_grad_(False)
     with pytest.raises(WeightsError, match="no trainable tensors"):
         save_adapter(model, tmp_path / "x.safetensors", "test_resnet", [])
+
+
+def test_adapter_set_switches_between_lora_adapters_by_name(tmp_path, base_weights):
+    from cvft.adapters import AdapterSet
+
+    def trained(seed: int) -> ImageClassifier:
+        torch.manual_seed(seed)
+        model = ImageClassifier("test_resnet", pretrained=False, weights=str(base_weights), class_names=CLASSES,
+                                strategies=["lora"])  # fmt: skip
+        _train(model, steps=2)
+        return model
+
+    first, second = trained(1), trained(2)
+    paths = {"first": first.save_adapter(tmp_path / "first"), "second": second.save_adapter(tmp_path / "second")}
+    serving = ImageClassifier("test_resnet", pretrained=False, weights=str(base_weights), class_names=CLASSES,
+                              strategies=["lora"]).eval()  # fmt: skip
+    adapters = AdapterSet(serving.backbone, "test_resnet")
+    for name, path in paths.items():
+        adapters.add(name, path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for name, reference in (("second", second), ("first", first), ("second", second)):
+            adapters.use(name)
+            assert torch.equal(serving(images), reference(images)), name
+    with pytest.raises(WeightsError, match="No adapter named 'third'"):
+        adapters.use("third")

@@ -1,0 +1,99 @@
+"""``cvft export``: a trained classifier as a plain timm model (no cvft needed to load it), and optionally ONNX.
+
+Every low-rank update is merged into its base weight and the wrappers are removed, so the written state dict has
+exactly the keys of ``timm.create_model(backbone, num_classes=...)`` and runs at the plain model's speed::
+
+    cvft export --ckpt runs/cvft/version_0/checkpoints/best.ckpt --output model.safetensors --onnx model.onnx
+    cvft export --adapter adapter.safetensors --weights base.safetensors --output model.safetensors
+
+Loading the result without cvft::
+
+    model = timm.create_model("vit_small_patch16_224", num_classes=10)
+    model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cvft.backbones.weights import write_safetensors_atomic
+from cvft.errors import CvftError
+from cvft.strategies.lora import export_plain_model
+from cvft.tasks import ImageClassifier
+
+__all__ = ["export_classifier", "export_onnx", "main"]
+
+
+def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
+    """Merge ``model``'s updates into a plain timm backbone (in place) and write its state dict to ``output``.
+
+    The safetensors metadata records the timm name and the class names.
+
+    Example:
+        >>> import tempfile, timm
+        >>> from safetensors.torch import load_file
+        >>> classifier = ImageClassifier("test_resnet", pretrained=False, num_classes=2, strategies=["lora"])
+        >>> path = export_classifier(classifier, tempfile.mkdtemp() + "/model.safetensors")
+        >>> _ = timm.create_model("test_resnet", num_classes=2).load_state_dict(load_file(path))
+    """
+    backbone = export_plain_model(model.backbone)
+    metadata = {
+        "format": "timm-state-dict",
+        "backbone": model.hparams.backbone,
+        "num_classes": str(model.num_classes),
+        "class_names": json.dumps(model.class_names),
+    }
+    return write_safetensors_atomic(backbone.state_dict(), output, metadata, hint="Choose a writable output path.")
+
+
+def export_onnx(backbone: nn.Module, output: str | Path, image_size: int, in_chans: int = 3) -> Path:
+    """Write ``backbone`` as ONNX with a dynamic batch axis (needs the ``onnx`` package: ``cvft[onnx]``)."""
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError as err:
+        raise CvftError("ONNX export needs the onnx package: pip install 'cvft[onnx]'.") from err
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(1, in_chans, image_size, image_size)
+    torch.onnx.export(
+        backbone.eval(),
+        (example,),
+        str(output),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cvft export``."""
+    parser = argparse.ArgumentParser(prog="cvft export", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="Lightning checkpoint written by `cvft fit`")
+    source.add_argument("--adapter", help="adapter .safetensors written by `cvft fit` (needs the base weights)")
+    parser.add_argument("--weights", help="base weights file or built-in source, for --adapter")
+    parser.add_argument("--pretrained", action="store_true", help="base weights from the hub, for --adapter")
+    parser.add_argument("--output", required=True, help="output .safetensors state dict")
+    parser.add_argument("--onnx", help="also write this ONNX file")
+    parser.add_argument("--image-size", type=int, help="ONNX input size (default: the backbone's pretrained size)")
+    args = parser.parse_args(argv)
+
+    if args.ckpt:
+        model = ImageClassifier.from_checkpoint(args.ckpt)
+    else:
+        model = ImageClassifier.from_adapter(args.adapter, pretrained=args.pretrained, weights=args.weights)
+    model.eval()
+    path = export_classifier(model, args.output)
+    print(f"wrote {path} (timm {model.hparams.backbone}, {model.num_classes} classes)")
+    if args.onnx:
+        size = args.image_size or model.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        onnx_path = export_onnx(model.backbone, args.onnx, size, model.hparams.in_chans)
+        print(f"wrote {onnx_path}")
+    return 0

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cvft.cli import main
+from cvft.tasks import ImageClassifier
+
+
+@pytest.fixture
+def trained_lora_adapter(tmp_path):
+    base = tmp_path / "base.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit", num_classes=4).state_dict().items()},
+              str(base))  # fmt: skip
+    model = ImageClassifier("test_vit", pretrained=False, weights=str(base), class_names=["a", "b", "c"],
+                            strategies=[{"name": "lora", "rank": 2, "qkv_parts": ["q", "v"]}])  # fmt: skip
+    for name, param in model.backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model.eval(), model.save_adapter(tmp_path / "adapter"), base
+
+
+def test_cvft_export_writes_a_plain_timm_model_with_the_same_outputs(tmp_path, trained_lora_adapter, capsys):
+    model, adapter, base = trained_lora_adapter
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    output = tmp_path / "plain.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--adapter", str(adapter), "--weights", str(base), "--output", str(output)])
+    assert exit_info.value.code == 0
+    plain = timm.create_model("test_vit", num_classes=3).eval()
+    plain.load_state_dict(load_file(str(output)), strict=True)
+    with torch.no_grad():
+        assert (plain(images) - expected).abs().max() < 1e-5
+    with safe_open(str(output), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["backbone"] == "test_vit" and json.loads(metadata["class_names"]) == ["a", "b", "c"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cvft_export_onnx(tmp_path, trained_lora_adapter):
+    onnx = pytest.importorskip("onnx")
+    _, adapter, base = trained_lora_adapter
+    target = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "export",
+                "--adapter",
+                str(adapter),
+                "--weights",
+                str(base),
+                "--output",
+                str(tmp_path / "m.safetensors"),
+                "--onnx",
+                str(target),
+            ]
+        )  # ONNX at the backbone's native size: no position-embedding resampling
+    assert exit_info.value.code == 0
+    graph = onnx.load(str(target))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == ["image"]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_cvft_export_reports_a_missing_adapter(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--adapter", str(tmp_path / "missing.safetensors"), "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
