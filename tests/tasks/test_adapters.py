@@ -36,7 +36,9 @@ def _train(model: ImageClassifier, steps: int = 3) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("strategies", [["bitfit"], ["linear_probe"], ["full"], ["norm_only"], ["lora"]])
+@pytest.mark.parametrize(
+    "strategies", [["bitfit"], ["linear_probe"], ["full"], ["norm_only"], ["lora"], ["loha"], ["lokr"]]
+)
 def test_adapter_round_trip_restores_identical_outputs(tmp_path, base_weights, strategies):
     trained = ImageClassifier("test_resnet", pretrained=False, weights=str(base_weights), class_names=CLASSES,
                               strategies=strategies)  # fmt: skip
