@@ -218,3 +218,22 @@ def test_dropout_only_in_training():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(_images()), model(_images()))
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_lora_on_timm_conv2d_same_merges_exactly(groups):
+    """TF-style "same" padding (tf_efficientnet_*): the update pads like the base, so merging stays exact."""
+    from timm.layers import Conv2dSame
+
+    from cvft.strategies.lora.layer import LoRAConv2d
+
+    torch.manual_seed(0)
+    layer = LoRAConv2d(Conv2dSame(8, 16, 3, stride=2, groups=groups), rank=2, alpha=4)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(2, 8, 15, 17)  # odd sizes: asymmetric dynamic padding
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+    assert unmerged.shape == (2, 16, 8, 9)
+    assert (merged - unmerged).abs().max() < 1e-5

@@ -253,12 +253,16 @@ class LoRAConv2d(LoRALayer):
     def __init__(
         self, base: nn.Conv2d, rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
     ) -> None:
-        if type(base) is not nn.Conv2d:
+        #: timm's Conv2dSame (TF "same" padding, e.g. tf_efficientnet_*) pads the input dynamically before a conv
+        #: with padding 0; the update path pads the same way, so it still composes into one conv of the base's shape.
+        same_padding = type(base).__name__ == "Conv2dSame"
+        if type(base) is not nn.Conv2d and not same_padding:
             raise StrategyError(
-                f"LoRAConv2d wraps plain nn.Conv2d layers, got {type(base).__name__}; "
+                f"LoRAConv2d wraps nn.Conv2d (and timm's Conv2dSame) layers, got {type(base).__name__}; "
                 "target a different module or leave this one out of `targets`."
             )
         super().__init__(base, rank, alpha, dropout, use_rslora)
+        self.same_padding = same_padding
         groups = base.groups
         self.lora_A = nn.Conv2d(
             base.in_channels,
@@ -283,5 +287,9 @@ class LoRAConv2d(LoRALayer):
         return torch.bmm(b, a).reshape(self.base.weight.shape)
 
     def lora_forward(self, x: Tensor) -> Tensor:
-        """``B(A(x))``."""
+        """``B(A(x))``, after the base's dynamic "same" padding for Conv2dSame layers."""
+        if self.same_padding:
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, self.base.kernel_size, self.base.stride, self.base.dilation)
         return self.lora_B(self.lora_A(x))
