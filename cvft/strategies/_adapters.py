@@ -10,37 +10,14 @@ convolutions because the delta has the base weight's shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
-from cvft.strategies.base import Strategy
-from cvft.strategies.lora.layer import LoRALayer
-from cvft.strategies.lora.strategy import _set_submodule, lora_parameter_names
-from cvft.strategies.lora.targets import find_targets
+from cvft.strategies.lora.layer import LoRALayer, check_adapter_hyperparameters
+from cvft.strategies.lora.strategy import AdapterStrategy, inject_adapters
 
 __all__ = ["DeltaWeightLayer", "AdapterStrategy", "check_adapter_hyperparameters", "inject_adapters"]
-
-
-def check_adapter_hyperparameters(method: str, rank: int, alpha: float, dropout: float) -> None:
-    """Refuse a non-positive or non-integer rank, ``alpha <= 0`` and dropout outside ``[0, 1)``, naming ``method``.
-
-    Example:
-        >>> check_adapter_hyperparameters("loha", 0, 1.0, 0.0)
-        Traceback (most recent call last):
-        ...
-        cvft.errors.StrategyError: loha: rank must be a positive integer, got 0.
-    """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise StrategyError(f"{method}: rank must be a positive integer, got {rank!r}.")
-    if not alpha > 0:
-        raise StrategyError(f"{method}: alpha must be > 0, got {alpha!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise StrategyError(f"{method}: dropout must be in [0, 1), got {dropout!r}.")
 
 
 class DeltaWeightLayer(LoRALayer):
@@ -87,78 +64,3 @@ class DeltaWeightLayer(LoRALayer):
     def extra_repr(self) -> str:
         """Hyper-parameters and merged state, for ``repr(model)``."""
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-def inject_adapters(
-    model: nn.Module, targets: str | list[str], make_layer: Callable[[nn.Module], LoRALayer]
-) -> list[str]:
-    """Replace the target layers of ``model`` (see :func:`~cvft.strategies.lora.find_targets`) in place.
-
-    ``make_layer`` builds the wrapper of one base layer; it is moved to the base weight's device and dtype.
-    Returns the names of the replaced layers.
-    """
-    names = find_targets(model, targets)
-    for name in names:
-        base = model.get_submodule(name)
-        wrapper = make_layer(base)
-        _set_submodule(model, name, wrapper.to(device=base.weight.device, dtype=base.weight.dtype))
-    return names
-
-
-class AdapterStrategy(Strategy):
-    """Common ``setup`` of the weight-delta adapters: freeze, inject into the targets, train updates (and head).
-
-    Subclasses set ``name`` and implement :meth:`make_layer`.
-
-    Args:
-        rank: Rank of the low-rank factors.
-        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
-        dropout: Dropout probability on the input of the update path.
-        targets: A preset, a type name, module names or regexes, or a list (as for ``lora``).
-        train_head: Also train the classifier head.
-        train_bias: Also train the biases of the adapted layers.
-    """
-
-    name = "adapter"
-
-    def __init__(
-        self,
-        rank: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        targets: str | list[str] = "auto",
-        train_head: bool = True,
-        train_bias: bool = False,
-    ) -> None:
-        check_adapter_hyperparameters(self.name, rank, alpha, dropout)
-        if isinstance(targets, str):
-            targets_value: str | list[str] = targets
-        else:
-            targets_value = list(targets)
-            if not targets_value:
-                raise StrategyError(f"{self.name}: `targets` is empty; give a preset such as 'auto' or module names.")
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.targets = targets_value
-        self.train_head = bool(train_head)
-        self.train_bias = bool(train_bias)
-
-    def make_layer(self, base: nn.Module) -> LoRALayer:
-        """The wrapper of one target layer."""
-        raise NotImplementedError
-
-    def setup(self, model: nn.Module) -> None:
-        """Freeze the model, wrap the targets and make their updates (and the head) trainable."""
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"{self.name}: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
-        names = inject_adapters(model, self.targets, self.make_layer)
-        trainable = set(head) | lora_parameter_names(model)
-        if self.train_bias:
-            trainable |= {f"{name}.base.bias" for name in names if model.get_submodule(name).base.bias is not None}
-        set_trainable(model, trainable)
-        sync_batchnorm_stats(model, train_bn=False)

@@ -15,19 +15,27 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "QKV_PARTS"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "QKV_PARTS", "check_adapter_hyperparameters"]
 
 #: The three thirds of a fused attention projection's output, in timm's order.
 QKV_PARTS = ("q", "k", "v")
 
 
-def _check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
+def check_adapter_hyperparameters(method: str, rank: int, alpha: float, dropout: float) -> None:
+    """Refuse a non-positive or non-integer rank, ``alpha <= 0`` and dropout outside ``[0, 1)``, naming ``method``.
+
+    Example:
+        >>> check_adapter_hyperparameters("loha", 0, 1.0, 0.0)
+        Traceback (most recent call last):
+        ...
+        cvft.errors.StrategyError: loha: rank must be a positive integer, got 0.
+    """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise StrategyError(f"lora: rank must be a positive integer, got {rank!r}.")
-    if alpha <= 0:
-        raise StrategyError(f"lora: alpha must be > 0, got {alpha!r}.")
+        raise StrategyError(f"{method}: rank must be a positive integer, got {rank!r}.")
+    if not alpha > 0:
+        raise StrategyError(f"{method}: alpha must be > 0, got {alpha!r}.")
     if not 0.0 <= dropout < 1.0:
-        raise StrategyError(f"lora: dropout must be in [0, 1), got {dropout!r}.")
+        raise StrategyError(f"{method}: dropout must be in [0, 1), got {dropout!r}.")
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -56,7 +64,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         super().__init__()
-        _check_hyperparameters(rank, alpha, dropout)
+        check_adapter_hyperparameters("lora", rank, alpha, dropout)
         self.base = base
         self.rank = rank
         self.alpha = float(alpha)

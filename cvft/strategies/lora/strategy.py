@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -10,12 +10,14 @@ from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
 from cvft.strategies.base import Strategy
-from cvft.strategies.lora.layer import QKV_PARTS, LoRAConv2d, LoRALayer, LoRALinear
+from cvft.strategies.lora.layer import QKV_PARTS, LoRAConv2d, LoRALayer, LoRALinear, check_adapter_hyperparameters
 from cvft.strategies.lora.targets import find_targets
 from cvft.strategies.registry import register_strategy
 
 __all__ = [
+    "AdapterStrategy",
     "LoRA",
+    "inject_adapters",
     "inject_lora",
     "lora_layers",
     "lora_parameter_names",
@@ -41,6 +43,87 @@ def lora_parameter_names(model: nn.Module) -> set[str]:
     return {f"{name}.{p}" for name, layer in lora_layers(model).items() for p, _ in layer.lora_parameters()}
 
 
+def inject_adapters(
+    model: nn.Module, targets: str | list[str], make_layer: Callable[[nn.Module], LoRALayer]
+) -> list[str]:
+    """Replace the target layers of ``model`` (see :func:`~cvft.strategies.lora.find_targets`) in place.
+
+    ``make_layer`` builds the wrapper of one base layer; it is moved to the base weight's device and dtype.
+    Returns the names of the replaced layers.
+    """
+    names = find_targets(model, targets)
+    for name in names:
+        base = model.get_submodule(name)
+        wrapper = make_layer(base)
+        _set_submodule(model, name, wrapper.to(device=base.weight.device, dtype=base.weight.dtype))
+    return names
+
+
+class AdapterStrategy(Strategy):
+    """Common part of the low-rank strategies (LoRA, LoHA, LoKr): validated arguments and ``setup``.
+
+    ``setup`` freezes the model, wraps the targets and trains the updates (and the head).
+
+    Subclasses set ``name`` and implement :meth:`make_layer`.
+
+    Args:
+        rank: Rank of the low-rank factors.
+        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
+        dropout: Dropout probability on the input of the update path.
+        targets: A preset, a type name, module names or regexes, or a list (as for ``lora``).
+        train_head: Also train the classifier head.
+        train_bias: Also train the biases of the adapted layers.
+    """
+
+    name = "adapter"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        targets: str | list[str] = "auto",
+        train_head: bool = True,
+        train_bias: bool = False,
+    ) -> None:
+        check_adapter_hyperparameters(self.name, rank, alpha, dropout)
+        if isinstance(targets, str):
+            targets_value: str | list[str] = targets
+        else:
+            targets_value = list(targets)
+            if not targets_value:
+                raise StrategyError(f"{self.name}: `targets` is empty; give a preset such as 'auto' or module names.")
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.targets = targets_value
+        self.train_head = bool(train_head)
+        self.train_bias = bool(train_bias)
+
+    def make_layer(self, base: nn.Module) -> LoRALayer:
+        """The wrapper of one target layer."""
+        raise NotImplementedError
+
+    def inject(self, model: nn.Module) -> list[str]:
+        """Wrap every target layer with :meth:`make_layer`; return the wrapped layers' names."""
+        return inject_adapters(model, self.targets, self.make_layer)
+
+    def setup(self, model: nn.Module) -> None:
+        """Freeze the model, wrap the targets and make their updates (and the head) trainable."""
+        head = head_parameter_names(model) if self.train_head else set()
+        if self.train_head and not head:
+            raise StrategyError(
+                f"{self.name}: train_head=True needs a classifier head, but {type(model).__name__} has none "
+                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
+            )
+        names = self.inject(model)
+        trainable = set(head) | lora_parameter_names(model)
+        if self.train_bias:
+            trainable |= {f"{name}.base.bias" for name in names if model.get_submodule(name).base.bias is not None}
+        set_trainable(model, trainable)
+        sync_batchnorm_stats(model, train_bn=False)
+
+
 def inject_lora(
     model: nn.Module,
     targets: str | Sequence[str] = "auto",
@@ -62,16 +145,15 @@ def inject_lora(
         >>> model.blocks[0].attn.qkv.split
         ('q', 'v')
     """
-    names = find_targets(model, targets)
-    for name in names:
-        base = model.get_submodule(name)
+
+    def make_layer(base: nn.Module) -> LoRALayer:
         if isinstance(base, nn.Linear):
-            split = qkv_parts if qkv_parts is not None and name.rsplit(".", 1)[-1] == "qkv" else None
-            wrapper: LoRALayer = LoRALinear(base, rank, alpha, dropout, use_rslora, split=split)
-        else:
-            wrapper = LoRAConv2d(base, rank, alpha, dropout, use_rslora)
-        _set_submodule(model, name, wrapper.to(device=base.weight.device, dtype=base.weight.dtype))
-    return names
+            split = qkv_parts if id(base) in fused_qkv else None
+            return LoRALinear(base, rank, alpha, dropout, use_rslora, split=split)
+        return LoRAConv2d(base, rank, alpha, dropout, use_rslora)
+
+    fused_qkv = {id(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "qkv"}
+    return inject_adapters(model, targets, make_layer)
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -106,7 +188,7 @@ def export_plain_model(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class LoRA(Strategy):
+class LoRA(AdapterStrategy):
     """Low-rank adaptation: freeze the backbone and learn ``W + (alpha / r) * B @ A`` for chosen layers.
 
     Linear layers (attention, MLP) and Conv2d layers (grouped and depthwise included) can be adapted; see
@@ -146,46 +228,18 @@ class LoRA(Strategy):
         train_head: bool = True,
         train_bias: bool = False,
     ) -> None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise StrategyError(f"lora: rank must be a positive integer, got {rank!r}.")
-        if not alpha > 0:
-            raise StrategyError(f"lora: alpha must be > 0, got {alpha!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise StrategyError(f"lora: dropout must be in [0, 1), got {dropout!r}.")
-        if isinstance(targets, str):
-            targets_value: str | list[str] = targets
-        else:
-            targets_value = list(targets)
-            if not targets_value:
-                raise StrategyError("lora: `targets` is empty; give a preset such as 'auto' or module names.")
+        super().__init__(rank, alpha, dropout, targets, train_head, train_bias)
         if qkv_parts is not None:
             qkv_parts = list(qkv_parts)
             if not qkv_parts or any(p not in QKV_PARTS for p in qkv_parts) or len(set(qkv_parts)) != len(qkv_parts):
                 raise StrategyError(
                     f"lora: qkv_parts must be a non-empty subset of {list(QKV_PARTS)} without repeats, got {qkv_parts}."
                 )
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.targets = targets_value
         self.qkv_parts = qkv_parts
         self.use_rslora = bool(use_rslora)
-        self.train_head = bool(train_head)
-        self.train_bias = bool(train_bias)
 
-    def setup(self, model: nn.Module) -> None:
-        """Freeze the model, inject LoRA layers into the targets and make their updates (and head) trainable."""
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"lora: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
-        names = inject_lora(
+    def inject(self, model: nn.Module) -> list[str]:
+        """Wrap the targets in LoRA layers (fused ``qkv`` projections get ``qkv_parts``)."""
+        return inject_lora(
             model, self.targets, self.rank, self.alpha, self.dropout, self.use_rslora, qkv_parts=self.qkv_parts
         )
-        trainable = set(head) | lora_parameter_names(model)
-        if self.train_bias:
-            trainable |= {f"{name}.base.bias" for name in names if model.get_submodule(name).base.bias is not None}
-        set_trainable(model, trainable)
-        sync_batchnorm_stats(model, train_bn=False)
