@@ -1,9 +1,10 @@
 """Adapter files: only the tensors a fine-tuning run trained, in ``.safetensors``, with what is needed to reuse them.
 
 An adapter file holds the trainable parameters (LoRA matrices, biases, the head ...) plus the running statistics
-of BatchNorm layers that were allowed to update; the frozen pretrained weights stay out. Its metadata records the
-backbone name, the strategy configuration, the class names and the cvft version, so the file can be put back on a
-fresh copy of the same pretrained backbone, and refuses to go onto another one.
+of BatchNorm layers that were allowed to update and the buffers modules list in ``adapter_buffer_names`` (state
+chosen from data, such as the indices sparse tuning selected); the frozen pretrained weights stay out. Its metadata
+records the backbone name, the strategy configuration, the class names and the cvft version, so the file can be put
+back on a fresh copy of the same pretrained backbone, and refuses to go onto another one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cvft.strategies._freeze import has_frozen_stats, is_batchnorm
 
 __all__ = [
     "ADAPTER_FORMAT",
+    "ADAPTER_BUFFERS_ATTR",
     "AdapterInfo",
     "AdapterSet",
     "adapter_state_dict",
@@ -32,6 +34,8 @@ __all__ = [
 ]
 
 ADAPTER_FORMAT = "cvft-adapter/1"
+#: A module lists buffer names under this attribute to have them saved in adapter files with the trained parameters.
+ADAPTER_BUFFERS_ATTR = "adapter_buffer_names"
 
 
 class AdapterInfo(dict):
@@ -70,11 +74,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     tensors = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        # state a strategy chose from data and must travel with the weights (e.g. sparse tuning's selected indices)
+        for buffer_name in getattr(module, ADAPTER_BUFFERS_ATTR, ()):
+            tensors[prefix + buffer_name] = getattr(module, buffer_name).detach()
         if is_batchnorm(module) and not has_frozen_stats(module):
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 continue  # fully frozen layer: its statistics do not move either
-            prefix = f"{module_name}." if module_name else ""
             for buffer_name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None:
                     tensors[prefix + buffer_name] = buffer.detach()
