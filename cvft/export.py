@@ -1,7 +1,9 @@
 """``cvft export``: a trained classifier as a plain timm model (no cvft needed to load it), and optionally ONNX.
 
-Every low-rank update is merged into its base weight and the wrappers are removed, so the written state dict has
-exactly the keys of ``timm.create_model(backbone, num_classes=...)`` and runs at the plain model's speed::
+Every low-rank update, sparse delta and SSF affine is folded into the weights it modifies and the wrappers are
+removed, so the written state dict has exactly the keys of ``timm.create_model(backbone, num_classes=...)`` and runs
+at the plain model's speed. Methods that add computation (bottleneck adapters, prompts, prefixes, side modules) cannot
+become a plain timm model: for them export ONNX only (``--onnx`` without ``--output``) or share the adapter file::
 
     cvft export --ckpt runs/cvft/version_0/checkpoints/best.ckpt --output model.safetensors --onnx model.onnx
     cvft export --adapter adapter.safetensors --weights base.safetensors --output model.safetensors
@@ -18,12 +20,13 @@ import argparse
 import json
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
 from cvft.backbones.weights import write_safetensors_atomic
 from cvft.errors import CvftError
-from cvft.strategies.lora import export_plain_model
+from cvft.strategies.merge import fold_all, unfoldable_modules
 from cvft.tasks import ImageClassifier
 
 __all__ = ["export_classifier", "export_onnx", "main"]
@@ -41,7 +44,20 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
         >>> path = export_classifier(classifier, tempfile.mkdtemp() + "/model.safetensors")
         >>> _ = timm.create_model("test_resnet", num_classes=2).load_state_dict(load_file(path))
     """
-    backbone = export_plain_model(model.backbone)
+    backbone = fold_all(model.backbone)
+    hp = model.hparams
+    with torch.device("meta"):
+        plain = timm.create_model(
+            hp.backbone, pretrained=False, num_classes=model.num_classes, in_chans=hp.in_chans, **_timm_kwargs(hp)
+        )
+    extra = unfoldable_modules(backbone, plain.state_dict())
+    if extra:
+        methods = [s["name"] for s in hp.strategies]
+        raise CvftError(
+            f"The fine-tuned model cannot be written as a plain timm {hp.backbone} state dict: its strategies "
+            f"{methods} add tensors a plain model lacks ({', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}). "
+            "Export ONNX instead (cvft export --onnx model.onnx, without --output), or ship the adapter file."
+        )
     metadata = {
         "format": "timm-state-dict",
         "backbone": model.hparams.backbone,
@@ -49,6 +65,13 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
         "class_names": json.dumps(model.class_names),
     }
     return write_safetensors_atomic(backbone.state_dict(), output, metadata, hint="Choose a writable output path.")
+
+
+def _timm_kwargs(hparams) -> dict:
+    kwargs = dict(hparams.get("backbone_kwargs") or {})
+    if hparams.get("drop_path_rate") is not None:
+        kwargs["drop_path_rate"] = hparams.drop_path_rate
+    return kwargs
 
 
 def export_onnx(backbone: nn.Module, output: str | Path, image_size: int, in_chans: int = 3) -> Path:
@@ -80,19 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--adapter", help="adapter .safetensors written by `cvft fit` (needs the base weights)")
     parser.add_argument("--weights", help="base weights file or built-in source, for --adapter")
     parser.add_argument("--pretrained", action="store_true", help="base weights from the hub, for --adapter")
-    parser.add_argument("--output", required=True, help="output .safetensors state dict")
+    parser.add_argument("--output", help="output .safetensors state dict (plain timm keys)")
     parser.add_argument("--onnx", help="also write this ONNX file")
     parser.add_argument("--image-size", type=int, help="ONNX input size (default: the backbone's pretrained size)")
     args = parser.parse_args(argv)
+    if not (args.output or args.onnx):
+        parser.error("give --output (a plain timm state dict), --onnx, or both")
 
     if args.ckpt:
         model = ImageClassifier.from_checkpoint(args.ckpt)
     else:
         model = ImageClassifier.from_adapter(args.adapter, pretrained=args.pretrained, weights=args.weights)
     model.eval()
-    path = export_classifier(model, args.output)
-    print(f"wrote {path} (timm {model.hparams.backbone}, {model.num_classes} classes)")
+    if args.output:
+        path = export_classifier(model, args.output)
+        print(f"wrote {path} (timm {model.hparams.backbone}, {model.num_classes} classes)")
     if args.onnx:
+        fold_all(model.backbone)
         size = args.image_size or model.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         onnx_path = export_onnx(model.backbone, args.onnx, size, model.hparams.in_chans)
         print(f"wrote {onnx_path}")

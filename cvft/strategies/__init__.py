@@ -6,6 +6,7 @@ Example:
     True
 """
 
+from cvft.strategies.adapters import ConvAdapter, SharedAdapter, ViTAdapter, remove_adapters
 from cvft.strategies.apply import apply_strategies
 from cvft.strategies.base import Strategy, StrategyStack
 from cvft.strategies.callback import StrategyCallback
@@ -25,6 +26,7 @@ from cvft.strategies.loha import LoHA
 from cvft.strategies.lokr import LoKr
 from cvft.strategies.lora import LoRA, export_plain_model, merge_lora, unmerge_lora
 from cvft.strategies.param_groups import add_param_groups, build_param_groups, no_weight_decay_names
+from cvft.strategies.prompts import VPT, PrefixTuning, fold_prefix
 from cvft.strategies.qlora import QLoRA
 from cvft.strategies.registry import (
     StrategySpec,
@@ -34,8 +36,19 @@ from cvft.strategies.registry import (
     get_strategy,
     register_strategy,
 )
+from cvft.strategies.shared_lora import SharedLoRA
+from cvft.strategies.side import SideTuning
+from cvft.strategies.sparse import SparseFineTune, merge_sparse
+from cvft.strategies.ssf import SSF, fold_ssf
 
 __all__ = [
+    "VPT",
+    "PrefixTuning",
+    "fold_prefix",
+    "SSF",
+    "fold_ssf",
+    "SideTuning",
+    "SharedLoRA",
     "Strategy",
     "StrategyStack",
     "StrategySpec",
@@ -66,4 +79,10 @@ __all__ = [
     "unmerge_lora",
     "QLoRA",
     "export_plain_model",
+    "SparseFineTune",
+    "merge_sparse",
+    "ConvAdapter",
+    "ViTAdapter",
+    "SharedAdapter",
+    "remove_adapters",
 ]

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from cvft.strategies.base import StrategyStack
+from cvft.errors import StrategyError
+from cvft.strategies.base import LossFn, StrategyStack
 from cvft.strategies.registry import StrategySpec, build_strategies
 
 __all__ = ["apply_strategies"]
 
 
-def apply_strategies(model: nn.Module, strategies: StrategySpec | Iterable[StrategySpec]) -> StrategyStack:
-    """Set up ``strategies`` on ``model`` and return the stack for the rest of the loop.
+def apply_strategies(
+    model: nn.Module,
+    strategies: StrategySpec | Iterable[StrategySpec],
+    calibration_data: Iterable[tuple[Tensor, Tensor]] | None = None,
+    loss_fn: LossFn | None = None,
+) -> StrategyStack:
+    """Set up ``strategies`` on ``model`` (and calibrate those that need data) and return the stack.
 
     In the loop, build the optimizer from :func:`cvft.strategies.build_param_groups` (it honours the stack's
     learning-rate scales and already holds parameters that unfreeze later), call
@@ -23,9 +30,16 @@ def apply_strategies(model: nn.Module, strategies: StrategySpec | Iterable[Strat
     Args:
         model: A timm model (or any module with ``get_classifier()`` for strategies that need a head).
         strategies: Names, ``{"name": ..., **kwargs}`` mappings or :class:`~cvft.strategies.Strategy` instances.
+        calibration_data: ``(images, targets)`` batches, e.g. the training DataLoader, for strategies that choose
+            from data (``sparse`` with ``criterion="gradient"``); they run on the model's device, in eval mode.
+            Ignored when no strategy needs data.
+        loss_fn: The task loss ``loss_fn(logits, targets)`` for calibration; cross-entropy by default.
 
     Returns:
-        The :class:`~cvft.strategies.StrategyStack`, already set up.
+        The :class:`~cvft.strategies.StrategyStack`, already set up (and calibrated).
+
+    Raises:
+        StrategyError: A strategy needs calibration data and none was given.
 
     Example:
         >>> import timm, torch
@@ -41,5 +55,15 @@ def apply_strategies(model: nn.Module, strategies: StrategySpec | Iterable[Strat
         True
     """
     stack = StrategyStack(build_strategies(strategies))
+    if stack.needs_data and calibration_data is None:
+        needy = ", ".join(repr(s) for s in stack if s.needs_data)
+        raise StrategyError(
+            f"{needy} chooses from data: pass training batches, e.g. "
+            "apply_strategies(model, specs, calibration_data=train_loader, loss_fn=F.cross_entropy) with "
+            "(images, targets) batches, or choose a data-free option (sparse: criterion='magnitude')."
+        )
     stack.setup(model)
+    if stack.needs_data:
+        assert calibration_data is not None
+        stack.calibrate(model, calibration_data, loss_fn or F.cross_entropy)
     return stack

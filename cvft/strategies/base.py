@@ -11,17 +11,55 @@ A strategy acts on the *backbone* (the timm model, head included) at five moment
 4. :meth:`Strategy.loss_terms` adds named terms to the task loss (distillation, contrastive, EWC).
 5. :attr:`Strategy.num_views` asks the data side for extra augmented views of each batch.
 
+Strategies whose choices depend on data (sparse tuning by gradient magnitude) set :attr:`Strategy.needs_data` and
+implement :meth:`Strategy.calibrate`: it runs after ``setup`` and before the optimizer exists, on a few training
+batches, under :func:`calibration_mode` (eval mode; modes, ``requires_grad`` flags and gradients restored after).
+
 Strategies compose in the order given: each one sees the model as the previous ones left it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["Strategy", "StrategyStack"]
+__all__ = ["Strategy", "StrategyStack", "LossFn", "calibration_mode"]
+
+#: ``loss_fn(logits, targets) -> scalar loss``, as used by :meth:`Strategy.calibrate`.
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for a calibration pass and restore everything a calibration may touch afterwards.
+
+    Restored on exit: the train/eval mode of every sub-module, every parameter's ``requires_grad`` flag and its
+    ``.grad`` (the same tensor, or ``None``). Eval mode keeps BatchNorm statistics fixed and dropout off.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", num_classes=3).train()
+        >>> with calibration_mode(model):
+        ...     _ = model.fc.weight.requires_grad_(False)
+        ...     print(model.training)
+        False
+        >>> model.training, model.fc.weight.requires_grad
+        (True, True)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, requires_grad, grad in params:
+            param.requires_grad_(requires_grad)
+            param.grad = grad
 
 
 class Strategy:
@@ -48,9 +86,19 @@ class Strategy:
     name: ClassVar[str] = "strategy"
     #: Augmented views of each training image the strategy needs (contrastive methods ask for 2).
     num_views: ClassVar[int] = 1
+    #: Whether :meth:`calibrate` needs training batches (a subclass may make it a property of its arguments).
+    needs_data: ClassVar[bool] = False
 
     def setup(self, model: nn.Module) -> None:
         """Prepare ``model`` before the optimizer is built: inject modules, freeze parameters."""
+
+    def calibrate(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn) -> None:
+        """Refine data-dependent choices on ``(images, targets)`` batches, after :meth:`setup`, before the optimizer.
+
+        Only called when :attr:`needs_data` is true; ``loss_fn(logits, targets)`` is the task loss. The model is in
+        :func:`calibration_mode` and on the device the batches must go to. It must not be called on a model whose
+        strategy parameters were already trained (resumed runs restore the choices from the checkpoint instead).
+        """
 
     def lr_scales(self, model: nn.Module) -> dict[str, float]:
         """Learning-rate multipliers by parameter name; parameters left out keep a scale of 1."""
@@ -119,10 +167,26 @@ class StrategyStack:
         """Largest number of views any strategy asks for."""
         return max((s.num_views for s in self.strategies), default=1)
 
+    @property
+    def needs_data(self) -> bool:
+        """Whether any strategy needs calibration batches."""
+        return any(s.needs_data for s in self.strategies)
+
     def setup(self, model: nn.Module) -> None:
         """Run every strategy's :meth:`Strategy.setup`, in order."""
         for strategy in self.strategies:
             strategy.setup(model)
+
+    def calibrate(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn) -> None:
+        """Run :meth:`Strategy.calibrate` of every strategy that needs data, in order, under :func:`calibration_mode`.
+
+        ``batches`` is iterated once per such strategy, so give a re-iterable (a DataLoader, a list) when several
+        strategies calibrate.
+        """
+        with calibration_mode(model):
+            for strategy in self.strategies:
+                if strategy.needs_data:
+                    strategy.calibrate(model, batches, loss_fn)
 
     def lr_scales(self, model: nn.Module) -> dict[str, float]:
         """Product of all strategies' learning-rate scales, by parameter name."""

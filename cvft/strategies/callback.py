@@ -6,15 +6,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies._ddp import LateGradientSync
-from cvft.strategies.base import StrategyStack
+from cvft.strategies.base import LossFn, StrategyStack
 from cvft.strategies.param_groups import add_param_groups, split_param_groups_by_scale
 from cvft.strategies.registry import StrategySpec, build_strategies
 
-__all__ = ["StrategyCallback", "find_backbone"]
+__all__ = ["StrategyCallback", "find_backbone", "training_batches", "calibrate_before_fit"]
 
 
 def find_backbone(pl_module: nn.Module, module_attr: str | None = None) -> nn.Module:
@@ -40,10 +42,85 @@ def find_backbone(pl_module: nn.Module, module_attr: str | None = None) -> nn.Mo
     return pl_module
 
 
+def training_batches(trainer: pl.Trainer) -> Iterable[Any]:
+    """The training DataLoader of the fit being set up (given to ``fit`` directly, or from a (data)module hook).
+
+    Usable in ``setup`` hooks, before Lightning builds its own training loader. A collection of loaders gives its
+    first one.
+
+    Raises:
+        StrategyError: The fit has no training data source.
+    """
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is not None and source.is_defined():
+        loader = source.dataloader()
+    elif trainer.datamodule is not None:
+        loader = trainer.datamodule.train_dataloader()
+    else:
+        loader = None
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, (list, tuple)) and loader and not isinstance(loader[0], Tensor):
+        loader = loader[0]
+    if loader is None:
+        raise StrategyError(
+            "A strategy needs training batches to calibrate, but this fit has no training dataloader; pass "
+            "train_dataloaders=... or a datamodule to Trainer.fit."
+        )
+    return loader
+
+
+def _calibration_device(trainer: pl.Trainer) -> torch.device | None:
+    """Where calibration runs: the root device of single-device and DDP runs, else ``None`` (stay put).
+
+    Lightning moves the model to the root device right after ``setup`` anyway; sharded strategies place it themselves.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return trainer.strategy.root_device
+    return None
+
+
+def calibrate_before_fit(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, backbone: nn.Module, stack: StrategyStack, loss_fn: LossFn
+) -> bool:
+    """Calibrate ``stack``'s data-dependent strategies on the fit's training batches, from a ``setup`` hook.
+
+    Nothing happens when no strategy needs data or when the fit resumes from a checkpoint (``ckpt_path``): then the
+    choices (e.g. sparse indices) are restored with the model's state dict, which Lightning loads right after
+    ``setup``. Under DDP, every rank calibrates and then takes rank 0's choices (the buffers modules list in
+    ``adapter_buffer_names``), so that all ranks train the same entries.
+
+    Returns:
+        Whether a calibration ran.
+    """
+    if not stack.needs_data or trainer.ckpt_path is not None:
+        return False
+    device = _calibration_device(trainer)
+    if device is not None:
+        pl_module.to(device)
+    stack.calibrate(backbone, training_batches(trainer), loss_fn)
+    if trainer.world_size > 1:
+        _share_choices_of_rank_zero(trainer, backbone)
+    return True
+
+
+def _share_choices_of_rank_zero(trainer: pl.Trainer, backbone: nn.Module) -> None:
+    from cvft.adapters import ADAPTER_BUFFERS_ATTR
+
+    with torch.no_grad():
+        for module in backbone.modules():
+            for name in getattr(module, ADAPTER_BUFFERS_ATTR, ()):
+                buffer = getattr(module, name)
+                buffer.copy_(trainer.strategy.broadcast(buffer.cpu(), src=0).to(buffer.device))
+
+
 class StrategyCallback(pl.Callback):
     """Apply fine-tuning strategies to someone else's LightningModule.
 
-    * ``setup``: strategies are set up on the backbone before the optimizer exists (modules injected, freezing).
+    * ``setup``: strategies are set up on the backbone before the optimizer exists (modules injected, freezing);
+      strategies that choose from data calibrate on the first training batches (not when resuming).
     * ``on_fit_start``: the module's optimizer groups are split by the strategies' learning-rate scales.
     * ``on_train_epoch_start``: schedules run; parameters that became trainable and are missing from the optimizer
       are added as *named* param groups (``cvft/<layer group>/<decay>``), and per-group schedulers are extended.
@@ -57,6 +134,8 @@ class StrategyCallback(pl.Callback):
         strategies: Names, ``{"name": ..., **kwargs}`` mappings or strategy instances, applied in order.
         module_attr: Attribute path of the backbone inside the LightningModule (``"model"``, ``"net.encoder"``).
             By default the first timm model found.
+        calibration_loss: ``loss_fn(backbone(images), targets)`` for strategies that calibrate on data
+            (cross-entropy by default).
 
     Example:
         >>> import lightning.pytorch as pl, timm, torch
@@ -70,9 +149,16 @@ class StrategyCallback(pl.Callback):
         >>> callback.setup(pl.Trainer(logger=False), MyModule(), "fit")
     """
 
-    def __init__(self, strategies: StrategySpec | Iterable[StrategySpec], module_attr: str | None = None) -> None:
+    def __init__(
+        self,
+        strategies: StrategySpec | Iterable[StrategySpec],
+        module_attr: str | None = None,
+        calibration_loss: LossFn | None = None,
+    ) -> None:
         self.stack = StrategyStack(build_strategies(strategies))
         self.module_attr = module_attr
+        self.calibration_loss = calibration_loss
+        self._calibrated = False
         self._backbone: nn.Module | None = None
         self._added_events: list[list[str]] = []
         self._restored_events: list[list[str]] = []
@@ -92,11 +178,14 @@ class StrategyCallback(pl.Callback):
         return self._backbone
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Set the strategies up on the backbone once, before optimizers exist."""
-        if self._backbone is not None:
-            return
-        self._backbone = find_backbone(pl_module, self.module_attr)
-        self.stack.setup(self._backbone)
+        """Set the strategies up on the backbone once, before optimizers exist; calibrate at the first fit."""
+        if self._backbone is None:
+            self._backbone = find_backbone(pl_module, self.module_attr)
+            self.stack.setup(self._backbone)
+        if stage == "fit" and not self._calibrated:
+            self._calibrated = True
+            loss_fn = self.calibration_loss or F.cross_entropy
+            calibrate_before_fit(trainer, pl_module, self._backbone, self.stack, loss_fn)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Split optimizer groups by learning-rate scale and re-create groups added before a checkpoint."""

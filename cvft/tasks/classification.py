@@ -24,6 +24,7 @@ from cvft.backbones import create_backbone, is_pretrained, weights_source
 from cvft.errors import CvftError
 from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import StrategyStack
+from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
 from cvft.tasks.schedules import WarmupCosine
@@ -158,6 +159,7 @@ class ImageClassifier(pl.LightningModule):
         self.val_confusion = None if multi_label else MulticlassConfusionMatrix(num_classes)
         self.last_val_confusion: Tensor | None = None
         self._grad_sync = LateGradientSync()
+        self._calibrated = False
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -286,6 +288,19 @@ class ImageClassifier(pl.LightningModule):
             self.val_confusion.reset()
 
     # ------------------------------------------------------------------ strategies during fit
+    def setup(self, stage: str) -> None:
+        """At the first fit, calibrate strategies that choose from data on the training batches (before optimizers).
+
+        Skipped when the selection comes from elsewhere: an ``adapter`` file, or a checkpoint being resumed
+        (Lightning restores the state dict, sparse indices included, right after this hook).
+        """
+        if stage != "fit" or self._calibrated:
+            return
+        self._calibrated = True
+        if self.hparams.adapter is not None:
+            return
+        calibrate_before_fit(self.trainer, self, self.backbone, self.strategy_stack, self.loss)
+
     def on_fit_start(self) -> None:
         """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
         self._grad_sync.capture(self)

@@ -75,3 +75,47 @@ def test_cvft_export_reports_a_missing_adapter(tmp_path, capsys):
         main(["export", "--adapter", str(tmp_path / "missing.safetensors"), "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _randomised(model: ImageClassifier, seed: int = 0) -> ImageClassifier:
+    """Give every trainable tensor a non-zero update, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.backbone.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "strategies",
+    [
+        [{"name": "ssf", "targets": "vit_all"}],
+        [{"name": "sparse", "budget": 0.02}],
+        [{"name": "shared_lora", "rank": 2, "targets": "vit_all"}],
+        [{"name": "lora", "rank": 2}, {"name": "sparse", "budget": 50}],
+    ],
+    ids=["ssf", "sparse", "shared_lora", "lora+sparse"],
+)
+def test_export_folds_every_mergeable_method_into_plain_timm_keys(tmp_path, strategies):
+    from cvft.export import export_classifier
+
+    model = _randomised(ImageClassifier("test_vit", pretrained=False, num_classes=3, strategies=strategies))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(images)
+    path = export_classifier(model, tmp_path / "plain.safetensors")
+    plain = timm.create_model("test_vit", num_classes=3).eval()
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_methods_that_add_computation_and_names_the_way_out(tmp_path):
+    from cvft.errors import CvftError
+    from cvft.export import export_classifier
+
+    model = ImageClassifier("test_vit", pretrained=False, num_classes=3, strategies=[{"name": "vpt", "num_tokens": 2}])
+    with pytest.raises(CvftError, match=r"visual_prompts.*--onnx"):
+        export_classifier(model, tmp_path / "plain.safetensors")
+    assert not (tmp_path / "plain.safetensors").exists()

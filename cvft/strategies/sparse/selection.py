@@ -1,0 +1,211 @@
+"""Which weight entries sparse fine-tuning updates: targets, budget, scores and top-k.
+
+Scores, one per entry of every selectable tensor:
+
+* ``magnitude`` (alias ``l1``): ``|w|`` of the pretrained weight.
+* ``gradient``: ``sum_b |dL_b/dw|``, the absolute gradient of the mean task loss ``L_b`` of calibration batch
+  ``b``, accumulated over the calibration batches.
+* ``fisher``: ``(1/B) sum_b (dL_b/dw)^2``, the empirical diagonal Fisher information estimated from *batch*
+  gradients (the mean-loss gradient of each batch, squared); not from per-sample gradients, which would need one
+  backward pass per image.
+
+The budget is ``round(fraction * selectable)`` entries (Python's ``round``) or an int count. ``scope="global"``
+takes the top-``count`` scores over all selectable entries at once; ``scope="per_tensor"`` gives every tensor its
+share of the count, proportional to its size (largest remainders), and takes the top scores within each tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cvft.backbones.layer_groups import head_parameter_names
+from cvft.errors import StrategyError
+from cvft.strategies.base import LossFn
+
+__all__ = [
+    "CRITERIA",
+    "SCOPES",
+    "selectable_layers",
+    "budget_count",
+    "per_tensor_counts",
+    "top_positions",
+    "gradient_scores",
+]
+
+#: Criterion names and the score each one uses.
+CRITERIA = {"magnitude": "magnitude", "l1": "magnitude", "gradient": "gradient", "fisher": "fisher"}
+SCOPES = ("global", "per_tensor")
+_MAX_LISTED = 30
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Conv2d layers outside the head and outside wrapper layers (LoRA, sparse ...)."""
+    head = head_parameter_names(model)
+    candidates: dict[str, nn.Module] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if hasattr(module, "base") and isinstance(module.base, nn.Module):  # a wrapper: leave its insides alone
+            wrapped.append(name)
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not isinstance(module.weight, nn.Parameter):
+            continue
+        if f"{name}.weight" in head or module.weight.numel() == 0:
+            continue
+        candidates[name] = module
+    return candidates
+
+
+def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") -> list[str]:
+    r"""Names of the layers whose weights sparse tuning may update, in model order.
+
+    Args:
+        model: The model to search.
+        targets: ``"all"`` (every Linear and Conv2d weight outside the classifier head), or module names, weight
+            names (``"blocks.0.attn.qkv.weight"``) or regexes full-matching either, alone or in a list.
+
+    Raises:
+        StrategyError: A target matches no candidate layer; the message lists the candidates.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit")
+        >>> selectable_layers(model)[:2]
+        ['patch_embed.proj', 'blocks.0.attn.qkv']
+        >>> selectable_layers(model, [r"blocks\.[01]\.mlp\.fc\d", "blocks.5.attn.proj.weight"])
+        ['blocks.0.mlp.fc1', 'blocks.0.mlp.fc2', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2', 'blocks.5.attn.proj']
+    """
+    candidates = _candidates(model)
+    entries = [targets] if isinstance(targets, str) else list(targets)
+    if not entries:
+        raise StrategyError("sparse: `targets` is empty; give 'all' or module names / regexes.")
+    chosen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise StrategyError(f"sparse: targets must be strings, got {entry!r}.")
+        if entry == "all":
+            found = set(candidates)
+        else:
+            try:
+                pattern = re.compile(entry)
+            except re.error as err:
+                raise StrategyError(f"sparse: target {entry!r} is neither a name nor a valid regex ({err}).") from None
+            found = {n for n in candidates if entry in (n, f"{n}.weight") or pattern.fullmatch(n)}
+            found |= {n for n in candidates if pattern.fullmatch(f"{n}.weight")}
+        if not found:
+            listed = [f"{n} ({type(m).__name__})" for n, m in candidates.items()][:_MAX_LISTED]
+            more = f" and {len(candidates) - _MAX_LISTED} more" if len(candidates) > _MAX_LISTED else ""
+            raise StrategyError(
+                f"sparse: target {entry!r} matches no Linear or Conv2d weight of {type(model).__name__} outside the "
+                f"classifier head. Candidates: {', '.join(listed) or 'none'}{more}. Give 'all', module names, "
+                "weight names or regexes full-matching them."
+            )
+        chosen |= found
+    return [name for name in candidates if name in chosen]
+
+
+def budget_count(budget: float | int, selectable: int) -> int:
+    """Number of entries to update: ``round(budget * selectable)`` for a fraction, ``budget`` for an int.
+
+    Raises:
+        StrategyError: The count is below 1 or above ``selectable``.
+
+    Example:
+        >>> budget_count(0.01, 12345), budget_count(100, 12345)
+        (123, 100)
+    """
+    count = budget if isinstance(budget, int) else round(budget * selectable)
+    if count < 1:
+        raise StrategyError(
+            f"sparse: budget={budget!r} of {selectable} selectable entries selects nothing; raise the budget."
+        )
+    if count > selectable:
+        raise StrategyError(
+            f"sparse: budget={budget!r} exceeds the {selectable} selectable entries; give at most {selectable} "
+            "or a fraction in (0, 1)."
+        )
+    return count
+
+
+def per_tensor_counts(count: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``count`` over tensors in proportion to their ``sizes`` (largest remainders; ties to earlier tensors).
+
+    Example:
+        >>> per_tensor_counts(10, [50, 30, 20]), per_tensor_counts(2, [5, 5, 5])
+        ([5, 3, 2], [1, 1, 0])
+    """
+    total = sum(sizes)
+    exact = [count * n / total for n in sizes]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: count - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def top_positions(scores: Sequence[Tensor], count: int, scope: str) -> Tensor:
+    """Flat positions (in the concatenation of ``scores``) of the ``count`` highest scores, sorted.
+
+    Example:
+        >>> scores = [torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.8, 0.2])]
+        >>> top_positions(scores, 2, "global").tolist(), top_positions(scores, 2, "per_tensor").tolist()
+        ([1, 3], [1, 3])
+    """
+    flat = [s.detach().flatten().float() for s in scores]
+    if scope == "global":
+        chosen = torch.cat(flat).topk(count, sorted=False).indices
+    else:
+        offset, parts = 0, []
+        for score, k in zip(flat, per_tensor_counts(count, [s.numel() for s in flat]), strict=True):
+            parts.append(score.topk(k, sorted=False).indices + offset)
+            offset += score.numel()
+        chosen = torch.cat(parts)
+    return chosen.sort().values
+
+
+def _unpack(batch: object) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise StrategyError(
+        f"sparse: calibration batches must be (images, targets, ...) tuples, got {type(batch).__name__}."
+    )
+
+
+def gradient_scores(
+    model: nn.Module,
+    weights: Sequence[Tensor],
+    batches: Iterable[object],
+    loss_fn: LossFn,
+    num_batches: int,
+    squared: bool,
+) -> list[Tensor]:
+    """Accumulated ``|grad|`` (``squared=False``: the sum) or mean squared gradient (``squared=True``) per entry.
+
+    The model's forward runs as it is (put it in eval mode first); only ``weights`` get gradients, through
+    :func:`torch.autograd.grad`, so no ``.grad`` attribute is touched. Batches go to the weights' device.
+
+    Raises:
+        StrategyError: ``batches`` yields no batch.
+    """
+    device = weights[0].device
+    totals = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    seen = 0
+    with torch.enable_grad():
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            images, targets = _unpack(batch)
+            loss = loss_fn(model(images.to(device)), targets.to(device))
+            grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
+            for total, grad in zip(totals, grads, strict=True):
+                if grad is not None:
+                    total.add_(grad.float().square() if squared else grad.float().abs())
+            seen += 1
+    if seen == 0:
+        raise StrategyError("sparse: the calibration data yielded no batch; pass a non-empty DataLoader.")
+    return [total / seen for total in totals] if squared else totals

@@ -1,0 +1,217 @@
+r"""The ``ssf`` strategy: choosing the layers SSF follows, injecting the wrappers, and folding them away.
+
+A target is a module name, a regular expression full-matched against module names, a layer type name or a preset:
+
+================= ====================================================================================
+``auto``/``all``  every supported layer outside the classifier head: in a ViT the patch-embedding conv,
+                  ``qkv``, ``proj``, ``fc1``, ``fc2`` and every LayerNorm (the paper's placement); in a CNN
+                  every Conv2d and every norm (BatchNorm, LayerNorm2d, GroupNorm)
+``norms``         only the norm layers
+type names        ``Linear``, ``Conv2d``, ``LayerNorm``, ``BatchNorm2d``, ``GroupNorm``
+LoRA presets      ``vit_attention``, ``vit_mlp``, ``vit_all``, ``resnet_blocks``, ``convnext_blocks``
+================= ====================================================================================
+
+Layers an SSF cannot fold into (weight-standardised convs, timm's BatchNormAct2d, norms without affine
+parameters) are never candidates; a target matching nothing is an error that lists the candidates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from cvft.backbones.layer_groups import head_parameter_names
+from cvft.errors import StrategyError
+from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies.base import Strategy
+from cvft.strategies.lora.layer import LoRALayer
+from cvft.strategies.lora.targets import PRESETS as LORA_PRESETS
+from cvft.strategies.registry import register_strategy
+from cvft.strategies.ssf.layer import SSFLayer, is_ssf_supported
+
+__all__ = ["SSF", "ssf_candidates", "find_ssf_targets", "inject_ssf", "ssf_layers", "fold_ssf"]
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+TYPE_NAMES: dict[str, type[nn.Module] | tuple[type[nn.Module], ...]] = {
+    "Linear": nn.Linear,
+    "Conv2d": nn.Conv2d,
+    "LayerNorm": nn.LayerNorm,
+    "BatchNorm2d": nn.BatchNorm2d,
+    "GroupNorm": nn.GroupNorm,
+    "norms": _NORM_TYPES,
+}
+_MAX_LISTED = 30
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def ssf_layers(model: nn.Module) -> dict[str, SSFLayer]:
+    """Every SSF wrapper in ``model``, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SSFLayer)}
+
+
+def ssf_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers an SSF may follow: supported types, outside the classifier head and outside existing wrappers.
+
+    Example:
+        >>> import timm
+        >>> list(ssf_candidates(timm.create_model("test_vit")))[:3]
+        ['patch_embed.proj', 'blocks.0.norm1', 'blocks.0.attn.qkv']
+    """
+    head = head_parameter_names(model)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, (SSFLayer, LoRALayer))]
+    candidates = {}
+    for name, module in model.named_modules():
+        if not is_ssf_supported(module) or any(name == w or name.startswith(w + ".") for w in wrapped):
+            continue
+        if {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)} & head:
+            continue
+        candidates[name] = module
+    return candidates
+
+
+def _matches(target: str, candidates: dict[str, nn.Module]) -> list[str]:
+    if target in ("auto", "all"):
+        return list(candidates)
+    if target in TYPE_NAMES:
+        return [name for name, module in candidates.items() if isinstance(module, TYPE_NAMES[target])]
+    if target in LORA_PRESETS:
+        patterns = [re.compile(p) for p in LORA_PRESETS[target]]
+        return [name for name in candidates if any(p.fullmatch(name) for p in patterns)]
+    if target in candidates:
+        return [target]
+    try:
+        pattern = re.compile(target)
+    except re.error as err:
+        raise StrategyError(f"ssf: target {target!r} is neither a module name nor a valid regex ({err}).") from None
+    return [name for name in candidates if pattern.fullmatch(name)]
+
+
+def find_ssf_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> list[str]:
+    r"""Names of the layers SSF follows, in model order.
+
+    Raises:
+        StrategyError: A target matches nothing; the message lists candidate layers.
+
+    Example:
+        >>> import timm
+        >>> find_ssf_targets(timm.create_model("test_resnet"), ["norms", r"layer4\.0\.conv2"])[-3:]
+        ['layer4.0.conv2', 'layer4.0.bn2', 'layer4.0.downsample.2']
+    """
+    entries = [targets] if isinstance(targets, str) else list(targets)
+    if not entries:
+        raise StrategyError("ssf: `targets` is empty; give a preset such as 'auto' or module names.")
+    candidates = ssf_candidates(model)
+    chosen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise StrategyError(f"ssf: targets must be strings, got {entry!r}.")
+        found = _matches(entry, candidates)
+        if not found:
+            listed = [f"{n} ({type(m).__name__})" for n, m in candidates.items()][:_MAX_LISTED]
+            more = f" and {len(candidates) - _MAX_LISTED} more" if len(candidates) > _MAX_LISTED else ""
+            raise StrategyError(
+                f"ssf: target {entry!r} matches no layer of {type(model).__name__} that SSF can follow. Candidates: "
+                f"{', '.join(listed) or 'none'}{more}. Give module names, regexes full-matching them, a type name "
+                f"({', '.join(TYPE_NAMES)}) or a preset ({', '.join(['auto', 'all', *LORA_PRESETS])})."
+            )
+        chosen.update(found)
+    return [name for name in candidates if name in chosen]
+
+
+def inject_ssf(model: nn.Module, targets: str | Sequence[str] = "auto", init_std: float = 0.0) -> list[str]:
+    """Follow every target layer of ``model`` by an SSF (in place); return the wrapped layers' names.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit")
+        >>> inject_ssf(model, "vit_attention")[:2]
+        ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
+        >>> type(model.blocks[0].attn.qkv).__name__
+        'SSFLayer'
+    """
+    names = find_ssf_targets(model, targets)
+    for name in names:
+        _set_submodule(model, name, SSFLayer(model.get_submodule(name), init_std))
+    return names
+
+
+def fold_ssf(model: nn.Module) -> nn.Module:
+    """Merge every SSF into the layer it follows and put that plain layer back, in place; return ``model``.
+
+    The result costs nothing extra at inference. Its state dict has the original keys, plus a ``bias`` where a
+    bias-free layer (a ResNet conv, ``LayerNorm(bias=False)``) needed one for the shift.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", num_classes=3).eval()
+        >>> SSF().setup(model)
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> with torch.no_grad():
+        ...     _ = [p.normal_(1.0, 0.1) for n, p in model.named_parameters() if n.endswith("ssf_scale")]
+        ...     before = model(x)
+        ...     after = fold_ssf(model)(x)
+        >>> torch.allclose(before, after, atol=1e-5), len(ssf_layers(model))
+        (True, 0)
+    """
+    for name, layer in ssf_layers(model).items():
+        _set_submodule(model, name, layer.folded())
+    return model
+
+
+@register_strategy
+class SSF(Strategy):
+    """Scale and shift features: freeze the backbone and learn a per-channel affine map after chosen layers.
+
+    By default (``targets="auto"``) an SSF follows every Linear, Conv2d and norm layer outside the classifier
+    head: the ViT placement of Lian et al. (patch embedding, qkv, proj, fc1, fc2, norms) and its CNN analogue
+    (every conv and BatchNorm). :func:`fold_ssf` merges the trained maps into the layers they follow.
+
+    Args:
+        targets: A preset (``"auto"``, ``"all"``, ``"norms"``, LoRA's presets), a type name (``"Linear"``,
+            ``"Conv2d"``, ``"LayerNorm"``, ``"BatchNorm2d"``, ``"GroupNorm"``), module names or regexes, or a list.
+        init_std: ``0`` starts at the identity (scale 1, shift 0); the paper's code uses ``0.02``
+            (scale ``N(1, 0.02)``, shift ``N(0, 0.02)``), which changes the function slightly at the start.
+        train_head: Also train the classifier head.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", num_classes=3)
+        >>> SSF(targets="LayerNorm", train_head=False).setup(model)
+        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[:2]
+        ['blocks.0.norm1.ssf_scale', 'blocks.0.norm1.ssf_shift']
+    """
+
+    name = "ssf"
+
+    def __init__(self, targets: str | list[str] = "auto", init_std: float = 0.0, train_head: bool = True) -> None:
+        if not isinstance(targets, str):
+            targets = list(targets)
+            if not targets:
+                raise StrategyError("ssf: `targets` is empty; give a preset such as 'auto' or module names.")
+        if not init_std >= 0:
+            raise StrategyError(f"ssf: init_std must be >= 0 (0 starts at the identity), got {init_std!r}.")
+        self.targets = targets
+        self.init_std = float(init_std)
+        self.train_head = bool(train_head)
+
+    def setup(self, model: nn.Module) -> None:
+        """Freeze the model, insert the SSF wrappers and train their scales and shifts (and the head)."""
+        head = head_parameter_names(model) if self.train_head else set()
+        if self.train_head and not head:
+            raise StrategyError(
+                f"ssf: train_head=True needs a classifier head, but {type(model).__name__} has none "
+                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
+            )
+        inject_ssf(model, self.targets, self.init_std)
+        trainable = set(head)
+        for name in ssf_layers(model):
+            trainable |= {f"{name}.ssf_scale", f"{name}.ssf_shift"}
+        set_trainable(model, trainable)
+        sync_batchnorm_stats(model, train_bn=False)
