@@ -1,0 +1,72 @@
+"""Every strategy recipe in ``configs/`` builds, and sets up on a model of a family it supports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cvft.errors import StrategyError
+from cvft.strategies import apply_strategies, build_strategies
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if "strategies" in (yaml.safe_load(p.read_text())["model"] or {}))
+FAMILIES = {"test_vit": {"img_size": 32}, "test_resnet": {}}
+
+
+def test_there_is_a_recipe_for_each_additive_and_selective_method():
+    names = {
+        s.name
+        for recipe in RECIPES
+        for s in build_strategies(yaml.safe_load(recipe.read_text())["model"]["strategies"])
+    }
+    assert {
+        "conv_adapter",
+        "vit_adapter",
+        "vpt",
+        "prefix_tuning",
+        "ssf",
+        "sparse",
+        "side_module",
+        "shared_lora",
+    } <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_sets_up_on_a_supported_family(recipe):
+    specs = yaml.safe_load(recipe.read_text())["model"]["strategies"]
+    batches = [(torch.randn(4, 3, 32, 32), torch.arange(4) % 3)]
+    errors = {}
+    for name, kwargs in FAMILIES.items():
+        model = timm.create_model(name, num_classes=3, **kwargs)
+        try:
+            apply_strategies(model, specs, calibration_data=batches)
+        except StrategyError as err:
+            errors[name] = str(err)
+            continue
+        with torch.no_grad():
+            assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert len(errors) < len(FAMILIES), f"{recipe.name} fits no test family: {errors}"
+    for message in errors.values():  # a refusal says which families the method supports, or which layer is missing
+        assert "support" in message or "matches no" in message, message
+
+
+@pytest.mark.slow
+def test_cvft_fit_with_the_sparse_recipe_calibrates_and_writes_a_sparse_adapter(
+    shapes_folder, resnet_weights, tmp_path
+):
+    from test_cli import _fit_args, _run
+
+    args = _fit_args(shapes_folder, resnet_weights, tmp_path / "runs", f"--config={CONFIGS / 'sparse.yaml'}")
+    args.insert(1, args.pop())  # --config before the other options, as a user writes it
+    fit = _run(args, tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    adapter = load_file(str(next((tmp_path / "runs").rglob("adapter.safetensors"))))
+    assert {"sparse_delta.values", "sparse_delta.indices"} <= set(adapter)
+    assert adapter["sparse_delta.indices"].shape == adapter["sparse_delta.values"].shape
+    assert adapter["sparse_delta.values"].abs().sum() > 0, "the selected entries did not train"
+    assert all(not key.endswith("base.weight") for key in adapter), "dense base weights leaked into the adapter"
