@@ -46,20 +46,23 @@ class LayerGroup:
 def head_parameter_names(model: nn.Module) -> set[str]:
     """Names of the classifier head's parameters.
 
-    Uses timm's ``get_classifier()``; a model without it (a plain ``nn.Module``) has no recognised head.
+    Uses timm's ``get_classifier()`` (both heads of a distilled DeiT); a model without it (a plain ``nn.Module``)
+    has no recognised head.
 
     Example:
         >>> import timm
         >>> sorted(head_parameter_names(timm.create_model("test_resnet", num_classes=3)))
         ['fc.bias', 'fc.weight']
+        >>> deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=3, depth=1)
+        >>> sorted(head_parameter_names(deit))
+        ['head.bias', 'head.weight', 'head_dist.bias', 'head_dist.weight']
     """
     get_classifier = getattr(model, "get_classifier", None)
     if get_classifier is None:
         return set()
     head = get_classifier()
-    if not isinstance(head, nn.Module):
-        return set()
-    head_ids = {id(p) for p in head.parameters()}
+    parts = head if isinstance(head, tuple) else (head,)  # distilled DeiT: (head, head_dist)
+    head_ids = {id(p) for part in parts if isinstance(part, nn.Module) for p in part.parameters()}
     return {name for name, p in model.named_parameters() if id(p) in head_ids}
 
 

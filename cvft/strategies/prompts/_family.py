@@ -68,10 +68,6 @@ def require_head(model: nn.Module, method: str, train_head: bool) -> set[str]:
     if not train_head:
         return set()
     head = head_parameter_names(model)
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not head and isinstance(classifier, tuple):  # deit distilled: (head, head_dist)
-        ids = {id(p) for part in classifier if isinstance(part, nn.Module) for p in part.parameters()}
-        head = {name for name, p in model.named_parameters() if id(p) in ids}
     if not head:
         raise StrategyError(
             f"{method}: train_head=True needs a classifier head, but {type(model).__name__} has none "
