@@ -206,7 +206,9 @@ def write_outputs(results: list[dict[str, Any]], out: Path) -> None:
         rows = [r for r in results if r["family"] == family and "error" not in r]
         if not rows:
             continue
-        ax.scatter([r["trainable"] for r in rows], [r["test_acc"] for r in rows], marker=marker, label=family)
+        scratch = any(r["pretrained"] == "scratch" for r in rows)
+        label = f"{family} (random init: accuracy not meaningful)" if scratch else f"{family} (pretrained)"
+        ax.scatter([r["trainable"] for r in rows], [r["test_acc"] for r in rows], marker=marker, label=label)
         for r in rows:
             point = (r["trainable"], r["test_acc"])
             ax.annotate(r["method"], point, fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -37,6 +37,9 @@ class ImageDataset(Dataset):
         channels: 3 (RGB) or 1 (grayscale); see :func:`~cvft.data.io.load_image`.
         multi_label: Targets are tuples of class indices, returned as multi-hot vectors.
         num_classes: Length of multi-hot vectors; required when ``multi_label``.
+        num_views: Independently transformed views of each labelled image; with more than one, the image is a
+            ``(V, C, H, W)`` stack (contrastive objectives ask for 2).
+        return_index: Labelled items become ``(image, target, index)``, e.g. to cache a teacher's logits per sample.
 
     Example:
         >>> import tempfile
@@ -55,7 +58,11 @@ class ImageDataset(Dataset):
         channels: int = 3,
         multi_label: bool = False,
         num_classes: int | None = None,
+        num_views: int = 1,
+        return_index: bool = False,
     ) -> None:
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}.")
         if multi_label and not num_classes:
             raise ValueError("ImageDataset(multi_label=True) needs num_classes for the multi-hot targets.")
         if channels not in (1, 3):
@@ -65,6 +72,8 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.multi_label = multi_label
         self.num_classes = num_classes
+        self.num_views = num_views
+        self.return_index = return_index
 
     @property
     def paths(self) -> list[Path]:
@@ -79,16 +88,23 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         sample = self.samples[index]
         path = sample.path if isinstance(sample, Sample) else sample
-        image = self._image(path)
         if not isinstance(sample, Sample):
-            return image, torch.tensor(index, dtype=torch.int64)
-        return image, self._target(sample.target)
+            return self._image(path), torch.tensor(index, dtype=torch.int64)
+        if self.num_views > 1:
+            array = load_image(path, channels=self.channels)
+            image = torch.stack([self._transformed(array, path) for _ in range(self.num_views)])
+        else:
+            image = self._image(path)
+        item = (image, self._target(sample.target))
+        return (*item, torch.tensor(index, dtype=torch.int64)) if self.return_index else item
 
     def _image(self, path: Path) -> torch.Tensor:
-        array = load_image(path, channels=self.channels)
+        return self._transformed(load_image(path, channels=self.channels), path)
+
+    def _transformed(self, array: np.ndarray, path: Path) -> torch.Tensor:
         if self.transform is None:
             return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
         try:

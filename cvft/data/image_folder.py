@@ -217,8 +217,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last incomplete batch is dropped when the set exceeds one batch."""
-        return self._loader(self._dataset("train"), train=True)
+        """Shuffled training batches; the last incomplete batch is dropped when the set exceeds one batch.
+
+        The module being trained may ask for more: ``num_views`` augmented views of each image (contrastive
+        strategies) and sample indices (``needs_indices``, e.g. cached teacher logits), read from its
+        ``strategy_stack``.
+        """
+        dataset = self._dataset("train")
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        stack = getattr(module, "strategy_stack", None)
+        if stack is not None:
+            dataset.num_views = stack.num_views
+            dataset.return_index = any(getattr(s, "needs_indices", False) for s in stack)
+        return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""

@@ -8,7 +8,10 @@ A strategy acts on the *backbone* (the timm model, head included) at five moment
 3. :meth:`Strategy.on_epoch_start` runs at every training epoch start and may make more parameters trainable
    (gradual unfreezing). It must derive its decisions from ``epoch`` alone, so a resumed run behaves exactly
    like an uninterrupted one.
-4. :meth:`Strategy.loss_terms` adds named terms to the task loss (distillation, contrastive, EWC).
+4. :meth:`Strategy.loss_terms` adds named terms to the task loss (distillation, contrastive, EWC). It receives a
+   :class:`~cvft.strategies.outputs.StepOutputs` (logits, images, targets, and the pooled pre-logit features when
+   :attr:`Strategy.needs_features` is set); :attr:`Strategy.task_loss_weight` scales the supervised task loss
+   (0 trains on the strategy's terms alone, e.g. contrastive pre-fine-tuning).
 5. :attr:`Strategy.num_views` asks the data side for extra augmented views of each batch.
 
 Strategies whose choices depend on data (sparse tuning by gradient magnitude) set :attr:`Strategy.needs_data` and
@@ -25,6 +28,8 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+
+from cvft.strategies.outputs import StepOutputs
 
 __all__ = ["Strategy", "StrategyStack", "LossFn", "calibration_mode"]
 
@@ -86,6 +91,10 @@ class Strategy:
     name: ClassVar[str] = "strategy"
     #: Augmented views of each training image the strategy needs (contrastive methods ask for 2).
     num_views: ClassVar[int] = 1
+    #: Whether :meth:`loss_terms` needs ``outputs.features`` (pooled pre-logit features of the training images).
+    needs_features: ClassVar[bool] = False
+    #: Weight of the supervised task loss; the stack multiplies the strategies' weights.
+    task_loss_weight: float = 1.0
     #: Whether :meth:`calibrate` needs training batches (a subclass may make it a property of its arguments).
     needs_data: ClassVar[bool] = False
 
@@ -108,8 +117,11 @@ class Strategy:
         """Update trainability for ``epoch`` (0-based); return the names of parameters that became trainable."""
         return []
 
-    def loss_terms(self, model: nn.Module, batch: Any, outputs: Tensor) -> dict[str, Tensor]:
-        """Extra loss terms, by name, to add to the task loss for this training batch."""
+    def loss_terms(self, model: nn.Module, batch: Any, outputs: StepOutputs) -> dict[str, Tensor]:
+        """Extra loss terms, by name, to add to the task loss for this training batch.
+
+        ``outputs`` is a :class:`~cvft.strategies.outputs.StepOutputs`; ``batch`` is the data loader's batch as is.
+        """
         return {}
 
     def config(self) -> dict[str, Any]:
@@ -203,8 +215,23 @@ class StrategyStack:
             changed.update(strategy.on_epoch_start(model, epoch))
         return [name for name, _ in model.named_parameters() if name in changed]
 
-    def loss_terms(self, model: nn.Module, batch: Any, outputs: Tensor) -> dict[str, Tensor]:
-        """All strategies' loss terms, keyed ``"<strategy>/<term>"``."""
+    @property
+    def needs_features(self) -> bool:
+        """Whether any strategy's loss terms need the pooled pre-logit features."""
+        return any(s.needs_features for s in self.strategies)
+
+    @property
+    def task_loss_weight(self) -> float:
+        """Product of the strategies' task-loss weights."""
+        weight = 1.0
+        for strategy in self.strategies:
+            weight *= float(strategy.task_loss_weight)
+        return weight
+
+    def loss_terms(self, model: nn.Module, batch: Any, outputs: StepOutputs | Tensor) -> dict[str, Tensor]:
+        """All strategies' loss terms, keyed ``"<strategy>/<term>"``; plain logits are wrapped with the batch."""
+        if isinstance(outputs, Tensor):
+            outputs = StepOutputs.from_batch(batch, outputs)
         terms: dict[str, Tensor] = {}
         for strategy in self.strategies:
             for key, value in strategy.loss_terms(model, batch, outputs).items():

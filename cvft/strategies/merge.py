@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from cvft.strategies.aux import remove_aux_modules
 from cvft.strategies.lora import export_plain_model
 from cvft.strategies.prompts import fold_prefix
 from cvft.strategies.sparse import merge_sparse
@@ -23,7 +24,8 @@ __all__ = ["fold_all", "unfoldable_modules"]
 def fold_all(model: nn.Module) -> nn.Module:
     """Fold, in place, every method that can be folded: low-rank updates, sparse deltas, SSF and prefix encoders.
 
-    Outputs stay the same (up to float rounding); wrappers are replaced by the plain layers they wrapped.
+    Outputs stay the same (up to float rounding); wrappers are replaced by the plain layers they wrapped, and
+    training-only modules (``model.cvft_aux``: projection heads, feature projectors) are dropped.
 
     Example:
         >>> import timm, torch
@@ -38,6 +40,7 @@ def fold_all(model: nn.Module) -> nn.Module:
     merge_sparse(model)
     fold_ssf(model)
     fold_prefix(model)
+    remove_aux_modules(model)
     return model
 
 

@@ -25,6 +25,7 @@ from cvft.errors import CvftError
 from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.callback import calibrate_before_fit
+from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
 from cvft.tasks.schedules import WarmupCosine
@@ -241,18 +242,40 @@ class ImageClassifier(pl.LightningModule):
         return logits.softmax(-1), targets
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Task loss plus every strategy's loss terms."""
-        images, targets = batch[0], batch[1]
-        logits = self(images)
-        loss = self.loss(logits, targets)
-        self.log("train/task_loss", loss, on_epoch=True, on_step=False, batch_size=len(images))
-        for name, term in self.strategy_stack.loss_terms(self.backbone, batch, logits).items():
-            self.log(f"train/{name}", term, on_epoch=True, on_step=False, batch_size=len(images))
-            loss = loss + term
-        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=len(images))
+        """Task loss (weighted by the strategies' ``task_loss_weight``) plus every strategy's loss terms.
+
+        A batch is ``(images, targets[, indices])``; images of shape ``(B, V, C, H, W)`` carry ``V`` augmented views
+        (strategies with ``num_views > 1``), and every view is classified.
+        """
+        images, targets, views = split_views(batch[0], batch[1])
+        stack = self.strategy_stack
+        if stack.needs_features:
+            logits, features = forward_with_features(self.backbone, images)
+        else:
+            logits, features = self(images), None
+        size = len(images)
+        task_loss = self.loss(logits, targets)
+        self.log("train/task_loss", task_loss, on_epoch=True, on_step=False, batch_size=size)
+        weight = stack.task_loss_weight
+        loss = task_loss * weight if weight != 1.0 else task_loss
+        if len(stack):
+            indices = batch[2] if len(batch) > 2 else None
+            outputs = StepOutputs(logits, images, targets, features, num_views=views, indices=indices)
+            for name, term in stack.loss_terms(self.backbone, batch, outputs).items():
+                self.log(f"train/{name}", term, on_epoch=True, on_step=False, batch_size=size)
+                loss = loss + term
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=size)
         self.train_metrics.update(*self._metric_inputs(logits.detach(), targets))
-        self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=len(images))
+        self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the strategies' own state (EWC's Fisher, caches) with the weights."""
+        checkpoint["cvft_strategies"] = self.strategy_stack.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` kept."""
+        self.strategy_stack.load_state_dict(checkpoint.get("cvft_strategies", {}))
 
     def _evaluate(self, batch: Sequence[Tensor], metrics: MetricCollection, stage: str) -> Tensor:
         images, targets = batch[0], batch[1]

@@ -70,3 +70,22 @@ def test_worker_error_names_the_file_and_workers_get_distinct_augmentations(tmp_
     loader = DataLoader(ImageDataset([Sample(bad, 0)]), batch_size=1, num_workers=1)
     with pytest.raises(ImageLoadError, match="bad.jpg"):
         next(iter(loader))
+
+
+def test_views_are_independent_transforms_and_indices_follow_items(tmp_path):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "a.png"
+    PILImage.fromarray((np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3)).save(path)
+    calls = []
+
+    def transform(image):
+        calls.append(image.copy())
+        flipped = image[:, ::-1] if len(calls) % 2 == 0 else image  # the second view differs from the first
+        return {"image": torch.from_numpy(np.ascontiguousarray(flipped)).permute(2, 0, 1).float()}
+
+    dataset = ImageDataset([Sample(path, 1), Sample(path, 0)], transform, num_views=2, return_index=True)
+    image, target, index = dataset[1]
+    assert image.shape == (2, 3, 16, 16) and int(target) == 0 and int(index) == 1
+    assert torch.equal(image[1], image[0].flip(-1)) and not torch.equal(image[0], image[1])
+    assert len(calls) == 2 and all(np.array_equal(c, calls[0]) for c in calls)  # the file is read once

@@ -152,7 +152,7 @@ class _Penalty(Strategy):
     name = "penalty_test"
 
     def loss_terms(self, model, batch, outputs):
-        return {"l2": 0.5 * outputs.pow(2).mean()}
+        return {"l2": 0.5 * outputs.logits.pow(2).mean()}
 
 
 def test_strategy_loss_terms_are_added_and_logged(monkeypatch):
@@ -171,6 +171,60 @@ def test_strategy_loss_terms_are_added_and_logged(monkeypatch):
     trainer = make_trainer(1, limit_train_batches=1)
     trainer.fit(make_classifier(strategies=[_Penalty()]), single_label_loader())
     assert "train/penalty_test/l2" in trainer.callback_metrics
+
+
+class _ViewsAndFeatures(Strategy):
+    """Asks for two views and features, drops the task loss, and records what it was given."""
+
+    name = "views_features_test"
+    num_views = 2
+    needs_features = True
+    task_loss_weight = 0.0
+
+    def __init__(self):
+        self.seen = None
+        self.calls = 0
+
+    def loss_terms(self, model, batch, outputs):
+        self.seen = outputs
+        return {"feature_norm": outputs.features.pow(2).mean()}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_training_step_gives_strategies_views_features_and_indices(monkeypatch):
+    strategy = _ViewsAndFeatures()
+    model = make_classifier(strategies=[strategy]).eval()
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model, "log_dict", lambda *args, **kwargs: None)
+    images, targets = next(iter(single_label_loader()))
+    two_views = torch.stack([images, images.flip(-1)], dim=1)  # (B, 2, C, H, W)
+    indices = torch.arange(len(images)) + 100
+    loss = model.training_step((two_views, targets, indices), 0)
+    seen = strategy.seen
+    assert seen.num_views == 2 and seen.batch_size == len(images)
+    torch.testing.assert_close(seen.per_view(seen.images)[1], images.flip(-1))  # view-major rows
+    assert torch.equal(seen.per_view(seen.targets)[0], targets) and torch.equal(seen.indices, indices)
+    with torch.no_grad():
+        pooled = model.backbone.forward_head(model.backbone.forward_features(seen.images), pre_logits=True)
+        torch.testing.assert_close(seen.features, pooled)
+        torch.testing.assert_close(seen.logits, model(seen.images))
+    torch.testing.assert_close(loss, seen.features.pow(2).mean())  # task_loss_weight 0: the term alone
+
+
+def test_strategy_state_travels_in_checkpoints(tmp_path):
+    strategy = _ViewsAndFeatures()
+    strategy.calls = 7
+    model = make_classifier(strategies=[strategy])
+    checkpoint = {}
+    model.on_save_checkpoint(checkpoint)
+    fresh_strategy = _ViewsAndFeatures()
+    make_classifier(strategies=[fresh_strategy]).on_load_checkpoint(checkpoint)
+    assert fresh_strategy.calls == 7
 
 
 # --------------------------------------------------------------------------- checkpoints
