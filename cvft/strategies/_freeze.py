@@ -31,10 +31,14 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 def set_trainable(model: nn.Module, trainable_names: Iterable[str]) -> None:
-    """Make exactly the parameters named in ``trainable_names`` trainable and freeze the rest."""
+    """Make exactly the parameters named in ``trainable_names`` trainable and freeze the rest.
+
+    Training-only modules of objectives (``model.cvft_aux``: projection heads, feature projectors) always stay
+    trainable: a parameter strategy decides what of the *backbone* trains.
+    """
     wanted = set(trainable_names)
     for name, param in model.named_parameters():
-        param.requires_grad_(name in wanted)
+        param.requires_grad_(name in wanted or name.startswith("cvft_aux."))
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -91,6 +91,8 @@ class Strategy:
     name: ClassVar[str] = "strategy"
     #: Augmented views of each training image the strategy needs (contrastive methods ask for 2).
     num_views: ClassVar[int] = 1
+    #: An objective changes what the model learns from (loss terms), not which parameters train.
+    objective: ClassVar[bool] = False
     #: Whether :meth:`loss_terms` needs ``outputs.features`` (pooled pre-logit features of the training images).
     needs_features: ClassVar[bool] = False
     #: Weight of the supervised task loss; the stack multiplies the strategies' weights.

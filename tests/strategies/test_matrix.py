@@ -69,7 +69,13 @@ from torch import nn
 
 from cvft.adapters import load_adapter, save_adapter
 from cvft.errors import StrategyError
-from cvft.strategies import StrategyCallback, apply_strategies, available_strategies, build_param_groups
+from cvft.strategies import (
+    StrategyCallback,
+    apply_strategies,
+    available_strategies,
+    build_param_groups,
+    get_strategy,
+)
 from cvft.strategies.lora import merge_lora
 from cvft.tasks import ImageClassifier
 
@@ -244,7 +250,10 @@ RESNET_MATRIX = [pytest.param(row, "test_resnet", id=row.id) for row in ROWS if 
 
 def test_every_registered_strategy_has_a_row():
     covered = set().union(*(row.strategy_names for row in ROWS))
-    missing = sorted(set(REGISTERED) - covered)
+    # objectives (distillation, contrastive, continual regularisers) change the loss, not which parameters train;
+    # tests/objectives checks them against hand-computed losses and end-to-end regimes
+    objectives = {name for name in REGISTERED if getattr(get_strategy(name), "objective", False)}
+    missing = sorted(set(REGISTERED) - covered - objectives)
     assert not missing, f"add rows to tests/strategies/test_matrix.py for: {missing}"
 
 
