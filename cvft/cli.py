@@ -29,7 +29,7 @@ from cvft.data import ImageFolderDataModule
 from cvft.errors import CvftError
 from cvft.tasks import ImageClassifier
 
-__all__ = ["CvftCLI", "main", "default_loggers"]
+__all__ = ["CvftCLI", "main", "default_loggers", "add_teacher"]
 
 _logger = logging.getLogger("cvft")
 
@@ -43,6 +43,31 @@ def read_checkpoint_hparams(path: str | Path) -> dict[str, Any]:
         raise CvftError(f"Checkpoint {path} does not exist; pass the .ckpt written by `cvft fit` (checkpoints/).")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return dict(checkpoint.get("hyper_parameters", {}))
+
+
+def add_teacher(config: Any) -> None:
+    """Append ``{"name": "distillation", "teacher": ...}`` to ``config.model.strategies`` for ``--teacher``.
+
+    Nothing changes without ``--teacher`` or when the strategies already list ``distillation`` (a saved
+    ``config.yaml`` holds both). Strategies given as a comma-separated string become a list.
+    """
+    teacher = config.get("teacher")
+    if not teacher:
+        return
+    strategies = config.model.get("strategies")
+    if isinstance(strategies, str):
+        strategies = [part.strip() for part in strategies.split(",") if part.strip()]
+    elif strategies is None:
+        strategies = []
+    elif not isinstance(strategies, list):
+        strategies = [strategies]
+    names = [spec if isinstance(spec, str) else dict(spec).get("name") for spec in strategies]
+    if "distillation" in names:
+        return
+    spec: dict[str, Any] = {"name": "distillation", "teacher": teacher}
+    if config.get("teacher_weights"):
+        spec["teacher_weights"] = config.teacher_weights
+    config.model.strategies = [*strategies, spec]
 
 
 def default_loggers(root: str | Path, name: str = "cvft") -> list[Any]:
@@ -81,10 +106,24 @@ class CvftCLI(LightningCLI):
         )
         parser.add_lightning_class_args(TrainingReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--teacher",
+            type=str | None,
+            default=None,
+            help="Distil from this teacher: a timm model name, a .ckpt from `cvft fit` or an adapter .safetensors "
+            "(adds the 'distillation' strategy to model.strategies unless it is listed already).",
+        )
+        parser.add_argument(
+            "--teacher_weights",
+            type=str | None,
+            default=None,
+            help="Base weights of a timm-name or adapter teacher (a local file or built-in source).",
+        )
 
     def before_instantiate_classes(self) -> None:
-        """With ``--ckpt_path`` outside fit, take weights and class names from the checkpoint, not the hub."""
+        """Add ``--teacher`` to the strategies; with ``--ckpt_path`` outside fit, take weights and classes from it."""
         subcommand = self.config.get("subcommand")
+        add_teacher(self.config[subcommand] if subcommand else self.config)
         if subcommand in (None, "fit"):
             return
         config = self.config[subcommand]

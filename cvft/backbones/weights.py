@@ -114,7 +114,8 @@ def strip_key_prefix(state_dict: Mapping[str, Tensor], model_keys: Iterable[str]
     """Remove the module prefix (``model.``, ``module.``, ``model.module.`` …) that best matches ``model_keys``.
 
     The prefix is found by matching checkpoint keys to the model's own keys, not by a fixed list. Keys that do not
-    carry the chosen prefix belong to other parts of the saving module (loss, EMA copy, metrics) and are dropped.
+    carry the chosen prefix belong to other parts of the saving module (loss, EMA copy, metrics) and are dropped,
+    and so are training-only modules of objectives (``cvft_aux.``: projection heads, feature projectors).
 
     Args:
         state_dict: Checkpoint tensors.
@@ -138,9 +139,14 @@ def strip_key_prefix(state_dict: Mapping[str, Tensor], model_keys: Iterable[str]
                 votes[".".join(parts[:i]) + "."] += 1
                 break
     if not votes or votes.most_common(1)[0][1] <= direct:
-        return dict(state_dict), ""
+        return {k: v for k, v in state_dict.items() if not k.startswith("cvft_aux.")}, ""
     prefix = votes.most_common(1)[0][0]
-    stripped = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    stripped = {
+        k[len(prefix) :]: v
+        for k, v in state_dict.items()
+        # training-only modules of objectives (projection heads) never belong to the weights of a backbone
+        if k.startswith(prefix) and not k[len(prefix) :].startswith("cvft_aux.")
+    }
     dropped = len(state_dict) - len(stripped)
     if dropped:
         _logger.info("Ignoring %d checkpoint tensors outside the %r prefix (not in the backbone).", dropped, prefix)

@@ -10,6 +10,7 @@ from cvft.data.dataset import ImageDataset, seed_worker
 from cvft.data.demo import DEMO_SOURCES, write_demo_image_folder
 from cvft.data.image_folder import CHECK_IMAGES_MODES, ImageFolderDataModule
 from cvft.data.io import IMAGE_SUFFIXES, check_image, is_image_file, load_image
+from cvft.data.multitask import MultiTaskDataModule, TaskBatchSampler
 from cvft.data.samples import (
     Sample,
     SplitRoots,
@@ -39,8 +40,10 @@ __all__ = [
     "INTERPOLATIONS",
     "ImageDataset",
     "ImageFolderDataModule",
+    "MultiTaskDataModule",
     "Sample",
     "SplitRoots",
+    "TaskBatchSampler",
     "build_transforms",
     "check_image",
     "data_config_for",

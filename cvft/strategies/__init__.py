@@ -10,6 +10,10 @@ from cvft.strategies.adapters import ConvAdapter, SharedAdapter, ViTAdapter, rem
 from cvft.strategies.apply import apply_strategies
 from cvft.strategies.base import Strategy, StrategyStack
 from cvft.strategies.callback import StrategyCallback
+from cvft.strategies.continual import EWC, L2SP, ContinualStrategy, LwF, MultiHeadNet
+from cvft.strategies.contrastive import SupCon, linear_probe_after_contrastive, supcon_loss
+from cvft.strategies.distillation import Distillation, feature_distillation_loss, kd_loss
+from cvft.strategies.domain import AdaBN, AdaBNCallback, PseudoLabel, adabn
 from cvft.strategies.freezing import (
     BitFit,
     ClassifierOnly,
@@ -42,6 +46,15 @@ from cvft.strategies.sparse import SparseFineTune, merge_sparse
 from cvft.strategies.ssf import SSF, fold_ssf
 
 __all__ = [
+    "AdaBN",
+    "AdaBNCallback",
+    "PseudoLabel",
+    "adabn",
+    "EWC",
+    "L2SP",
+    "LwF",
+    "ContinualStrategy",
+    "MultiHeadNet",
     "VPT",
     "PrefixTuning",
     "fold_prefix",
@@ -85,4 +98,10 @@ __all__ = [
     "ViTAdapter",
     "SharedAdapter",
     "remove_adapters",
+    "SupCon",
+    "supcon_loss",
+    "linear_probe_after_contrastive",
+    "Distillation",
+    "kd_loss",
+    "feature_distillation_loss",
 ]

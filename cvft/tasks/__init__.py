@@ -7,6 +7,7 @@ Example:
 """
 
 from cvft.tasks.classification import ImageClassifier
+from cvft.tasks.multitask import MultiTaskClassifier
 from cvft.tasks.schedules import WarmupCosine
 
-__all__ = ["ImageClassifier", "WarmupCosine"]
+__all__ = ["ImageClassifier", "MultiTaskClassifier", "WarmupCosine"]

@@ -14,7 +14,9 @@ from cvft.errors import StrategyError
 from cvft.strategies import apply_strategies, build_strategies
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if "strategies" in (yaml.safe_load(p.read_text())["model"] or {}))
+RECIPES = sorted(
+    p for p in CONFIGS.glob("*.yaml") if "strategies" in ((yaml.safe_load(p.read_text()) or {}).get("model") or {})
+)
 FAMILIES = {"test_vit": {"img_size": 32}, "test_resnet": {}}
 
 
@@ -36,9 +38,20 @@ def test_there_is_a_recipe_for_each_additive_and_selective_method():
     } <= names
 
 
+def _local_paths(specs: list, tmp_path: Path) -> list:
+    """Point folder arguments of a recipe (``target_root``) at a small generated folder of images."""
+    from PIL import Image
+
+    folder = tmp_path / "target"
+    folder.mkdir(exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 80, 160)).save(folder / f"{i}.png")
+    return [{**s, "target_root": str(folder)} if isinstance(s, dict) and "target_root" in s else s for s in specs]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_sets_up_on_a_supported_family(recipe):
-    specs = yaml.safe_load(recipe.read_text())["model"]["strategies"]
+def test_recipe_sets_up_on_a_supported_family(recipe, tmp_path):
+    specs = _local_paths(yaml.safe_load(recipe.read_text())["model"]["strategies"], tmp_path)
     batches = [(torch.randn(4, 3, 32, 32), torch.arange(4) % 3)]
     errors = {}
     for name, kwargs in FAMILIES.items():

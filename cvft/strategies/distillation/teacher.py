@@ -1,0 +1,162 @@
+"""Loading a frozen teacher: a timm model name, a ``.ckpt`` written by ``cvft fit``, or a cvft adapter file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from cvft.errors import CvftError, StrategyError
+
+__all__ = ["TeacherKind", "teacher_kind", "load_teacher", "freeze_teacher", "feature_width"]
+
+TeacherKind = Literal["timm", "checkpoint", "adapter"]
+
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def teacher_kind(teacher: str) -> TeacherKind:
+    """What ``teacher`` names: ``"checkpoint"``, ``"adapter"`` or ``"timm"``.
+
+    A ``.ckpt`` file is a checkpoint written by ``cvft fit``, anything without a weights-file suffix a timm model name.
+    A ``.safetensors`` file counts as an adapter only if its metadata says so; plain weight files are refused with
+    the way to use them (a timm name plus ``teacher_weights``).
+
+    Raises:
+        StrategyError: ``teacher`` looks like a file (by its suffix) that does not exist, or is a plain weights file.
+
+    Example:
+        >>> teacher_kind("resnet50.a1_in1k"), teacher_kind("test_vit")
+        ('timm', 'timm')
+    """
+    suffix = Path(teacher).suffix.lower()
+    if suffix not in (".ckpt", *_WEIGHT_SUFFIXES):
+        return "timm"
+    path = Path(teacher)
+    if not path.is_file():
+        raise StrategyError(
+            f"Teacher file {str(path)!r} does not exist (looked at {path.resolve()}). Pass a timm model name, the "
+            "path of a .ckpt written by `cvft fit`, or of an adapter .safetensors written by it."
+        )
+    if suffix == ".ckpt":
+        return "checkpoint"
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        from cvft.adapters import ADAPTER_FORMAT
+
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("format") == ADAPTER_FORMAT:
+                return "adapter"
+    raise StrategyError(
+        f"Teacher {str(path)!r} is a plain weights file, not a cvft checkpoint or adapter: pass the timm name of its "
+        f"architecture as `teacher` and the file as `teacher_weights` (CLI: --teacher NAME --teacher_weights "
+        f"{path})."
+    )
+
+
+@contextmanager
+def _quiet_classifier_log() -> Iterator[None]:
+    """Silence ImageClassifier's 'random initialisation' warning: a teacher's weights come from its own file."""
+    log = logging.getLogger("cvft.tasks.classification")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = True) -> nn.Module:
+    """Build a teacher network (a timm model with its classifier), frozen and in eval mode, on the CPU.
+
+    Args:
+        teacher: A timm model name (with an optional pretrained tag), the path of a ``.ckpt`` written by
+            ``cvft fit`` (rebuilt with :meth:`ImageClassifier.from_checkpoint
+            <cvft.tasks.ImageClassifier.from_checkpoint>`, every weight from the file), or of a cvft adapter
+            ``.safetensors`` (rebuilt with :meth:`ImageClassifier.from_adapter
+            <cvft.tasks.ImageClassifier.from_adapter>` on the base weights below).
+        weights: Base weights of a timm-name or adapter teacher: a local file or built-in source, as
+            :func:`cvft.backbones.create_backbone` takes; it wins over ``pretrained``. Not used with a ``.ckpt``.
+        pretrained: Take the base weights from the hub (timm's pretrained tag) when ``weights`` is not given.
+
+    Returns:
+        The teacher: a timm model with its classifier head, ``requires_grad=False`` everywhere, in eval mode.
+
+    Raises:
+        StrategyError: The teacher cannot be found or built, would start from random weights, or ``weights`` was
+            given with a ``.ckpt``.
+
+    Example:
+        >>> import tempfile, timm, torch
+        >>> from safetensors.torch import save_file
+        >>> path = tempfile.mkdtemp() + "/resnet.safetensors"
+        >>> save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), path)
+        >>> teacher = load_teacher("test_resnet", weights=path)
+        >>> teacher.num_classes, teacher.training, any(p.requires_grad for p in teacher.parameters())
+        (3, False, False)
+    """
+    kind = teacher_kind(teacher)
+    pretrained = pretrained and weights is None
+    try:
+        if kind == "timm":
+            from cvft.backbones import create_backbone
+
+            if not pretrained and weights is None:
+                raise StrategyError(
+                    f"Teacher {teacher!r} would start from random weights, which teaches nothing: pass "
+                    "teacher_pretrained=True (hub weights) or teacher_weights=<file or built-in source>."
+                )
+            model = create_backbone(teacher, pretrained=pretrained, weights=weights)
+        else:
+            from cvft.tasks import ImageClassifier
+
+            with _quiet_classifier_log():
+                if kind == "checkpoint":
+                    if weights is not None:
+                        raise StrategyError(
+                            f"teacher_weights={weights!r} does not apply to the checkpoint teacher {teacher!r}: a "
+                            ".ckpt holds every weight. Leave teacher_weights out."
+                        )
+                    model = ImageClassifier.from_checkpoint(teacher).backbone
+                else:
+                    model = ImageClassifier.from_adapter(teacher, pretrained=pretrained, weights=weights).backbone
+    except StrategyError:
+        raise
+    except (CvftError, OSError, KeyError, RuntimeError) as err:
+        raise StrategyError(f"Cannot load the distillation teacher {teacher!r} ({kind}): {err}") from err
+    return freeze_teacher(model)
+
+
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    """``requires_grad=False`` on every parameter and eval mode (BatchNorm statistics fixed, dropout off).
+
+    Example:
+        >>> import timm
+        >>> teacher = freeze_teacher(timm.create_model("test_resnet", num_classes=3))
+        >>> teacher.training, sum(p.requires_grad for p in teacher.parameters())
+        (False, 0)
+    """
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def feature_width(model: nn.Module) -> int:
+    """Width of a timm model's pooled pre-logit features (``forward_head(pre_logits=True)``).
+
+    Example:
+        >>> import timm
+        >>> feature_width(timm.create_model("test_resnet")), feature_width(timm.create_model("test_vit"))
+        (96, 64)
+    """
+    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    if not width:
+        raise StrategyError(
+            f"Feature distillation needs timm models that report their feature width (`num_features`); "
+            f"{type(model).__name__} does not. Use feature_weight=0 (logit distillation only)."
+        )
+    return int(width)

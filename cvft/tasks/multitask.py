@@ -1,0 +1,404 @@
+"""Multi-task classification: one shared timm backbone, one linear head per named task.
+
+Batches are *homogeneous*: each holds images of one task, as the dict
+``{"images": Tensor (B, C, H, W), "targets": Tensor, "task": str}`` that
+:class:`~cvft.data.multitask.MultiTaskDataModule` produces. Single-label targets are class indices ``(B,)``,
+multi-label targets are 0/1 matrices ``(B, num_classes)``. A task name (rather than an index) keeps batches
+self-describing, and the dict keeps the third place of a tuple batch free for dataset indices as elsewhere in cvft.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelF1Score,
+)
+
+from cvft.backbones import create_backbone, is_pretrained, weights_source
+from cvft.errors import CvftError
+from cvft.strategies._ddp import LateGradientSync
+from cvft.strategies.base import StrategyStack
+from cvft.strategies.param_groups import build_param_groups
+from cvft.strategies.registry import build_strategies
+from cvft.tasks.schedules import WarmupCosine
+from cvft.tasks.task_weighting import build_task_weighting
+
+__all__ = ["MultiTaskClassifier", "check_tasks"]
+
+_logger = logging.getLogger(__name__)
+_TASK_KEYS = ("num_classes", "multi_label", "label_smoothing", "class_names")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_tasks(tasks: Any) -> dict[str, dict[str, Any]]:
+    """Validate a task specification and return it normalised (primitives only, every key present).
+
+    Each task is ``{"num_classes": int, "multi_label": bool = False, "label_smoothing": float = 0.0,
+    "class_names": list[str] | None = None}``; names are letters, digits, ``_`` and ``-`` (they appear in metric
+    names such as ``val/<task>/acc``).
+
+    Example:
+        >>> check_tasks({"shape": {"num_classes": 3}})["shape"]
+        {'num_classes': 3, 'multi_label': False, 'label_smoothing': 0.0, 'class_names': ['0', '1', '2']}
+    """
+    if not isinstance(tasks, dict) or not tasks:
+        raise CvftError(
+            'tasks must be a non-empty dict of task name -> spec, e.g. {"shape": {"num_classes": 3}, '
+            f'"colours": {{"num_classes": 4, "multi_label": True}}}}; got {tasks!r}.'
+        )
+    reserved = set(dir(nn.ModuleDict()))
+    result: dict[str, dict[str, Any]] = {}
+    for name, spec in tasks.items():
+        if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or name in reserved:
+            raise CvftError(
+                f"Task name {name!r} is not allowed: use letters, digits, '_' and '-', and not a reserved name "
+                "such as 'keys' or 'items'."
+            )
+        if not isinstance(spec, dict):
+            raise CvftError(f"Task {name!r}: the spec must be a dict such as {{'num_classes': 3}}, got {spec!r}.")
+        unknown = sorted(set(spec) - set(_TASK_KEYS))
+        if unknown:
+            raise CvftError(f"Task {name!r}: unknown keys {unknown}; allowed keys are {list(_TASK_KEYS)}.")
+        class_names = spec.get("class_names")
+        num_classes = spec.get("num_classes", len(class_names) if class_names is not None else None)
+        multi_label = spec.get("multi_label", False)
+        smoothing = spec.get("label_smoothing", 0.0)
+        if not isinstance(multi_label, bool):
+            raise CvftError(f"Task {name!r}: multi_label must be true or false, got {multi_label!r}.")
+        smallest = 1 if multi_label else 2
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < smallest:
+            raise CvftError(
+                f"Task {name!r}: num_classes must be an integer >= {smallest} "
+                f"({'multi' if multi_label else 'single'}-label), got {num_classes!r}."
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise CvftError(f"Task {name!r}: {len(class_names)} class_names for num_classes={num_classes}.")
+        if not isinstance(smoothing, int | float) or not 0.0 <= smoothing < 1.0:
+            raise CvftError(f"Task {name!r}: label_smoothing must be in [0, 1), got {smoothing!r}.")
+        if multi_label and smoothing:
+            raise CvftError(f"Task {name!r}: label_smoothing applies to single-label tasks only.")
+        names = class_names if class_names is not None else range(num_classes)
+        result[name] = {
+            "num_classes": num_classes,
+            "multi_label": multi_label,
+            "label_smoothing": float(smoothing),
+            "class_names": [str(c) for c in names],
+        }
+    return result
+
+
+def _task_metrics(spec: dict[str, Any], prefix: str) -> MetricCollection:
+    n = spec["num_classes"]
+    if spec["multi_label"]:
+        metrics: dict[str, Any] = {
+            "acc": MultilabelAccuracy(n),
+            "f1_macro": MultilabelF1Score(n, average="macro"),
+            "auroc": MultilabelAUROC(n, average="macro"),
+        }
+    else:
+        metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+class MultiTaskClassifier(pl.LightningModule):
+    """Fine-tune one timm backbone for several classification tasks at once, one linear head per task.
+
+    The backbone is created with ``num_classes=0`` and returns pooled features; ``heads[task]`` maps them to the
+    task's logits. Per task the loss is cross-entropy (optional label smoothing) or, for multi-label tasks, binary
+    cross-entropy; :mod:`cvft.tasks.task_weighting` combines them (``weighting``, ``loss_weights``).
+
+    Parameter strategies (``linear_probe``, ``lora``, adapters, ...) act on the shared backbone, by the same names as
+    for :class:`~cvft.tasks.ImageClassifier`. They expect a timm model *with* a classifier (their ``train_head``
+    option, ``linear_probe``'s head), so the backbone gets a one-output placeholder head (``reset_classifier(1)``)
+    while they are set up, which is removed again (``reset_classifier(0)``) afterwards: every strategy runs
+    unchanged, "train the head" becomes a no-op, and the task heads always train. Learning-rate scales are taken
+    while the placeholder is there, so ``layerwise_lr`` decays from the heads down exactly as it does for
+    :class:`~cvft.tasks.ImageClassifier`. Strategies that calibrate on
+    data (``sparse``) or add loss terms (objectives) assume a single task and are refused.
+
+    Args:
+        tasks: Task name -> ``{"num_classes": int, "multi_label": bool, "label_smoothing": float,
+            "class_names": list[str]}`` (see :func:`check_tasks`).
+        backbone: timm model name, with an optional pretrained tag.
+        pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
+        weights: Local weights file or built-in offline source; takes precedence over ``pretrained``.
+        in_chans: Input channels.
+        strategies: Parameter strategies for the backbone, applied in order (names or ``{"name": ..., **kwargs}``).
+        weighting: ``"equal"``, ``"fixed"`` (with ``loss_weights``) or ``"uncertainty"`` (learned; Kendall et al.).
+            ``None``: ``"fixed"`` when ``loss_weights`` is given, else ``"equal"``.
+        loss_weights: Fixed weight by task (tasks left out weigh 1).
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        lr: Peak learning rate of the backbone (times the strategies' scales), the heads and the weighting.
+        head_lr_scale: Learning-rate multiplier of the task heads and of the uncertainty parameters.
+        weight_decay: Decoupled weight decay (never on biases, norms, or the uncertainty parameters).
+        momentum: SGD momentum.
+        warmup_epochs: Linear warmup length in epochs, then cosine decay to ``lr * min_lr_ratio``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        drop_path_rate: Stochastic depth rate passed to timm.
+        grad_checkpointing: Recompute activations in backward to save memory.
+        backbone_kwargs: Extra ``timm.create_model`` arguments (``{"img_size": 32}``).
+
+    Example:
+        >>> import torch
+        >>> tasks = {"shape": {"num_classes": 3}, "colours": {"num_classes": 4, "multi_label": True}}
+        >>> model = MultiTaskClassifier(tasks, "test_resnet", pretrained=False, strategies=["linear_probe"])
+        >>> {task: tuple(logits.shape) for task, logits in model(torch.randn(2, 3, 32, 32)).items()}
+        {'shape': (2, 3), 'colours': (2, 4)}
+        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        ['heads.colours.bias', 'heads.colours.weight', 'heads.shape.bias', 'heads.shape.weight']
+    """
+
+    def __init__(
+        self,
+        tasks: dict[str, dict[str, Any]],
+        backbone: str = "vit_small_patch16_224.augreg_in21k",
+        pretrained: bool = True,
+        weights: str | None = None,
+        in_chans: int = 3,
+        strategies: str | list[str | dict[str, Any]] | None = None,
+        weighting: Literal["equal", "fixed", "uncertainty"] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 3e-4,
+        head_lr_scale: float = 1.0,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        drop_path_rate: float | None = None,
+        grad_checkpointing: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        tasks = check_tasks(tasks)
+        if not head_lr_scale > 0:
+            raise CvftError(f"head_lr_scale must be > 0, got {head_lr_scale}.")
+        if optimizer not in ("adamw", "sgd"):
+            raise CvftError(f"Unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'.")
+        stack = StrategyStack(build_strategies(strategies))
+        for strategy in stack:
+            if strategy.needs_data or strategy.objective or strategy.num_views > 1:
+                raise CvftError(
+                    f"Strategy {strategy.name!r} calibrates on data or adds loss terms for a single task; "
+                    "MultiTaskClassifier supports parameter strategies only (linear_probe, lora, adapters, ...). "
+                    "Use ImageClassifier for it, or leave it out."
+                )
+        self.weighting = build_task_weighting(list(tasks), weighting, loss_weights)
+        self.save_hyperparameters(ignore=["tasks", "strategies"])
+        self.hparams["tasks"] = tasks  # primitives only, so checkpoints load with weights_only
+        self.hparams["strategies"] = stack.config()
+
+        timm_kwargs: dict[str, Any] = dict(backbone_kwargs or {})
+        if drop_path_rate is not None:
+            timm_kwargs["drop_path_rate"] = drop_path_rate
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, weights=weights, num_classes=0, in_chans=in_chans, **timm_kwargs
+        )
+        if not is_pretrained(self.backbone):
+            _logger.warning("%s starts from random initialisation (no pretrained weights).", backbone)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.strategy_stack = stack
+        self._lr_scales: dict[str, float] = {}
+        if len(stack):
+            self.backbone.reset_classifier(1)  # placeholder head: strategies expect a timm classifier
+            stack.setup(self.backbone)
+            # learning-rate scales are taken with the head in place, so that layer-wise decay counts from the
+            # heads (scale 1) down, as in ImageClassifier
+            self._lr_scales = stack.lr_scales(self.backbone)
+            self.backbone.reset_classifier(0)
+        self.num_features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
+
+        self.tasks = tasks
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(self.num_features, spec["num_classes"]) for name, spec in tasks.items()}
+        )
+        self.train_metrics = nn.ModuleDict({t: _task_metrics(s, f"train/{t}/") for t, s in tasks.items()})
+        self.val_metrics = nn.ModuleDict({t: _task_metrics(s, f"val/{t}/") for t, s in tasks.items()})
+        self.test_metrics = nn.ModuleDict({t: _task_metrics(s, f"test/{t}/") for t, s in tasks.items()})
+        self.val_losses = nn.ModuleDict({t: MeanMetric() for t in tasks})
+        self.test_losses = nn.ModuleDict({t: MeanMetric() for t in tasks})
+        self._grad_sync = LateGradientSync()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> MultiTaskClassifier:
+        """Load a trained model with ``torch.load(weights_only=True)``, without fetching pretrained weights."""
+        overrides = {"pretrained": False, "weights": None, **overrides}
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+
+    @property
+    def weights_source(self) -> str:
+        """Where the backbone's initial weights came from."""
+        return weights_source(self.backbone)
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, images: Tensor, task: str | None = None) -> Tensor | dict[str, Tensor]:
+        """Logits of ``task`` ``(batch, num_classes)``, or of every task as a dict when ``task`` is ``None``."""
+        features = self.backbone(images)
+        if task is not None:
+            return self.heads[self._check_task(task)](features)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def task_loss(self, task: str, logits: Tensor, targets: Tensor) -> Tensor:
+        """Unweighted loss of ``task``: cross-entropy (label smoothing) or, multi-label, binary cross-entropy."""
+        spec = self.tasks[task]
+        if spec["multi_label"]:
+            return nn.functional.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+        return nn.functional.cross_entropy(logits, targets, label_smoothing=spec["label_smoothing"])
+
+    def _check_task(self, task: str) -> str:
+        if task not in self.tasks:
+            raise CvftError(f"Unknown task {task!r}; this model has tasks {list(self.tasks)}.")
+        return task
+
+    def _unpack(self, batch: Any) -> tuple[str, Tensor, Tensor]:
+        if not isinstance(batch, dict) or not {"images", "targets", "task"} <= set(batch):
+            raise CvftError(
+                "MultiTaskClassifier expects batches {'images': ..., 'targets': ..., 'task': <task name>} of one "
+                "task each, as MultiTaskDataModule makes them."
+            )
+        task = batch["task"]
+        if isinstance(task, list | tuple):  # a collate that kept one name per sample
+            if len(set(task)) != 1:
+                raise CvftError(f"A batch mixes tasks {sorted(set(task))}; every batch must hold one task.")
+            task = task[0]
+        return self._check_task(task), batch["images"], batch["targets"]
+
+    def _metric_inputs(self, task: str, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.tasks[task]["multi_label"]:
+            return logits.sigmoid(), targets.long()
+        return logits.softmax(-1), targets
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """The weighted loss of the batch's task; logs ``train/<task>/loss`` (unweighted) and ``train/loss``."""
+        task, images, targets = self._unpack(batch)
+        logits = self(images, task)
+        size = len(images)
+        task_loss = self.task_loss(task, logits, targets)
+        loss = self.weighting(task, task_loss)
+        self.log(f"train/{task}/loss", task_loss, on_epoch=True, on_step=False, batch_size=size)
+        self.log(f"train/{task}/weight", self.weighting.weight(task), on_epoch=True, on_step=False, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=size)
+        metrics = self.train_metrics[task]
+        metrics.update(*self._metric_inputs(task, logits.detach(), targets))
+        self.log_dict(metrics, on_epoch=True, on_step=False, batch_size=size)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> Tensor:
+        task, images, targets = self._unpack(batch)
+        logits = self(images, task)
+        loss = self.task_loss(task, logits, targets)
+        losses = self.val_losses if stage == "val" else self.test_losses
+        losses[task].update(loss, weight=len(images))
+        metrics = (self.val_metrics if stage == "val" else self.test_metrics)[task]
+        metrics.update(*self._metric_inputs(task, logits, targets))
+        self.log_dict(metrics, prog_bar=False, batch_size=len(images), add_dataloader_idx=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Loss and metrics of the batch's task (one val dataloader per task, or one mixing homogeneous batches)."""
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Test loss and metrics of the batch's task."""
+        return self._evaluate(batch, "test")
+
+    def _log_losses(self, losses: nn.ModuleDict, stage: str) -> None:
+        values = []
+        for task, metric in losses.items():
+            if metric.update_called:
+                value = metric.compute()
+                values.append(value)
+                self.log(f"{stage}/{task}/loss", value)
+            metric.reset()
+        if values:  # the unweighted mean over tasks, for checkpoint selection
+            self.log(f"{stage}/loss", torch.stack(values).mean(), prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/<task>/loss`` and their mean ``val/loss``."""
+        self._log_losses(self.val_losses, "val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/<task>/loss`` and their mean ``test/loss``."""
+        self._log_losses(self.test_losses, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Probabilities of every task (softmax, or sigmoid for multi-label ones), by task name."""
+        images = batch["images"] if isinstance(batch, dict) else batch[0]
+        return {
+            task: logits.sigmoid() if self.tasks[task]["multi_label"] else logits.softmax(-1)
+            for task, logits in self(images).items()
+        }
+
+    # ------------------------------------------------------------------ strategies during fit
+    def on_fit_start(self) -> None:
+        """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
+        self._grad_sync.capture(self)
+
+    def on_train_epoch_start(self) -> None:
+        """Run the strategies' epoch schedules (gradual unfreezing)."""
+        self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
+
+    def on_after_backward(self) -> None:
+        """Average, across DDP ranks, gradients of parameters unfrozen after DDP wrapped the model."""
+        self._grad_sync.sync(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the strategies' own state with the weights."""
+        checkpoint["cvft_strategies"] = self.strategy_stack.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` kept."""
+        self.strategy_stack.load_state_dict(checkpoint.get("cvft_strategies", {}))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: the backbone's (layer group x decay x strategy scale), heads, weighting."""
+        hp = self.hparams
+        groups = build_param_groups(self.backbone, hp.lr, hp.weight_decay, self._lr_scales, prefix="backbone.")
+        head_lr = hp.lr * hp.head_lr_scale
+        decay = [(f"heads.{n}", p) for n, p in self.heads.named_parameters() if p.ndim > 1]
+        no_decay = [(f"heads.{n}", p) for n, p in self.heads.named_parameters() if p.ndim <= 1]
+        no_decay += [(f"weighting.{n}", p) for n, p in self.weighting.named_parameters()]
+        for suffix, named, wd in (("decay", decay, hp.weight_decay), ("no_decay", no_decay, 0.0)):
+            if named:
+                groups.append(
+                    {
+                        "name": f"heads/{suffix}",
+                        "params": [p for _, p in named],
+                        "param_names": [n for n, _ in named],
+                        "lr": head_lr,
+                        "initial_lr": head_lr,
+                        "lr_scale": hp.head_lr_scale,
+                        "weight_decay": wd,
+                    }
+                )
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""
+        hp = self.hparams
+        groups = self.param_groups()
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0, weight_decay=hp.weight_decay
+            )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(hp.warmup_epochs * total / epochs))
+        schedule = WarmupCosine(min(warmup, total - 1), total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
