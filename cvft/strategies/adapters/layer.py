@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies._modules import set_submodule
 
 __all__ = [
     "AdapterWrapper",
@@ -295,22 +296,6 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     for wrapper in adapter_wrappers(model).values():
         ids.update(id(p) for name, p in wrapper.named_parameters() if not name.startswith("base."))
     return {name for name, p in model.named_parameters() if id(p) in ids}
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the sub-module ``name`` of ``model`` by ``module``.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(2, 2))
-        >>> set_submodule(model, "0", nn.Identity())
-        >>> model
-        Sequential(
-          (0): Identity()
-        )
-    """
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ from torch import nn
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import Strategy
 from cvft.strategies.lora.layer import QKV_PARTS, LoRAConv2d, LoRALayer, LoRALinear, check_adapter_hyperparameters
 from cvft.strategies.lora.targets import find_targets
@@ -25,12 +26,6 @@ __all__ = [
     "unmerge_lora",
     "export_plain_model",
 ]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -55,7 +50,7 @@ def inject_adapters(
     for name in names:
         base = model.get_submodule(name)
         wrapper = make_layer(base)
-        _set_submodule(model, name, wrapper.to(device=base.weight.device, dtype=base.weight.dtype))
+        set_submodule(model, name, wrapper.to(device=base.weight.device, dtype=base.weight.dtype))
     return names
 
 
@@ -183,7 +178,7 @@ def export_plain_model(model: nn.Module) -> nn.Module:
     """
     merge_lora(model)
     for name, layer in lora_layers(model).items():
-        _set_submodule(model, name, layer.base)
+        set_submodule(model, name, layer.base)
     return model
 
 

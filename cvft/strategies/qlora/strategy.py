@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from cvft.errors import StrategyError
-from cvft.strategies.lora.strategy import LoRA, _set_submodule
+from cvft.strategies._modules import set_submodule
+from cvft.strategies.lora.strategy import LoRA
 from cvft.strategies.lora.targets import find_targets
 from cvft.strategies.qlora.nf4 import NF4Linear
 from cvft.strategies.registry import register_strategy
@@ -25,7 +26,7 @@ def quantize_linear_layers(
                 "use `lora` for convolutions or restrict `targets` to Linear layers (e.g. 'vit_all')."
             )
         if not isinstance(layer, NF4Linear):
-            _set_submodule(model, name, NF4Linear(layer, block_size, scaler_block_size))
+            set_submodule(model, name, NF4Linear(layer, block_size, scaler_block_size))
 
 
 @register_strategy

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import LossFn, Strategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.sparse.layer import SparseDelta, SparseDeltaLayer
@@ -30,12 +31,6 @@ _logger = logging.getLogger(__name__)
 
 #: Attribute of the model root holding its :class:`SparseDelta` (parameter ``sparse_delta.values``).
 SPARSE_DELTA_ATTR = "sparse_delta"
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseDeltaLayer]:
@@ -82,7 +77,7 @@ def merge_sparse(model: nn.Module) -> nn.Module:
         True
     """
     for name, layer in sparse_layers(model).items():
-        _set_submodule(model, name, layer.merged_base())
+        set_submodule(model, name, layer.merged_base())
     if isinstance(getattr(model, SPARSE_DELTA_ATTR, None), SparseDelta):
         delattr(model, SPARSE_DELTA_ATTR)
     return model
@@ -183,7 +178,7 @@ class SparseFineTune(Strategy):
         owner.select(top_positions([w.abs() for w in weights], count, self.scope))
         setattr(model, SPARSE_DELTA_ATTR, owner)
         for position, name in enumerate(names):
-            _set_submodule(model, name, SparseDeltaLayer(model.get_submodule(name), owner, position))
+            set_submodule(model, name, SparseDeltaLayer(model.get_submodule(name), owner, position))
         set_trainable(model, set(head) | {f"{SPARSE_DELTA_ATTR}.values"})
         sync_batchnorm_stats(model, train_bn=False)
 

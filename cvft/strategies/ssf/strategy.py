@@ -25,6 +25,7 @@ from torch import nn
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import Strategy
 from cvft.strategies.lora.layer import LoRALayer
 from cvft.strategies.lora.targets import PRESETS as LORA_PRESETS
@@ -43,12 +44,6 @@ TYPE_NAMES: dict[str, type[nn.Module] | tuple[type[nn.Module], ...]] = {
     "norms": _NORM_TYPES,
 }
 _MAX_LISTED = 30
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def ssf_layers(model: nn.Module) -> dict[str, SSFLayer]:
@@ -138,7 +133,7 @@ def inject_ssf(model: nn.Module, targets: str | Sequence[str] = "auto", init_std
     """
     names = find_ssf_targets(model, targets)
     for name in names:
-        _set_submodule(model, name, SSFLayer(model.get_submodule(name), init_std))
+        set_submodule(model, name, SSFLayer(model.get_submodule(name), init_std))
     return names
 
 
@@ -161,7 +156,7 @@ def fold_ssf(model: nn.Module) -> nn.Module:
         (True, 0)
     """
     for name, layer in ssf_layers(model).items():
-        _set_submodule(model, name, layer.folded())
+        set_submodule(model, name, layer.folded())
     return model
 
 
