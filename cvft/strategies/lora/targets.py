@@ -25,6 +25,7 @@ from torch import nn
 
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
+from cvft.strategies._targets import compile_target, no_match_error, select_targets
 from cvft.strategies.lora.layer import LoRALayer
 
 __all__ = ["PRESETS", "TYPE_NAMES", "candidate_modules", "find_targets"]
@@ -39,7 +40,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
 TYPE_NAMES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 _AUTO_ORDER = ("vit_attention", "resnet_blocks", "convnext_blocks")
 _VIT_PROBE = re.compile(r"(.*\.)?blocks\.\d+\.attn\.qkv")
-_MAX_LISTED = 30
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -59,14 +59,15 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return candidates
 
 
+_HINT = (
+    f"Give module names, regular expressions full-matching them, a type name ({', '.join(TYPE_NAMES)}) or a preset "
+    f"({', '.join([*PRESETS, 'auto'])})."
+)
+
+
 def _not_found(target: str, candidates: dict[str, nn.Module], model: nn.Module) -> StrategyError:
-    listed = [f"{name} ({type(module).__name__})" for name, module in candidates.items()][:_MAX_LISTED]
-    more = f" and {len(candidates) - _MAX_LISTED} more" if len(candidates) > _MAX_LISTED else ""
-    return StrategyError(
-        f"lora: target {target!r} matches no Linear or Conv2d layer of {type(model).__name__} outside the "
-        f"classifier head. Candidates: {', '.join(listed) or 'none'}{more}. Give module names, regular expressions "
-        f"full-matching them, a type name ({', '.join(TYPE_NAMES)}) or a preset ({', '.join([*PRESETS, 'auto'])})."
-    )
+    what = f"Linear or Conv2d layer of {type(model).__name__} outside the classifier head"
+    return no_match_error("lora", target, what, candidates, _HINT)
 
 
 def _resolve_auto(candidates: dict[str, nn.Module], model: nn.Module) -> str:
@@ -88,10 +89,7 @@ def _matches(target: str, candidates: dict[str, nn.Module], model: nn.Module) ->
         return [name for name, module in candidates.items() if isinstance(module, TYPE_NAMES[target])]
     if target in candidates:
         return [target]
-    try:
-        pattern = re.compile(target)
-    except re.error as err:
-        raise StrategyError(f"lora: target {target!r} is neither a module name nor a valid regex ({err}).") from None
+    pattern = compile_target("lora", target)
     return [name for name in candidates if pattern.fullmatch(name)]
 
 
@@ -113,16 +111,6 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> lis
         >>> find_targets(model, [r"blocks\.0\.mlp\.fc1", "blocks.5.attn.proj"])
         ['blocks.0.mlp.fc1', 'blocks.5.attn.proj']
     """
-    entries = [targets] if isinstance(targets, str) else list(targets)
-    if not entries:
-        raise StrategyError("lora: `targets` is empty; give a preset such as 'auto' or module names.")
     candidates = candidate_modules(model)
-    chosen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise StrategyError(f"lora: targets must be strings, got {entry!r}.")
-        found = _matches(entry, candidates, model)
-        if not found:
-            raise _not_found(entry, candidates, model)
-        chosen.update(found)
-    return [name for name in candidates if name in chosen]
+    what = f"Linear or Conv2d layer of {type(model).__name__} outside the classifier head"
+    return select_targets("lora", targets, candidates, lambda t: _matches(t, candidates, model), what, _HINT)

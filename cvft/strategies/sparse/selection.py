@@ -16,7 +16,6 @@ share of the count, proportional to its size (largest remainders), and takes the
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
+from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import LossFn
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
 #: Criterion names and the score each one uses.
 CRITERIA = {"magnitude": "magnitude", "l1": "magnitude", "gradient": "gradient", "fisher": "fisher"}
 SCOPES = ("global", "per_tensor")
-_MAX_LISTED = 30
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -81,32 +80,20 @@ def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") ->
         ['blocks.0.mlp.fc1', 'blocks.0.mlp.fc2', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2', 'blocks.5.attn.proj']
     """
     candidates = _candidates(model)
-    entries = [targets] if isinstance(targets, str) else list(targets)
-    if not entries:
-        raise StrategyError("sparse: `targets` is empty; give 'all' or module names / regexes.")
-    chosen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise StrategyError(f"sparse: targets must be strings, got {entry!r}.")
+
+    def match(entry: str) -> set[str]:
         if entry == "all":
-            found = set(candidates)
-        else:
-            try:
-                pattern = re.compile(entry)
-            except re.error as err:
-                raise StrategyError(f"sparse: target {entry!r} is neither a name nor a valid regex ({err}).") from None
-            found = {n for n in candidates if entry in (n, f"{n}.weight") or pattern.fullmatch(n)}
-            found |= {n for n in candidates if pattern.fullmatch(f"{n}.weight")}
-        if not found:
-            listed = [f"{n} ({type(m).__name__})" for n, m in candidates.items()][:_MAX_LISTED]
-            more = f" and {len(candidates) - _MAX_LISTED} more" if len(candidates) > _MAX_LISTED else ""
-            raise StrategyError(
-                f"sparse: target {entry!r} matches no Linear or Conv2d weight of {type(model).__name__} outside the "
-                f"classifier head. Candidates: {', '.join(listed) or 'none'}{more}. Give 'all', module names, "
-                "weight names or regexes full-matching them."
-            )
-        chosen |= found
-    return [name for name in candidates if name in chosen]
+            return set(candidates)
+        pattern = compile_target("sparse", entry)
+        return {
+            n
+            for n in candidates
+            if entry in (n, f"{n}.weight") or pattern.fullmatch(n) or pattern.fullmatch(f"{n}.weight")
+        }
+
+    what = f"Linear or Conv2d weight of {type(model).__name__} outside the classifier head"
+    hint = "Give 'all', module names, weight names or regexes full-matching them."
+    return select_targets("sparse", targets, candidates, match, what, hint)
 
 
 def budget_count(budget: float | int, selectable: int) -> int:

@@ -26,6 +26,7 @@ from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
 from cvft.strategies._modules import set_submodule
+from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import Strategy
 from cvft.strategies.lora.layer import LoRALayer
 from cvft.strategies.lora.targets import PRESETS as LORA_PRESETS
@@ -43,7 +44,6 @@ TYPE_NAMES: dict[str, type[nn.Module] | tuple[type[nn.Module], ...]] = {
     "GroupNorm": nn.GroupNorm,
     "norms": _NORM_TYPES,
 }
-_MAX_LISTED = 30
 
 
 def ssf_layers(model: nn.Module) -> dict[str, SSFLayer]:
@@ -81,10 +81,7 @@ def _matches(target: str, candidates: dict[str, nn.Module]) -> list[str]:
         return [name for name in candidates if any(p.fullmatch(name) for p in patterns)]
     if target in candidates:
         return [target]
-    try:
-        pattern = re.compile(target)
-    except re.error as err:
-        raise StrategyError(f"ssf: target {target!r} is neither a module name nor a valid regex ({err}).") from None
+    pattern = compile_target("ssf", target)
     return [name for name in candidates if pattern.fullmatch(name)]
 
 
@@ -99,25 +96,13 @@ def find_ssf_targets(model: nn.Module, targets: str | Sequence[str] = "auto") ->
         >>> find_ssf_targets(timm.create_model("test_resnet"), ["norms", r"layer4\.0\.conv2"])[-3:]
         ['layer4.0.conv2', 'layer4.0.bn2', 'layer4.0.downsample.2']
     """
-    entries = [targets] if isinstance(targets, str) else list(targets)
-    if not entries:
-        raise StrategyError("ssf: `targets` is empty; give a preset such as 'auto' or module names.")
     candidates = ssf_candidates(model)
-    chosen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise StrategyError(f"ssf: targets must be strings, got {entry!r}.")
-        found = _matches(entry, candidates)
-        if not found:
-            listed = [f"{n} ({type(m).__name__})" for n, m in candidates.items()][:_MAX_LISTED]
-            more = f" and {len(candidates) - _MAX_LISTED} more" if len(candidates) > _MAX_LISTED else ""
-            raise StrategyError(
-                f"ssf: target {entry!r} matches no layer of {type(model).__name__} that SSF can follow. Candidates: "
-                f"{', '.join(listed) or 'none'}{more}. Give module names, regexes full-matching them, a type name "
-                f"({', '.join(TYPE_NAMES)}) or a preset ({', '.join(['auto', 'all', *LORA_PRESETS])})."
-            )
-        chosen.update(found)
-    return [name for name in candidates if name in chosen]
+    what = f"layer of {type(model).__name__} that SSF can follow"
+    hint = (
+        f"Give module names, regexes full-matching them, a type name ({', '.join(TYPE_NAMES)}) or a preset "
+        f"({', '.join(['auto', 'all', *LORA_PRESETS])})."
+    )
+    return select_targets("ssf", targets, candidates, lambda t: _matches(t, candidates), what, hint)
 
 
 def inject_ssf(model: nn.Module, targets: str | Sequence[str] = "auto", init_std: float = 0.0) -> list[str]:
