@@ -28,6 +28,7 @@ from cvft.backbones.weights import write_safetensors_atomic
 from cvft.errors import CvftError
 from cvft.strategies.merge import fold_all, unfoldable_modules
 from cvft.tasks import ImageClassifier
+from cvft.tasks.schedules import timm_kwargs
 
 __all__ = ["export_classifier", "export_onnx", "main"]
 
@@ -46,9 +47,10 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
     """
     backbone = fold_all(model.backbone)
     hp = model.hparams
+    kwargs = timm_kwargs(hp.get("backbone_kwargs"), hp.get("drop_path_rate"))
     with torch.device("meta"):
         plain = timm.create_model(
-            hp.backbone, pretrained=False, num_classes=model.num_classes, in_chans=hp.in_chans, **_timm_kwargs(hp)
+            hp.backbone, pretrained=False, num_classes=model.num_classes, in_chans=hp.in_chans, **kwargs
         )
     extra = unfoldable_modules(backbone, plain.state_dict())
     if extra:
@@ -65,13 +67,6 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
         "class_names": json.dumps(model.class_names),
     }
     return write_safetensors_atomic(backbone.state_dict(), output, metadata, hint="Choose a writable output path.")
-
-
-def _timm_kwargs(hparams) -> dict:
-    kwargs = dict(hparams.get("backbone_kwargs") or {})
-    if hparams.get("drop_path_rate") is not None:
-        kwargs["drop_path_rate"] = hparams.drop_path_rate
-    return kwargs
 
 
 def export_onnx(backbone: nn.Module, output: str | Path, image_size: int, in_chans: int = 3) -> Path:

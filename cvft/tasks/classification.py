@@ -28,7 +28,7 @@ from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
-from cvft.tasks.schedules import WarmupCosine
+from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
 
 __all__ = ["ImageClassifier"]
 
@@ -126,11 +126,13 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["strategies"])
         self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
 
-        timm_kwargs: dict[str, Any] = dict(backbone_kwargs or {})
-        if drop_path_rate is not None:
-            timm_kwargs["drop_path_rate"] = drop_path_rate
         self.backbone = create_backbone(
-            backbone, pretrained=pretrained, weights=weights, num_classes=num_classes, in_chans=in_chans, **timm_kwargs
+            backbone,
+            pretrained=pretrained,
+            weights=weights,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **timm_kwargs(backbone_kwargs, drop_path_rate),
         )
         if not is_pretrained(self.backbone):
             _logger.warning(
@@ -346,17 +348,4 @@ class ImageClassifier(pl.LightningModule):
         groups = build_param_groups(
             self.backbone, hp.lr, hp.weight_decay, self.strategy_stack.lr_scales(self.backbone), prefix="backbone."
         )
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0, weight_decay=hp.weight_decay
-            )
-        else:
-            raise CvftError(f"Unknown optimizer {hp.optimizer!r}; choose 'adamw' or 'sgd'.")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(hp.warmup_epochs * total / epochs))
-        schedule = WarmupCosine(min(warmup, total - 1), total, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_schedule(groups, self.trainer, hp)

@@ -32,7 +32,7 @@ from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
-from cvft.tasks.schedules import WarmupCosine
+from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
 from cvft.tasks.task_weighting import build_task_weighting
 
 __all__ = ["MultiTaskClassifier", "check_tasks"]
@@ -200,11 +200,13 @@ class MultiTaskClassifier(pl.LightningModule):
         self.hparams["tasks"] = tasks  # primitives only, so checkpoints load with weights_only
         self.hparams["strategies"] = stack.config()
 
-        timm_kwargs: dict[str, Any] = dict(backbone_kwargs or {})
-        if drop_path_rate is not None:
-            timm_kwargs["drop_path_rate"] = drop_path_rate
         self.backbone = create_backbone(
-            backbone, pretrained=pretrained, weights=weights, num_classes=0, in_chans=in_chans, **timm_kwargs
+            backbone,
+            pretrained=pretrained,
+            weights=weights,
+            num_classes=0,
+            in_chans=in_chans,
+            **timm_kwargs(backbone_kwargs, drop_path_rate),
         )
         if not is_pretrained(self.backbone):
             _logger.warning("%s starts from random initialisation (no pretrained weights).", backbone)
@@ -389,16 +391,4 @@ class MultiTaskClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""
         hp = self.hparams
-        groups = self.param_groups()
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0, weight_decay=hp.weight_decay
-            )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(hp.warmup_epochs * total / epochs))
-        schedule = WarmupCosine(min(warmup, total - 1), total, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_schedule(self.param_groups(), self.trainer, hp)

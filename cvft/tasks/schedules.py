@@ -1,10 +1,16 @@
-"""Learning-rate schedules used by cvft's tasks."""
+"""Learning-rate schedules and the optimizer set-up shared by cvft's tasks."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["WarmupCosine"]
+import torch
+
+from cvft.errors import CvftError
+
+__all__ = ["WarmupCosine", "optimizer_with_schedule", "timm_kwargs"]
 
 
 class WarmupCosine:
@@ -37,3 +43,41 @@ class WarmupCosine:
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_with_schedule(groups: list[dict[str, Any]], trainer: Any, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """AdamW or SGD over ``groups`` plus a per-step warmup + cosine schedule, as ``configure_optimizers`` returns.
+
+    ``hparams`` holds ``optimizer`` (``"adamw"`` or ``"sgd"``), ``lr``, ``weight_decay``, ``momentum``,
+    ``warmup_epochs`` and ``min_lr_ratio``; the number of steps comes from ``trainer.estimated_stepping_batches``.
+
+    Raises:
+        CvftError: An unknown optimizer name.
+    """
+    name = hparams["optimizer"]
+    lr, weight_decay, momentum = hparams["lr"], hparams["weight_decay"], hparams["momentum"]
+    if name == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    else:
+        raise CvftError(f"Unknown optimizer {name!r}; choose 'adamw' or 'sgd'.")
+    total = max(1, int(trainer.estimated_stepping_batches))
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    warmup = int(round(hparams["warmup_epochs"] * total / epochs))
+    schedule = WarmupCosine(min(warmup, total - 1), total, hparams["min_lr_ratio"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def timm_kwargs(backbone_kwargs: Mapping[str, Any] | None, drop_path_rate: float | None) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments of a task: ``backbone_kwargs`` plus ``drop_path_rate`` when set.
+
+    Example:
+        >>> timm_kwargs({"img_size": 32}, 0.1)
+        {'img_size': 32, 'drop_path_rate': 0.1}
+    """
+    kwargs = dict(backbone_kwargs or {})
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    return kwargs
