@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cvft.backbones.layer_groups import head_parameter_names
+from cvft.errors import StrategyError
+
 _GUARD_ATTR = "_cvft_frozen_stats_hook"
 _NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
@@ -114,3 +117,22 @@ def batchnorm_parameter_names(model: nn.Module) -> set[str]:
 def norm_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters of every normalisation layer in ``model``."""
     return _parameter_names_of(model, is_norm_layer)
+
+
+def require_head(model: nn.Module, method: str, train_head: bool) -> set[str]:
+    """The classifier head's parameter names when ``train_head``; refuse a model without a head then.
+
+    Example:
+        >>> import timm
+        >>> sorted(require_head(timm.create_model("test_vit", num_classes=3), "vpt", True))
+        ['head.bias', 'head.weight']
+    """
+    if not train_head:
+        return set()
+    head = head_parameter_names(model)
+    if not head:
+        raise StrategyError(
+            f"{method}: train_head=True needs a classifier head, but {type(model).__name__} has none "
+            "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
+        )
+    return head

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies.adapters.layer import AdapterWrapper, adapter_parameter_names, make_activation, set_submodule
 from cvft.strategies.adapters.targets import transformer_blocks
 from cvft.strategies.base import Strategy
@@ -140,12 +139,7 @@ class BottleneckAdapterStrategy(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         """Inject the adapters, then train them (and the head) only."""
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"{self.name}: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
+        head = require_head(model, self.name, self.train_head)
         self.inject(model)
         set_trainable(model, set(head) | adapter_parameter_names(model))
         sync_batchnorm_stats(model, train_bn=False)

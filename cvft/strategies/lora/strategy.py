@@ -6,9 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import Strategy
 from cvft.strategies.lora.layer import QKV_PARTS, LoRAConv2d, LoRALayer, LoRALinear, check_adapter_hyperparameters
@@ -105,12 +104,7 @@ class AdapterStrategy(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         """Freeze the model, wrap the targets and make their updates (and the head) trainable."""
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"{self.name}: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
+        head = require_head(model, self.name, self.train_head)
         names = self.inject(model)
         trainable = set(head) | lora_parameter_names(model)
         if self.train_bias:

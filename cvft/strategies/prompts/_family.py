@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 
-__all__ = ["SUPPORTED", "require_vision_transformer", "require_head"]
+__all__ = ["SUPPORTED", "require_vision_transformer"]
 
 #: How the error messages name the supported family.
 SUPPORTED = (
@@ -55,22 +54,3 @@ def require_vision_transformer(model: nn.Module, method: str) -> None:
             f"{method}: {type(model).__name__} lacks {', '.join(missing) or 'blocks'}, which {method} hooks into; "
             f"it supports {SUPPORTED}."
         )
-
-
-def require_head(model: nn.Module, method: str, train_head: bool) -> set[str]:
-    """The classifier head's parameter names when ``train_head``; refuse a model without a head then.
-
-    Example:
-        >>> import timm
-        >>> sorted(require_head(timm.create_model("test_vit", num_classes=3), "vpt", True))
-        ['head.bias', 'head.weight']
-    """
-    if not train_head:
-        return set()
-    head = head_parameter_names(model)
-    if not head:
-        raise StrategyError(
-            f"{method}: train_head=True needs a classifier head, but {type(model).__name__} has none "
-            "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-        )
-    return head

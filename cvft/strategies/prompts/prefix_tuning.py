@@ -19,9 +19,9 @@ from __future__ import annotations
 from torch import nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies.base import Strategy
-from cvft.strategies.prompts._family import SUPPORTED, require_head, require_vision_transformer
+from cvft.strategies.prompts._family import SUPPORTED, require_vision_transformer
 from cvft.strategies.prompts.prefix_layer import PrefixAttention, PrefixEncoder, is_wrappable_attention
 from cvft.strategies.registry import register_strategy
 

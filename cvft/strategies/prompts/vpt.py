@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies.base import Strategy
-from cvft.strategies.prompts._family import require_head, require_vision_transformer
+from cvft.strategies.prompts._family import require_vision_transformer
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["VPT", "VisualPrompts", "PROMPTS_ATTR", "vpt_init_bound"]

@@ -16,9 +16,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies.base import Strategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.side.layer import SideNetwork, TopBottleneck, TopTransformer
@@ -236,12 +235,7 @@ class SideTuning(Strategy):
         """Freeze the model, attach the top block or side network with its hooks, train it (and the head)."""
         if hasattr(model, SIDE_ATTR):
             raise StrategyError(f"side_module: {type(model).__name__} already has a `{SIDE_ATTR}`; apply it once.")
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"side_module: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
+        head = require_head(model, "side_module", self.train_head)
         side, module_name = self._build(model)
         try:
             features_module = model.get_submodule(module_name)

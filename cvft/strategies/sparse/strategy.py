@@ -9,9 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import LossFn, Strategy
 from cvft.strategies.registry import register_strategy
@@ -165,12 +164,7 @@ class SparseFineTune(Strategy):
         """Wrap the selectable layers, select by magnitude and train ``sparse_delta.values`` (and the head)."""
         if hasattr(model, SPARSE_DELTA_ATTR):
             raise StrategyError(f"sparse: {type(model).__name__} already has a `{SPARSE_DELTA_ATTR}`; set up once.")
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"sparse: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
+        head = require_head(model, "sparse", self.train_head)
         names = selectable_layers(model, self.targets)
         weights = [model.get_submodule(name).weight for name in names]
         count = budget_count(self.budget, sum(w.numel() for w in weights))

@@ -24,7 +24,7 @@ from torch import nn
 
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
 from cvft.strategies._modules import set_submodule
 from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import Strategy
@@ -183,12 +183,7 @@ class SSF(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         """Freeze the model, insert the SSF wrappers and train their scales and shifts (and the head)."""
-        head = head_parameter_names(model) if self.train_head else set()
-        if self.train_head and not head:
-            raise StrategyError(
-                f"ssf: train_head=True needs a classifier head, but {type(model).__name__} has none "
-                "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
-            )
+        head = require_head(model, "ssf", self.train_head)
         inject_ssf(model, self.targets, self.init_std)
         trainable = set(head)
         for name in ssf_layers(model):
