@@ -25,6 +25,7 @@ from cvft.strategies.freezing import (
     NormOnly,
 )
 from cvft.strategies.gradual_unfreeze import GradualUnfreeze
+from cvft.strategies.headless import setup_headless
 from cvft.strategies.layerwise_lr import LayerwiseLRDecay
 from cvft.strategies.loha import LoHA
 from cvft.strategies.lokr import LoKr
@@ -46,6 +47,7 @@ from cvft.strategies.sparse import SparseFineTune, merge_sparse
 from cvft.strategies.ssf import SSF, fold_ssf
 
 __all__ = [
+    "setup_headless",
     "AdaBN",
     "AdaBNCallback",
     "PseudoLabel",

@@ -30,6 +30,7 @@ from cvft.backbones import create_backbone, is_pretrained, weights_source
 from cvft.errors import CvftError
 from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import StrategyStack
+from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
@@ -120,12 +121,9 @@ class MultiTaskClassifier(pl.LightningModule):
     cross-entropy; :mod:`cvft.tasks.task_weighting` combines them (``weighting``, ``loss_weights``).
 
     Parameter strategies (``linear_probe``, ``lora``, adapters, ...) act on the shared backbone, by the same names as
-    for :class:`~cvft.tasks.ImageClassifier`. They expect a timm model *with* a classifier (their ``train_head``
-    option, ``linear_probe``'s head), so the backbone gets a one-output placeholder head (``reset_classifier(1)``)
-    while they are set up, which is removed again (``reset_classifier(0)``) afterwards: every strategy runs
-    unchanged, "train the head" becomes a no-op, and the task heads always train. Learning-rate scales are taken
-    while the placeholder is there, so ``layerwise_lr`` decays from the heads down exactly as it does for
-    :class:`~cvft.tasks.ImageClassifier`. Strategies that calibrate on
+    for :class:`~cvft.tasks.ImageClassifier`, set up by :func:`~cvft.strategies.headless.setup_headless`: every
+    strategy runs unchanged, "train the head" becomes a no-op, the task heads always train, and ``layerwise_lr``
+    decays from the heads down exactly as it does for :class:`~cvft.tasks.ImageClassifier`. Strategies that calibrate on
     data (``sparse``) or add loss terms (objectives) assume a single task and are refused.
 
     Args:
@@ -213,14 +211,7 @@ class MultiTaskClassifier(pl.LightningModule):
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.strategy_stack = stack
-        self._lr_scales: dict[str, float] = {}
-        if len(stack):
-            self.backbone.reset_classifier(1)  # placeholder head: strategies expect a timm classifier
-            stack.setup(self.backbone)
-            # learning-rate scales are taken with the head in place, so that layer-wise decay counts from the
-            # heads (scale 1) down, as in ImageClassifier
-            self._lr_scales = stack.lr_scales(self.backbone)
-            self.backbone.reset_classifier(0)
+        self._lr_scales = setup_headless(self.backbone, stack)
         self.num_features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
 
         self.tasks = tasks
