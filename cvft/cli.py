@@ -9,6 +9,7 @@ Examples::
 
 Every fit writes, into ``<trainer.default_root_dir>/<run name>/version_<n>/``: ``checkpoints/`` (best and last),
 ``metrics.csv``, TensorBoard event files, ``learning_curves.png``, ``confusion_matrix.png`` and ``config.yaml``.
+A config with the top-level key ``task: detection`` (or ``--task detection``) runs :mod:`cvft.cli_detection` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,11 +28,70 @@ from cvft import __version__
 from cvft.callbacks import PredictionWriter, TrainingReport, output_dir
 from cvft.data import ImageFolderDataModule
 from cvft.errors import CvftError
+from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
 
-__all__ = ["CvftCLI", "main", "default_loggers", "add_teacher"]
+__all__ = ["CvftCLI", "MedicalCLI", "main", "default_loggers", "add_teacher", "find_task", "TASKS"]
 
 _logger = logging.getLogger("cvft")
+
+TASKS = ("classification", "detection", "medical")
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _task_in_config(path: str) -> str | None:
+    """The top-level ``task:`` of a YAML config file (or of its subcommand section), None when it names none."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        return None  # LightningCLI reports the missing file (or parses an inline YAML string)
+    try:
+        config = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        return None  # LightningCLI reports the syntax error with its position
+    if not isinstance(config, dict):
+        return None
+    sections = [config] + [config[name] for name in _SUBCOMMANDS if isinstance(config.get(name), dict)]
+    found = [section["task"] for section in sections if "task" in section]
+    return str(found[-1]) if found else None
+
+
+def find_task(argv: list[str]) -> str:
+    """The task a ``cvft`` command line asks for: ``--task``, else the last ``task:`` of its ``--config`` files.
+
+    Args:
+        argv: The arguments after ``cvft`` (``["fit", "--config", "x.yaml", ...]``).
+
+    Returns:
+        One of :data:`TASKS`; ``"classification"`` when nothing names a task.
+
+    Raises:
+        CvftError: The task named is not one of :data:`TASKS`.
+
+    Example:
+        >>> find_task(["fit", "--data.root", "images/"]), find_task(["predict", "--task=detection"])
+        ('classification', 'detection')
+    """
+    task, source = None, None
+    for i, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if name == "--task":
+            task, source = value, "--task"
+        elif name in ("--config", "-c") and source != "--task":  # --task wins wherever it stands
+            from_file = _task_in_config(value)
+            if from_file is not None:
+                task, source = from_file, value
+    if task is None:
+        return "classification"
+    if task not in TASKS:
+        raise CvftError(
+            f"Unknown task {task!r} (from {source}); choose one of {', '.join(TASKS)} "
+            "(set it with `task: detection` at the top of the config file or with --task)."
+        )
+    return task
 
 
 def read_checkpoint_hparams(path: str | Path) -> dict[str, Any]:
@@ -84,9 +144,13 @@ class CvftCLI(LightningCLI):
       config), ``data.multi_label`` to ``model.multi_label`` and ``data.channels`` to ``model.in_chans``;
       ``num_classes`` and ``class_names`` come from the data once it is instantiated.
     * Callbacks always present and configurable: ``--checkpoint.*`` (best by ``val/acc`` and last),
-      ``--report.*`` (learning-curve and confusion-matrix PNGs), ``--predictions.*`` (predictions CSV).
+      ``--report.*`` (learning-curve and confusion-matrix PNGs), ``--predictions.*`` (predictions CSV),
+      ``--medical_report.*`` (ROC curves, reliability diagram, clinical metrics; off until ``enabled: true``).
     * Without ``--trainer.logger``, metrics go to CSV and TensorBoard in the same run folder.
     """
+
+    #: The ``--task`` this CLI runs (its saved ``config.yaml`` names it, so the config round-trips).
+    task: ClassVar[str] = "classification"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link model and data arguments and add cvft's callbacks."""
@@ -106,6 +170,15 @@ class CvftCLI(LightningCLI):
         )
         parser.add_lightning_class_args(TrainingReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(MedicalReport, "medical_report")  # ROC, calibration: --medical_report.enabled
+        parser.set_defaults({"medical_report.enabled": False})
+        parser.add_argument(
+            "--task",
+            type=Literal[self.task],  # type: ignore[valid-type]
+            default=self.task,
+            help="What to train; `cvft` picks the CLI from it (`--task detection` trains an object detector, "
+            "`--task medical` a classifier on MedicalImageDataModule with the medical report on).",
+        )
         parser.add_argument(
             "--teacher",
             type=str | None,
@@ -184,6 +257,22 @@ class CvftCLI(LightningCLI):
                 print(f"Predictions: {callback.path}", flush=True)
 
 
+class MedicalCLI(CvftCLI):
+    """:class:`CvftCLI` on :class:`~cvft.data.MedicalImageDataModule` (DICOM, NIfTI, 16-bit PNG/TIFF, MedMNIST).
+
+    Chosen by ``task: medical`` in a config (``configs/medical/``) or ``--task medical``. The medical report
+    (``--medical_report.*``: per-class AUROC, sensitivity/specificity at the operating point, ECE, ROC curves and a
+    reliability diagram) is on by default.
+    """
+
+    task: ClassVar[str] = "medical"
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """CvftCLI's arguments, with the medical report enabled."""
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"medical_report.enabled": True})
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``cvft`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -196,10 +285,30 @@ def main(args: list[str] | None = None) -> None:
         except CvftError as err:
             print(f"cvft export: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+    if argv[:1] == ["explain"]:
+        from cvft.medical.explain_cli import main as explain_main
+
+        try:
+            raise SystemExit(explain_main(argv[1:]))
+        except CvftError as err:
+            print(f"cvft explain: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     try:
-        CvftCLI(
+        task = find_task(argv)
+        if task == "detection":
+            from cvft.cli_detection import run_detection_cli
+
+            run_detection_cli(args)
+            return
+        if task == "medical":
+            from cvft.data import MedicalImageDataModule
+
+            cli_class, data_class = MedicalCLI, MedicalImageDataModule
+        else:
+            cli_class, data_class = CvftCLI, ImageFolderDataModule
+        cli_class(
             ImageClassifier,
-            ImageFolderDataModule,
+            data_class,
             args=args,
             trainer_defaults={"default_root_dir": "runs"},
             save_config_kwargs={"overwrite": True},

@@ -6,7 +6,15 @@ Example:
     True
 """
 
+from cvft.callbacks.detection_predictions import DetectionPredictionWriter
 from cvft.callbacks.predictions import PredictionWriter
 from cvft.callbacks.report import TrainingReport, output_dir, plot_confusion_matrix, plot_learning_curves
 
-__all__ = ["TrainingReport", "PredictionWriter", "output_dir", "plot_learning_curves", "plot_confusion_matrix"]
+__all__ = [
+    "TrainingReport",
+    "PredictionWriter",
+    "DetectionPredictionWriter",
+    "output_dir",
+    "plot_learning_curves",
+    "plot_confusion_matrix",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ __all__ = ["TrainingReport", "output_dir", "plot_learning_curves", "plot_confusi
 _logger = logging.getLogger(__name__)
 _CURVE_PANELS = (
     ("loss", ("train/loss_epoch", "val/loss")),
-    ("metric", ("train/acc", "val/acc", "val/f1_macro", "val/auroc")),
+    ("metric", ("train/acc", "val/acc", "val/f1_macro", "val/auroc", "val/map", "val/map_50")),  # map: detection
 )
 
 
@@ -45,10 +46,16 @@ def _pyplot():
 
 
 def _save_figure(plt, fig, path: str | Path) -> Path:
+    """Save ``fig`` atomically (temporary file, then ``os.replace``) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(partial, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+        os.replace(partial, path)
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -86,8 +93,12 @@ def plot_learning_curves(history: list[Mapping[str, float]], path: str | Path) -
     return _save_figure(plt, fig, path)
 
 
-def plot_confusion_matrix(matrix: Tensor, class_names: list[str], path: str | Path, normalize: bool = True) -> Path:
+def plot_confusion_matrix(
+    matrix: Tensor, class_names: list[str], path: str | Path, normalize: bool = True, title: str | None = None
+) -> Path:
     """Draw a confusion matrix (rows: true class, columns: predicted) as a PNG, with counts in the cells.
+
+    The title (default ``"Validation confusion matrix"``) is followed by the accuracy.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -114,7 +125,7 @@ def plot_confusion_matrix(matrix: Tensor, class_names: list[str], path: str | Pa
                 colour = "white" if shown[i, j] > threshold else "black"
                 ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", color=colour, fontsize=8)
     accuracy = counts.diag().sum() / counts.sum().clamp_min(1)
-    ax.set_title(f"Validation confusion matrix (accuracy {accuracy:.3f})")
+    ax.set_title(f"{title or 'Validation confusion matrix'} (accuracy {accuracy:.3f})")
     fig.tight_layout()
     return _save_figure(plt, fig, path)
 

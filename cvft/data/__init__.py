@@ -1,4 +1,4 @@
-"""Image classification data: reading images, finding samples, splitting, transforms and the DataModule.
+"""Image data: reading images, finding samples, splitting, transforms and the DataModules (classification, detection).
 
 Example:
     >>> from cvft.data import ImageFolderDataModule, write_demo_image_folder
@@ -8,8 +8,10 @@ Example:
 
 from cvft.data.dataset import ImageDataset, seed_worker
 from cvft.data.demo import DEMO_SOURCES, write_demo_image_folder
+from cvft.data.detection import DetectionDataModule, write_shapes_detection
 from cvft.data.image_folder import CHECK_IMAGES_MODES, ImageFolderDataModule
 from cvft.data.io import IMAGE_SUFFIXES, check_image, is_image_file, load_image
+from cvft.data.medical import MedicalImageDataModule
 from cvft.data.multitask import MultiTaskDataModule, TaskBatchSampler
 from cvft.data.samples import (
     Sample,
@@ -35,9 +37,11 @@ __all__ = [
     "AUGMENT_PRESETS",
     "CHECK_IMAGES_MODES",
     "DEMO_SOURCES",
+    "DetectionDataModule",
     "IMAGENET_DATA_CONFIG",
     "IMAGE_SUFFIXES",
     "INTERPOLATIONS",
+    "MedicalImageDataModule",
     "ImageDataset",
     "ImageFolderDataModule",
     "MultiTaskDataModule",
@@ -59,4 +63,5 @@ __all__ = [
     "seed_worker",
     "stratified_split",
     "write_demo_image_folder",
+    "write_shapes_detection",
 ]

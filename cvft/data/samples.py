@@ -189,41 +189,20 @@ def read_label_csv(
     rows = _read_rows(csv_path)
     labels: list[list[str]] = []
     for line, path_text, label_text in rows:
-        names = [part.strip() for part in label_text.split("|")] if multi_label else [label_text.strip()]
-        if not label_text.strip() or any(not name for name in names):
-            raise DatasetError(
-                f"{csv_path} line {line} ({path_text}) has an empty label. Fill in its class or delete the row."
-            )
-        if not multi_label and "|" in label_text:
-            raise DatasetError(
-                f"{csv_path} line {line} has several classes {label_text!r}. Use multi_label=True for multi-label "
-                "data, or give each image one class."
-            )
-        labels.append(sorted(set(names)))
+        labels.append(parse_label_cell(label_text, multi_label, f"{csv_path} line {line} ({path_text})"))
     if class_names is None:
-        class_names = _sorted_labels({name for names in labels for name in names})
+        class_names = sorted_labels({name for names in labels for name in names})
     index = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
     missing: list[str] = []
     for (line, path_text, _), names in zip(rows, labels, strict=True):
-        unknown = [name for name in names if name not in index]
-        if unknown:
-            raise DatasetError(
-                f"{csv_path} line {line} ({path_text}) has label(s) {unknown} that are not among the training "
-                f"classes {list(class_names)}. Fix the label, or add the class to the training data."
-            )
-        path = Path(path_text)
-        path = path if path.is_absolute() else base / path
+        targets = label_indices(names, index, f"{csv_path} line {line} ({path_text})")
+        path = resolve_csv_path(path_text, base)
         if not path.is_file():
             missing.append(f"line {line}: {path}")
-        targets = tuple(sorted(index[name] for name in names))
         samples.append(Sample(path, targets if multi_label else targets[0]))
     if missing:
-        listed = "\n  ".join(missing[:_MAX_LISTED]) + ("\n  …" if len(missing) > _MAX_LISTED else "")
-        raise DatasetError(
-            f"{len(missing)} image(s) named in {csv_path} do not exist (paths are relative to {base}):\n  {listed}\n"
-            "Fix the paths, pass root= for the folder they are relative to, or delete those rows."
-        )
+        raise missing_files_error(missing, csv_path, base)
     return samples, list(class_names)
 
 
@@ -416,7 +395,54 @@ def _read_rows(csv_path: Path) -> list[tuple[int, str, str]]:
     return rows
 
 
-def _sorted_labels(labels: set[str]) -> list[str]:
+# --- label-CSV pieces shared with cvft.data.medical.labels ------------------------------------------------------
+
+
+def parse_label_cell(label_text: str, multi_label: bool, where: str) -> list[str]:
+    """Split one CSV label cell into its sorted, de-duplicated class names (``a|b`` when ``multi_label``).
+
+    Raises:
+        DatasetError: The cell (or one of its ``|`` parts) is empty, or a single-label cell names several classes.
+    """
+    names = [part.strip() for part in label_text.split("|")] if multi_label else [label_text.strip()]
+    if not label_text.strip() or any(not name for name in names):
+        raise DatasetError(f"{where} has an empty label. Fill in its class or delete the row.")
+    if not multi_label and "|" in label_text:
+        raise DatasetError(
+            f"{where} has several classes {label_text!r}. Use multi_label=True for multi-label data, or give each "
+            "image one class."
+        )
+    return sorted(set(names))
+
+
+def label_indices(names: Sequence[str], index: dict[str, int], where: str) -> tuple[int, ...]:
+    """Map class names to their sorted indices; a name not in ``index`` raises :class:`DatasetError`."""
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise DatasetError(
+            f"{where} has label(s) {unknown} that are not among the training classes {list(index)}. Fix the label, "
+            "or add the class to the training data."
+        )
+    return tuple(sorted(index[name] for name in names))
+
+
+def resolve_csv_path(path_text: str, base: Path) -> Path:
+    """Return a CSV cell's path: absolute as given, else relative to ``base``."""
+    path = Path(path_text)
+    return path if path.is_absolute() else base / path
+
+
+def missing_files_error(missing: Sequence[str], csv_path: Path, base: Path) -> DatasetError:
+    """The error listing every missing image of a CSV file (``"line N: path"`` entries, the first 20 shown)."""
+    listed = "\n  ".join(missing[:_MAX_LISTED]) + ("\n  …" if len(missing) > _MAX_LISTED else "")
+    return DatasetError(
+        f"{len(missing)} image(s) named in {csv_path} do not exist (paths are relative to {base}):\n  {listed}\n"
+        "Fix the paths, pass root= for the folder they are relative to, or delete those rows."
+    )
+
+
+def sorted_labels(labels: set[str]) -> list[str]:
+    """Sort class names: numerically when all are integers, else alphabetically."""
     if labels and all(label.lstrip("-").isdigit() for label in labels):
         return sorted(labels, key=int)
     return sorted(labels)

@@ -7,7 +7,8 @@ Example:
 """
 
 from cvft.tasks.classification import ImageClassifier
+from cvft.tasks.detection import ObjectDetector
 from cvft.tasks.multitask import MultiTaskClassifier
 from cvft.tasks.schedules import WarmupCosine
 
-__all__ = ["ImageClassifier", "MultiTaskClassifier", "WarmupCosine"]
+__all__ = ["ImageClassifier", "MultiTaskClassifier", "ObjectDetector", "WarmupCosine"]

@@ -28,6 +28,7 @@ from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
+from cvft.tasks.losses import LOSSES, focal_loss
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
 
 __all__ = ["ImageClassifier"]
@@ -69,6 +70,12 @@ class ImageClassifier(pl.LightningModule):
             resolution (position embeddings are resampled when pretrained weights load).
         adapter: An adapter file (``.safetensors`` from :meth:`save_adapter`) to put on the backbone after the
             strategies are set up; it must come from the same backbone.
+        loss: ``"cross_entropy"`` (BCE for multi-label) or ``"focal"`` (:func:`cvft.tasks.losses.focal_loss`, for
+            imbalanced data such as rare findings); focal uses ``pos_weight`` too but not ``label_smoothing``.
+        focal_gamma: Focal loss focusing parameter (0 gives cross-entropy).
+        focal_alpha: Focal loss class weighting: one weight per class (single-label), or for multi-label a value in
+            ``[0, 1]`` (or one per class) weighting positives by ``alpha`` and negatives by ``1 - alpha``.
+            ``None``: no weighting.
 
     Example:
         >>> import torch
@@ -101,6 +108,9 @@ class ImageClassifier(pl.LightningModule):
         grad_checkpointing: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         adapter: str | None = None,
+        loss: Literal["cross_entropy", "focal"] = "cross_entropy",
+        focal_gamma: float = 2.0,
+        focal_alpha: float | list[float] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -121,6 +131,7 @@ class ImageClassifier(pl.LightningModule):
             raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
         if not 0.0 <= label_smoothing < 1.0:
             raise CvftError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
 
         stack = StrategyStack(build_strategies(strategies))
         self.save_hyperparameters(ignore=["strategies"])
@@ -156,6 +167,7 @@ class ImageClassifier(pl.LightningModule):
         if multi_label:
             weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight is not None else None
             self.register_buffer("pos_weight", weight, persistent=False)
+        self.register_buffer("focal_alpha", focal_weights, persistent=False)
         self.train_metrics = self._metrics("train/")
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
@@ -231,7 +243,12 @@ class ImageClassifier(pl.LightningModule):
         return self.backbone(images)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy (with label smoothing) or, for multi-label, BCE with ``pos_weight``."""
+        """Cross-entropy (with label smoothing) or, for multi-label, BCE with ``pos_weight``; or the focal loss."""
+        if self.hparams.loss == "focal":
+            pos_weight = self.pos_weight if self.multi_label else None
+            return focal_loss(
+                logits, targets, self.hparams.focal_gamma, self.focal_alpha, self.multi_label, pos_weight=pos_weight
+            )
         if self.multi_label:
             return nn.functional.binary_cross_entropy_with_logits(
                 logits, targets.to(logits.dtype), pos_weight=self.pos_weight
@@ -349,3 +366,36 @@ class ImageClassifier(pl.LightningModule):
             self.backbone, hp.lr, hp.weight_decay, self.strategy_stack.lr_scales(self.backbone), prefix="backbone."
         )
         return optimizer_with_schedule(groups, self.trainer, hp)
+
+
+def _focal_alpha(
+    loss: str,
+    gamma: float,
+    alpha: float | list[float] | None,
+    label_smoothing: float,
+    num_classes: int,
+    multi_label: bool,
+) -> Tensor | None:
+    """Validate the loss options; return focal ``alpha`` as a tensor (``None``: no class weighting)."""
+    if loss not in LOSSES:
+        raise CvftError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+    if loss != "focal":
+        return None
+    if gamma < 0:
+        raise CvftError(f"focal_gamma must be >= 0, got {gamma}.")
+    if label_smoothing:
+        raise CvftError(
+            "label_smoothing is not applied by the focal loss; set label_smoothing=0 or loss='cross_entropy'."
+        )
+    if alpha is None:
+        return None
+    if isinstance(alpha, (int, float)) and not multi_label:
+        raise CvftError(
+            f"focal_alpha={alpha} is one number; single-label focal loss needs one weight per class ({num_classes})."
+        )
+    values = torch.full((num_classes,), float(alpha)) if isinstance(alpha, (int, float)) else torch.tensor(alpha)
+    if values.ndim != 1 or len(values) != num_classes:
+        raise CvftError(f"focal_alpha needs one value per class ({num_classes}), got {alpha}.")
+    if multi_label and not bool(((values >= 0) & (values <= 1)).all()):
+        raise CvftError(f"Multi-label focal_alpha values must lie in [0, 1], got {alpha}.")
+    return values.float()

@@ -1,0 +1,166 @@
+"""``cvft fit --task detection``: the LightningCLI for :class:`~cvft.tasks.ObjectDetector` on detection data.
+
+``cvft`` picks this CLI when the command line says ``--task detection`` or a ``--config`` file has the top-level
+key ``task: detection`` (every recipe in ``configs/detection/`` does)::
+
+    python datasets/make_detection_shapes.py data/shapes_detection
+    cvft fit --config configs/detection/fcos_shapes.yaml
+    cvft predict --config runs/detection/version_0/config.yaml --data.predict_root new_images/
+        --ckpt_path runs/detection/version_0/checkpoints/best.ckpt --predictions.draw true
+
+A fit writes, into ``<trainer.default_root_dir>/detection/version_<n>/``: ``checkpoints/`` (best by ``val/map``
+and last), ``metrics.csv``, TensorBoard event files, ``learning_curves.png``, ``config.yaml`` and, when strategies
+are used, ``adapter.safetensors``. ``cvft predict`` writes ``predictions.json`` (boxes in original-image pixels).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from cvft import __version__
+from cvft.callbacks import DetectionPredictionWriter, TrainingReport, output_dir
+
+__all__ = ["DetectionCLI", "run_detection_cli"]
+
+_RUN_NAME = "detection"
+
+
+class DetectionCLI(LightningCLI):
+    """LightningCLI wired for object detection.
+
+    * ``num_classes``, ``class_names`` and ``category_ids`` (the original dataset ids of the classes) come from the
+      data module once it is instantiated; ``data.image_size`` is passed on to ``model.image_size`` (the data owns
+      the resize, the detector only has to know it so it does not resize again).
+    * Callbacks always present and configurable: ``--checkpoint.*`` (best by ``val/map`` and last), ``--report.*``
+      (learning curves), ``--predictions.*`` (``predictions.json``, ``--predictions.draw true`` for PNGs).
+    * Without ``--trainer.logger``, metrics go to CSV and TensorBoard in the same run folder.
+    * With ``--ckpt_path`` outside ``fit``, the classes come from the checkpoint and no pretrained weights load.
+
+    Example:
+        >>> [name for name in ("before_fit", "after_fit", "after_predict") if hasattr(DetectionCLI, name)]
+        ['before_fit', 'after_fit', 'after_predict']
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link data into the model and add the detection callbacks and ``--task``."""
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.category_ids", "model.category_ids", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/map",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(TrainingReport, "report")
+        parser.set_defaults({"report.confusion": False})
+        parser.add_lightning_class_args(DetectionPredictionWriter, "predictions")
+        parser.add_argument(
+            "--task",
+            type=Literal["detection"],
+            default="detection",
+            help="What to train; `cvft` picks the CLI from it (leave out or `classification` for image labels).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path`` outside fit, build the model for the checkpoint's classes, without base weights."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in (None, "fit"):
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        from cvft.cli import read_checkpoint_hparams
+
+        config.model.pretrained = False
+        config.model.weights = None
+        hparams = read_checkpoint_hparams(ckpt_path)
+        for key in ("class_names", "category_ids"):
+            if key in config.data and config.data.get(key) is None and hparams.get(key) is not None:
+                config.data[key] = list(hparams[key])
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        if config.get("logger") in (None, True):
+            from cvft.cli import default_loggers
+
+            config["logger"] = default_loggers(config.get("default_root_dir") or "runs", name=_RUN_NAME)
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        """Say which weights the run starts from and how many parameters train."""
+        model = self.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        strategies = ", ".join(s.name for s in model.strategy_stack) or "full (default)"
+        print(
+            f"cvft {__version__} detection: {model.hparams.head} on {model.hparams.backbone} | "
+            f"weights: {model.weights_source} | {model.num_classes} classes | strategies: {strategies} | "
+            f"trainable parameters: {trainable:,} of {total:,}",
+            flush=True,
+        )
+
+    def after_fit(self) -> None:
+        """Print the final validation mAP, where the outputs are, and save the adapter of a strategy run."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and not k.startswith("val/ap/") and v.numel() == 1
+        }
+        folder = output_dir(trainer)
+        summary = " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"Final validation: {summary}", flush=True)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            print(f"Best val/map: {float(checkpoint.best_model_score):.4f} ({checkpoint.best_model_path})", flush=True)
+        print(f"Weights used: {self.model.weights_source}", flush=True)
+        if len(self.model.strategy_stack):
+            adapter = self.model.save_adapter(folder / "adapter.safetensors")
+            print(f"Adapter (trained tensors only): {adapter}", flush=True)
+        print(f"Outputs: {folder}", flush=True)
+
+    def after_predict(self) -> None:
+        """Print where the predictions (and drawings) went."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, DetectionPredictionWriter) and callback.path is not None:
+                print(f"Predictions: {callback.path}", flush=True)
+                if callback.drawings:
+                    print(f"Drawn: {len(callback.drawings)} images in {callback.drawings[0].parent}", flush=True)
+
+
+def run_detection_cli(args: list[str] | None = None, run: bool = True) -> DetectionCLI:
+    """Build (and by default run) the detection CLI with cvft's defaults; ``cvft`` calls this for detection.
+
+    Args:
+        args: Command-line arguments (``sys.argv[1:]`` when None).
+        run: Run the subcommand; ``False`` only instantiates (then ``args`` has no subcommand).
+
+    Returns:
+        The CLI, with ``model``, ``datamodule`` and ``trainer``.
+    """
+    from cvft.data.detection import DetectionDataModule
+    from cvft.tasks.detection import ObjectDetector
+
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # its INFO prints every COCO summary table
+
+    return DetectionCLI(
+        ObjectDetector,
+        DetectionDataModule,
+        args=args,
+        run=run,
+        trainer_defaults={"default_root_dir": "runs"},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "cvft: fine-tune timm backbones as object detectors."},
+    )

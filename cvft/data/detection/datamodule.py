@@ -1,0 +1,411 @@
+"""``DetectionDataModule``: COCO json or YOLO folders in, seeded train / val / test / predict DataLoaders out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from cvft.data.dataset import seed_worker
+from cvft.data.detection._yolo import yaml_names
+from cvft.data.detection.annotations import (
+    OUT_OF_BOUNDS_MODES,
+    DetectionAnnotations,
+    DetectionRecord,
+    read_coco,
+    read_yolo,
+)
+from cvft.data.detection.dataset import DetectionDataset, detection_collate
+from cvft.data.detection.transforms import DETECTION_AUGMENT_PRESETS, build_detection_transforms
+from cvft.data.samples import scan_unlabelled
+from cvft.errors import CheckpointMismatchError, DatasetError
+
+__all__ = ["DetectionDataModule"]
+
+_logger = logging.getLogger(__name__)
+
+_SPLITS = ("train", "val", "test")
+_YAML_NAMES = ("data.yaml", "dataset.yaml", "config.yaml")
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Object detection data from a COCO json or a YOLO (ultralytics) dataset.
+
+    Where the labelled images come from (first match wins):
+
+    1. ``coco_json`` (+ ``image_root``): a COCO instances file for training.
+    2. ``data_yaml``: an ultralytics ``data.yaml`` whose ``train`` / ``val`` / ``test`` entries (image folders or
+       ``.txt`` image lists, relative to its ``path:``, itself relative to the yaml's folder) hold the images;
+       labels are found by ultralytics' ``images`` -> ``labels`` rule and class names come from ``names:``.
+    3. ``yolo_root``: a folder with a ``data.yaml`` / ``dataset.yaml`` / ``config.yaml`` (read as 2.), or with
+       ``images/`` (+ ``labels/``) and a ``classes.txt``.
+
+    ``val_coco_json`` (+ ``val_image_root``) and ``test_coco_json`` (+ ``test_image_root``) override the
+    validation / test split. Without a validation split, ``val_fraction`` of the training images are held out by
+    a seeded split by image. Train and validation must have the same classes.
+
+    ``num_classes``, ``class_names`` and ``category_ids`` (original COCO id of each class index) work right after
+    construction (the annotations are read on first use), so a CLI can link them into the model.
+
+    Args:
+        coco_json: COCO instances json of the training images.
+        image_root: Folder that ``coco_json``'s ``file_name`` entries are relative to (default: see
+            :func:`~cvft.data.detection.annotations.read_coco`).
+        data_yaml: ultralytics dataset yaml.
+        yolo_root: YOLO dataset folder (see above).
+        val_coco_json: COCO json of the validation images.
+        val_image_root: Folder of the validation images.
+        test_coco_json: COCO json of the test images.
+        test_image_root: Folder of the test images.
+        image_size: Side of the square network input in pixels (images are letterboxed to it).
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        augment: Training augmentation: ``"none"``, ``"default"`` or ``"strong"``.
+        min_visibility: A box keeps at least this share of its area after a random crop, or it is dropped.
+        hflip: Random horizontal flips in training.
+        out_of_bounds: Boxes extending beyond their image: ``"clip"``, ``"drop"`` or ``"error"``.
+        skip_crowd: Skip COCO ``iscrowd=1`` annotations.
+        val_fraction: Share of the training images held out for validation when no validation split is given.
+        seed: Seed of the train / val split.
+        predict_root: Image file or folder (searched recursively) for ``predict``.
+        class_names: Class names in index order. Given without labelled data (predicting), they define the classes;
+            with labelled data they must match it.
+        category_ids: Original category id of each class index, with ``class_names`` (default ``0..C-1``).
+
+    Example:
+        >>> import tempfile
+        >>> from cvft.data.detection.shapes import write_shapes_detection
+        >>> root = write_shapes_detection(Path(tempfile.mkdtemp()) / "shapes", num_images=8, image_size=48)
+        >>> data = DetectionDataModule(coco_json=root / "annotations.json", image_size=64, num_workers=0)
+        >>> data.num_classes, data.class_names, data.category_ids
+        (3, ['circle', 'square', 'triangle'], [3, 7, 11])
+        >>> data.setup("fit")
+        >>> images, targets = next(iter(data.train_dataloader()))
+        >>> images[0].shape, sorted(targets[0])
+        (torch.Size([3, 64, 64]), ['boxes', 'image_id', 'labels'])
+    """
+
+    def __init__(
+        self,
+        coco_json: str | Path | None = None,
+        image_root: str | Path | None = None,
+        data_yaml: str | Path | None = None,
+        yolo_root: str | Path | None = None,
+        val_coco_json: str | Path | None = None,
+        val_image_root: str | Path | None = None,
+        test_coco_json: str | Path | None = None,
+        test_image_root: str | Path | None = None,
+        image_size: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        augment: str = "default",
+        min_visibility: float = 0.3,
+        hflip: bool = True,
+        out_of_bounds: str = "clip",
+        skip_crowd: bool = True,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        predict_root: str | Path | None = None,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["class_names", "category_ids"])
+        if augment not in DETECTION_AUGMENT_PRESETS:
+            raise ValueError(f"Unknown augment {augment!r}; choose one of {', '.join(DETECTION_AUGMENT_PRESETS)}.")
+        if out_of_bounds not in OUT_OF_BOUNDS_MODES:
+            choices = ", ".join(OUT_OF_BOUNDS_MODES)
+            raise ValueError(f"Unknown out_of_bounds {out_of_bounds!r}; choose one of {choices}.")
+        if batch_size < 1 or num_workers < 0 or image_size < 1 or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(
+                f"Need batch_size >= 1, num_workers >= 0, image_size >= 1 and 0 <= val_fraction < 1; got "
+                f"{batch_size}, {num_workers}, {image_size}, {val_fraction}."
+            )
+        self.coco_json, self.image_root = coco_json, image_root
+        self.data_yaml, self.yolo_root = data_yaml, yolo_root
+        self.val_coco_json, self.val_image_root = val_coco_json, val_image_root
+        self.test_coco_json, self.test_image_root = test_coco_json, test_image_root
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.augment, self.min_visibility, self.hflip = augment, min_visibility, hflip
+        self.out_of_bounds, self.skip_crowd = out_of_bounds, skip_crowd
+        self.val_fraction, self.seed, self.predict_root = val_fraction, seed, predict_root
+        self._given_names = list(class_names) if class_names is not None else None
+        self._given_ids = list(category_ids) if category_ids is not None else None
+        if self._given_ids is not None and self._given_names is None:
+            raise DatasetError("category_ids needs class_names too (one name per id).")
+        self._splits: dict[str, list[DetectionRecord]] | None = None
+        self._classes: tuple[list[str], list[int]] | None = None
+        self._predict_files: list[Path] | None = None
+        self.datasets: dict[str, DetectionDataset] = {}
+
+    # --- what the data is -----------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; index ``i`` is class ``i``."""
+        return list(self._resolved_classes()[0])
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Original (e.g. COCO) category id of each class index."""
+        return list(self._resolved_classes()[1])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def records(self, split: str) -> list[DetectionRecord]:
+        """Return the records of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The split's records.
+
+        Example:
+            >>> len(data.records("val"))  # doctest: +SKIP
+            13
+        """
+        if split not in _SPLITS:
+            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(_SPLITS)}.")
+        self._read()
+        assert self._splits is not None
+        return list(self._splits.get(split, []))
+
+    @property
+    def predict_files(self) -> list[Path]:
+        """Images of ``predict_root`` in ``predict_dataloader`` order (``meta["index"]`` points here)."""
+        if self._predict_files is None:
+            if self.predict_root is None:
+                raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
+            self._predict_files = scan_unlabelled(self.predict_root)
+        return list(self._predict_files)
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage == "predict":
+            self.datasets["predict"] = DetectionDataset(self.predict_files, self._transform(False), predict=True)
+            return
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", _SPLITS)
+        for split in wanted:
+            self.datasets[split] = DetectionDataset(self.records(split), self._transform(split == "train"))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches ``(images, targets)``; the last incomplete batch is dropped."""
+        return self._loader(self._dataset("train"), train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""
+        dataset = self._dataset("val", required=False)
+        return self._loader(dataset, train=False) if dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._loader(self._dataset("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches ``(images, metas)`` over ``predict_root`` (meta: ``index``, ``path``, ``orig_size``, ``size``)."""
+        if "predict" not in self.datasets:
+            self.setup("predict")
+        return self._loader(self.datasets["predict"], train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the class names and category ids, so a checkpoint records what its outputs mean."""
+        if not self._has_labelled_data() and self._given_names is None:
+            return {}
+        return {"class_names": self.class_names, "category_ids": self.category_ids}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a resumed checkpoint was trained on the same classes.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
+
+        Raises:
+            CheckpointMismatchError: The checkpoint's classes differ from this data's.
+        """
+        saved = state_dict.get("class_names")
+        if saved is None or (not self._has_labelled_data() and self._given_names is None):
+            return
+        if list(saved) != self.class_names:
+            raise CheckpointMismatchError(
+                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
+                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
+            )
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _transform(self, train: bool) -> Any:
+        return build_detection_transforms(
+            self.image_size,
+            train=train,
+            augment=self.augment,
+            min_visibility=self.min_visibility,
+            hflip=self.hflip,
+            seed=torch.initial_seed() % 2**32 if train else None,
+        )
+
+    def _dataset(self, split: str, required: bool = True) -> DetectionDataset | None:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            if not required:
+                return None
+            raise DatasetError(
+                f"There is no {split} split. Pass {split}_coco_json=..., add '{split}:' to the data.yaml"
+                + (", or set val_fraction > 0." if split == "val" else ".")
+            )
+        return dataset
+
+    def _loader(self, dataset: DetectionDataset, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=workers,
+            collate_fn=detection_collate,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=seed_worker if workers > 0 else None,
+        )
+
+    def _has_labelled_data(self) -> bool:
+        return any(s is not None for s in (self.coco_json, self.data_yaml, self.yolo_root))
+
+    def _resolved_classes(self) -> tuple[list[str], list[int]]:
+        if self._classes is None:
+            if self._has_labelled_data():
+                self._read()
+            elif self._given_names is not None:
+                self._classes = (self._given_names, self._given_ids or list(range(len(self._given_names))))
+            else:
+                raise DatasetError(
+                    "No classes: set coco_json, data_yaml or yolo_root (labelled data), or class_names=[...]."
+                )
+        assert self._classes is not None
+        return self._classes
+
+    def _read(self) -> None:
+        if self._splits is not None:
+            return
+        splits = self._read_sources()
+        train = splits.get("train")
+        if train is None or not train.records:
+            raise DatasetError(f"The training split of {self._source()} has no images. Add images.")
+        for split, other in splits.items():
+            if split != "train":
+                _check_same_classes(train, other, split, self._source())
+        if self._given_names is not None:
+            given = DetectionAnnotations([], self._given_names, self._given_ids or [])
+            _check_same_classes(train, given, "class_names=", self._source())
+        records = {split: a.records for split, a in splits.items()}
+        if "val" not in records and self.val_fraction > 0:
+            records["train"], records["val"] = _split_by_image(train.records, self.val_fraction, self.seed)
+        self._splits, self._classes = records, (train.class_names, train.category_ids)
+        sizes = ", ".join(f"{s} {len(r)}" for s, r in records.items())
+        _logger.info("%s: %d classes, %s images", self._source(), train.num_classes, sizes)
+
+    def _read_sources(self) -> dict[str, DetectionAnnotations]:
+        oob = self.out_of_bounds
+        if self.coco_json is not None:
+            splits = {"train": read_coco(self.coco_json, self.image_root, oob, self.skip_crowd)}
+        elif self.data_yaml is not None or self.yolo_root is not None:
+            splits = _read_yolo_dataset(self.data_yaml, self.yolo_root, oob)
+        else:
+            raise DatasetError("No labelled data: set coco_json (+ image_root), data_yaml or yolo_root.")
+        for split, json_path, root in (
+            ("val", self.val_coco_json, self.val_image_root),
+            ("test", self.test_coco_json, self.test_image_root),
+        ):
+            if json_path is not None:
+                splits[split] = read_coco(json_path, root, oob, self.skip_crowd)
+        return splits
+
+    def _source(self) -> str:
+        return str(self.coco_json or self.data_yaml or self.yolo_root)
+
+
+def _read_yolo_dataset(
+    data_yaml: str | Path | None, yolo_root: str | Path | None, out_of_bounds: str
+) -> dict[str, DetectionAnnotations]:
+    """Read the splits of an ultralytics data.yaml, or of a YOLO folder (with a yaml, or ``images/`` + labels)."""
+    if data_yaml is None:
+        root = Path(str(yolo_root))
+        if not root.is_dir():
+            raise DatasetError(f"YOLO dataset folder {root} does not exist. Check the path.")
+        found = [root / name for name in _YAML_NAMES if (root / name).is_file()]
+        if not found:
+            split_folders = {s: root / "images" / s for s in _SPLITS if (root / "images" / s).is_dir()}
+            if "train" in split_folders:
+                return {s: read_yolo(folder, out_of_bounds=out_of_bounds) for s, folder in split_folders.items()}
+            return {"train": read_yolo(root / "images", out_of_bounds=out_of_bounds)}
+        data_yaml = found[0]
+    data_yaml = Path(data_yaml)
+    if not data_yaml.is_file():
+        raise DatasetError(f"Dataset yaml {data_yaml} does not exist. Check the path.")
+    try:
+        config = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise DatasetError(f"{data_yaml} is not valid YAML ({error}).") from error
+    if not isinstance(config, dict) or "train" not in config or "names" not in config:
+        raise DatasetError(f"{data_yaml} needs 'train:' (image folder or list) and 'names:' entries (ultralytics).")
+    base = Path(config.get("path") or ".")
+    if not base.is_absolute() or not base.is_dir():
+        base = data_yaml.parent / base if not base.is_absolute() else data_yaml.parent
+    names = yaml_names(data_yaml) or []
+    splits = {}
+    for split in _SPLITS:
+        entries = config.get(split)
+        if not entries:
+            continue
+        parts = [read_yolo(base / entry, class_names=names, out_of_bounds=out_of_bounds) for entry in _listed(entries)]
+        splits[split] = DetectionAnnotations([r for p in parts for r in p.records], names)
+    return splits
+
+
+def _listed(entries: str | Sequence[str]) -> list[str]:
+    return [entries] if isinstance(entries, str) else [str(e) for e in entries]
+
+
+def _check_same_classes(train: DetectionAnnotations, other: DetectionAnnotations, split: str, source: str) -> None:
+    default = list(range(train.num_classes))
+    same_ids = train.category_ids == other.category_ids or default in (train.category_ids, other.category_ids)
+    if train.class_names != other.class_names or not same_ids:
+        raise DatasetError(
+            f"The {split} classes {other.class_names} (ids {other.category_ids}) differ from the training classes of "
+            f"{source}: {train.class_names} (ids {train.category_ids}). Use annotations with the same categories "
+            "in the same order."
+        )
+
+
+def _split_by_image(
+    records: list[DetectionRecord], val_fraction: float, seed: int
+) -> tuple[list[DetectionRecord], list[DetectionRecord]]:
+    """Hold out ``val_fraction`` of the images (at least one, at most all but one), chosen with ``seed``."""
+    if len(records) < 2:
+        raise DatasetError(
+            f"Cannot hold out a validation split from {len(records)} image(s). Add images, pass a validation "
+            "split, or set val_fraction=0."
+        )
+    count = min(max(1, round(val_fraction * len(records))), len(records) - 1)
+    order = np.random.default_rng(seed).permutation(len(records))
+    val = set(order[:count].tolist())
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]

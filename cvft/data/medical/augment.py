@@ -1,0 +1,105 @@
+"""Augmentation presets for medical images: float ``[0, 1]`` input, no flips unless asked, whole image kept.
+
+Natural-image recipes (random resized crops, horizontal flips, colour jitter) break medical images: a crop can
+cut the finding out, and a flip turns a left lung into a right one (a heart on the wrong side is a rare
+condition, *situs inversus*, not an augmentation). The presets here:
+
+* ``"none"``: evaluation pipeline only (no augmentation).
+* ``"medical"``: small affine (rotate ±10°, scale 0.9-1.1, shift ±5 %) with zero fill, and brightness /
+  contrast ±10 %. Never flips.
+* ``"medical_flip"``: ``"medical"`` plus horizontal flips, for data where laterality does not matter (skin
+  lesions, histology patches, retina images of either eye with the side recorded elsewhere).
+
+Every pipeline fits the whole image into ``image_size`` keeping its aspect ratio (longest side resized, the rest
+padded with zeros), so nothing near the border is cropped away, and ends in ``Normalize(mean, std)`` (for values
+in ``[0, 1]``) and ``ToTensorV2``: an ``H x W x C`` ``float32`` array in, a ``C x H x W`` tensor out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from cvft.data.transforms import INTERPOLATIONS
+
+__all__ = ["MEDICAL_AUGMENT_PRESETS", "build_medical_transforms"]
+
+MEDICAL_AUGMENT_PRESETS: tuple[str, ...] = ("none", "medical", "medical_flip")
+"""Names accepted by ``build_medical_transforms(preset=...)`` and ``MedicalImageDataModule(augment=...)``."""
+
+
+def build_medical_transforms(
+    image_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    preset: str = "medical",
+    interpolation: str = "bilinear",
+    seed: int | None = None,
+) -> A.Compose:
+    """Build the albumentations pipeline for float medical images.
+
+    Args:
+        image_size: Output size, ``int`` for square or ``(height, width)``.
+        mean: Per-channel mean of values in ``[0, 1]`` (one value per image channel).
+        std: Per-channel standard deviation.
+        train: Build the augmenting training pipeline (``False``: the deterministic evaluation pipeline).
+        preset: One of :data:`MEDICAL_AUGMENT_PRESETS`; ignored when ``train=False``.
+        interpolation: One of :data:`cvft.data.transforms.INTERPOLATIONS`.
+        seed: Seed of the pipeline's own random generator (albumentations ignores global seeds).
+
+    Returns:
+        A ``Compose`` taking ``image=`` an ``H x W x C`` ``float32`` array in ``[0, 1]`` and returning
+        ``{"image": tensor}``.
+
+    Raises:
+        ValueError: Unknown preset or interpolation, bad ``image_size``, or ``mean`` / ``std`` of different lengths.
+
+    Example:
+        >>> import numpy as np
+        >>> pipeline = build_medical_transforms(32, (0.5,), (0.25,), train=True, preset="medical", seed=0)
+        >>> pipeline(image=np.zeros((40, 50, 1), np.float32))["image"].shape
+        torch.Size([1, 32, 32])
+    """
+    if preset not in MEDICAL_AUGMENT_PRESETS:
+        raise ValueError(
+            f"Unknown medical augmentation preset {preset!r}; choose one of {', '.join(MEDICAL_AUGMENT_PRESETS)} "
+            "('medical_flip' only where left and right do not matter)."
+        )
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)} values.")
+    height, width = _size_pair(image_size)
+    flag = INTERPOLATIONS[interpolation]
+    steps: list[A.BasicTransform] = [
+        A.LongestMaxSize(max_size_hw=(height, width), interpolation=flag),
+        A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT, fill=0),
+    ]
+    if train and preset != "none":
+        steps += [
+            A.Affine(
+                scale=(0.9, 1.1),
+                translate_percent=(-0.05, 0.05),
+                rotate=(-10, 10),
+                interpolation=flag,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                p=0.7,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ]
+        if preset == "medical_flip":
+            steps.append(A.HorizontalFlip(p=0.5))
+    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()]
+    return A.Compose(steps, seed=seed)
+
+
+def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    pair = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
+    return pair[0], pair[1]

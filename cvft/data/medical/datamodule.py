@@ -1,0 +1,515 @@
+"""``MedicalImageDataModule``: DICOM / NIfTI / 16-bit images or MedMNIST arrays in, patient-safe loaders out."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from cvft.data.dataset import seed_worker
+from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_transforms
+from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
+from cvft.data.medical.labels import MedicalRecord, read_medical_csv
+from cvft.data.medical.patient_split import check_no_patient_leak, patient_split
+from cvft.data.samples import is_ignored_file
+from cvft.data.split import stratified_split, stratum_of
+from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
+from cvft.errors import CheckpointMismatchError, DatasetError
+
+__all__ = ["MedicalImageDataModule", "SAMPLERS"]
+
+_logger = logging.getLogger(__name__)
+
+SAMPLERS: tuple[str, ...] = ("random", "weighted")
+"""Values of ``MedicalImageDataModule(sampler=...)``."""
+
+_SPLITS = ("train", "val", "test")
+
+
+class MedicalImageDataModule(L.LightningDataModule):
+    r"""Medical image classification data: a label CSV of DICOM / NIfTI / PNG / TIFF files, or a MedMNIST set.
+
+    Sources (exactly one):
+
+    * ``csv``: columns ``path``, ``label`` (``A|B`` with ``multi_label``), optional ``patient_id``, optional
+      ``split`` (train / val / test) and any metadata columns (see :func:`~cvft.data.medical.read_medical_csv`),
+      plus optional ``val_csv`` / ``test_csv``. Splits not supplied are drawn **by patient**
+      (:func:`~cvft.data.medical.patient_split`) with ``val_fraction`` / ``test_fraction`` (fractions of patients);
+      supplied splits that share a patient are refused (:func:`~cvft.data.medical.check_no_patient_leak`).
+      Without a ``patient_id`` column every image counts as its own patient (logged at WARNING).
+    * ``medmnist``: a MedMNIST ``.npz`` file or an official name (``"pneumoniamnist"``) found in
+      ``medmnist_root`` (downloaded there with ``download=True``); its official train / val / test split is used.
+
+    Images are read as float ``[0, 1]`` (``window``, ``slice_index``, ``axis``, ``context``, ``frame`` go to
+    :func:`~cvft.data.medical.read_medical_image`), grayscale is repeated to ``channels`` (3 for RGB-pretrained
+    backbones; 1 with the model's ``in_chans=1``), then augmented (:mod:`cvft.data.medical.augment`: no flips
+    unless ``augment="medical_flip"``) and normalised with the backbone's pretrained mean / std.
+
+    Class imbalance: ``sampler="weighted"`` draws training images with probability inversely proportional to the
+    frequency of their class (multi-label: of their rarest positive label; "no finding" images form their own
+    group), ``len(train)`` draws per epoch with replacement, seeded by ``seed``. :attr:`pos_weight` gives
+    negatives / positives per class for ``ImageClassifier(pos_weight=...)``.
+
+    Args:
+        csv: Label CSV file (training images, or all images with a ``split`` column).
+        val_csv: Validation CSV file (same columns).
+        test_csv: Test CSV file (same columns).
+        root: Folder that the CSV files' relative paths start from (default: each CSV file's folder).
+        medmnist: MedMNIST ``.npz`` path or official dataset name.
+        medmnist_root: Folder holding (or receiving) ``<name>.npz`` for an official name.
+        download: Download an official MedMNIST file that is not in ``medmnist_root``.
+        multi_label: Rows may carry several labels; targets become multi-hot vectors.
+        none_label: Multi-label "no finding" label (e.g. ``"No Finding"``): its rows get no positive class.
+        class_names: Class names in index order; given, labels are mapped onto this order (e.g. predicting with a
+            checkpoint's classes).
+        window: Intensity window: ``"lung"``, ``"mediastinum"``, ``"bone"``, ``"brain"``, ``"soft_tissue"``,
+            ``(center, width)`` or ``None`` (full range).
+        slice_index: Slice of a 3D volume (default: the reader's, the middle slice).
+        axis: Axis slices are taken along (3D volumes).
+        context: 2.5D input: neighbouring slices on each side, stacked as channels (``channels`` must be
+            ``2 * context + 1``).
+        frame: Frame of a multi-frame DICOM file.
+        backbone: timm model name whose pretrained data config (size, mean, std, interpolation) is used.
+        image_size: Input size in pixels; default: the backbone's, else 224.
+        mean: Per-channel mean of ``[0, 1]`` values (one value, or one per channel); default: the backbone's.
+        std: Per-channel std; default: the backbone's.
+        channels: Channels fed to the model (the CLI passes it to the model's ``in_chans``).
+        val_fraction: Share of patients held out for validation when no validation split is supplied.
+        test_fraction: Share of patients held out for testing when no test split is supplied.
+        seed: Seed of the patient split and of the weighted sampler.
+        sampler: ``"random"`` (shuffle) or ``"weighted"`` (class-balanced draws, see above).
+        augment: Training augmentation: ``"medical"``, ``"medical_flip"`` or ``"none"``.
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        predict_root: Image file or folder (searched recursively) for ``predict``.
+
+    Example:
+        >>> import tempfile, shutil
+        >>> from pydicom.data import get_testdata_file
+        >>> root = Path(tempfile.mkdtemp())
+        >>> rows = ["path,label,patient_id"]
+        >>> for i in range(6):
+        ...     _ = shutil.copy(get_testdata_file("CT_small.dcm"), root / f"{i}.dcm")
+        ...     rows.append(f"{i}.dcm,{'abnormal' if i % 2 else 'normal'},p{i}")
+        >>> _ = (root / "labels.csv").write_text("\n".join(rows))
+        >>> data = MedicalImageDataModule(csv=str(root / "labels.csv"), image_size=32, val_fraction=0.34,
+        ...                               window="mediastinum", batch_size=2, num_workers=0)
+        >>> data.class_names, [len(data.records(s)) for s in ("train", "val", "test")]
+        (['abnormal', 'normal'], [4, 2, 0])
+        >>> images, targets = next(iter(data.train_dataloader()))
+        >>> images.shape, targets.dtype
+        (torch.Size([2, 3, 32, 32]), torch.int64)
+    """
+
+    def __init__(
+        self,
+        csv: str | None = None,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        root: str | None = None,
+        medmnist: str | None = None,
+        medmnist_root: str | None = None,
+        download: bool = False,
+        multi_label: bool = False,
+        none_label: str | None = None,
+        class_names: list[str] | None = None,
+        window: str | tuple[float, float] | None = None,
+        slice_index: int | None = None,
+        axis: int | None = None,
+        context: int = 0,
+        frame: int | str | None = None,
+        backbone: str | None = None,
+        image_size: int | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        channels: int = 3,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        seed: int = 0,
+        sampler: Literal["random", "weighted"] = "random",
+        augment: Literal["medical", "medical_flip", "none"] = "medical",
+        batch_size: int = 32,
+        num_workers: int = 2,
+        predict_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["class_names"])  # the model records the resolved class list
+        if (csv is None) == (medmnist is None):
+            raise DatasetError(
+                "MedicalImageDataModule needs exactly one source: csv=... (a label CSV file) or medmnist=... (a "
+                f"MedMNIST .npz file or name); got csv={csv!r}, medmnist={medmnist!r}."
+            )
+        if medmnist is not None and (val_csv or test_csv):
+            raise DatasetError("val_csv / test_csv go with csv=...; MedMNIST brings its own train / val / test split.")
+        _validate(sampler, augment, channels, context, batch_size, num_workers, val_fraction, test_fraction)
+        self.csv, self.val_csv, self.test_csv, self.root = csv, val_csv, test_csv, root
+        self.medmnist, self.medmnist_root, self.download = medmnist, medmnist_root, download
+        self.multi_label, self.none_label, self.channels = multi_label, none_label, channels
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.sampler, self.augment = sampler, augment
+        self.batch_size, self.num_workers, self.predict_root = batch_size, num_workers, predict_root
+        options = {"window": window, "slice_index": slice_index, "axis": axis, "context": context or None}
+        options["frame"] = frame
+        self.reader_options: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+        """Keyword arguments passed to ``read_medical_image``."""
+
+        config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
+        height, width = config["input_size"][1:]
+        self.image_size: int | tuple[int, int] = image_size or (height if height == width else (height, width))
+        self.mean = _per_channel(mean or config["mean"], channels, "mean")
+        self.std = _per_channel(std or config["std"], channels, "std")
+        self.interpolation: str = config["interpolation"]
+
+        self._class_names: list[str] | None = [str(n) for n in class_names] if class_names is not None else None
+        self._splits: dict[str, list[MedicalRecord]] | None = None
+        self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
+        self.datasets: dict[str, MedicalImageDataset] = {}
+
+    # --- what the data is -----------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; index ``i`` is class ``i``."""
+        if self._class_names is None:
+            self._scan()
+        assert self._class_names is not None
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (multi-label: images carrying each class), in class order."""
+        counts: Counter[int] = Counter()
+        for record in self.records("train"):
+            counts.update([record.target] if isinstance(record.target, int) else record.target)
+        return [counts.get(i, 0) for i in range(self.num_classes)]
+
+    @property
+    def pos_weight(self) -> list[float]:
+        """Negatives / positives per class over the training images, for ``ImageClassifier(pos_weight=...)``.
+
+        A class without positive training images gets 1.0 (logged at WARNING).
+        """
+        total = len(self.records("train"))
+        weights = []
+        for name, positives in zip(self.class_names, self.class_counts, strict=True):
+            if positives == 0:
+                _logger.warning("Class %r has no positive training image; its pos_weight is 1.0.", name)
+                weights.append(1.0)
+            else:
+                weights.append((total - positives) / positives)
+        return weights
+
+    def records(self, split: str) -> list[MedicalRecord]:
+        """Return the records of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The split's records (MedMNIST records point at the ``.npz`` file; ``metadata["index"]`` is the row).
+        """
+        if split not in _SPLITS:
+            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(_SPLITS)}.")
+        self._scan()
+        assert self._splits is not None
+        return list(self._splits.get(split, []))
+
+    def samples(self, split: str) -> list[MedicalRecord]:
+        """Alias of :meth:`records` (the name :class:`~cvft.data.ImageFolderDataModule` uses).
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The split's records.
+        """
+        return self.records(split)
+
+    @property
+    def predict_files(self) -> list[Path]:
+        """Files of ``predict_root`` in the order ``predict_dataloader`` yields them."""
+        if self.predict_root is None:
+            raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
+        root = Path(self.predict_root)
+        if root.is_file():
+            return [root]
+        if not root.is_dir():
+            raise DatasetError(f"predict_root {root} does not exist. Pass an image file or a folder of images.")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored_file(p) and p.suffix != ".csv")
+        if not files:
+            raise DatasetError(f"predict_root {root} holds no files to predict on.")
+        return files
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage == "predict":
+            self.datasets["predict"] = MedicalImageDataset(
+                self.predict_files, self._transform(False), self.channels, reader_options=self.reader_options
+            )
+            return
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", _SPLITS)
+        for split in wanted:
+            self.datasets[split] = self._build_dataset(split)
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches: shuffled, or class-balanced draws with ``sampler="weighted"``.
+
+        Like :class:`~cvft.data.ImageFolderDataModule`, it reads ``num_views`` and ``needs_indices`` from the
+        trained module's ``strategy_stack``.
+        """
+        dataset = self._dataset("train")
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        stack = getattr(module, "strategy_stack", None)
+        if stack is not None:
+            dataset.num_views = stack.num_views
+            dataset.return_index = any(getattr(s, "needs_indices", False) for s in stack)
+        sampler = self.weighted_sampler() if self.sampler == "weighted" else None
+        return self._loader(dataset, train=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""
+        dataset = self._dataset("val", required=False)
+        return self._loader(dataset, train=False) if dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._loader(self._dataset("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of ``(image, index)`` over ``predict_root``; ``index`` points into :attr:`predict_files`."""
+        if "predict" not in self.datasets:
+            self.setup("predict")
+        return self._loader(self.datasets["predict"], train=False)
+
+    def weighted_sampler(self) -> WeightedRandomSampler:
+        """Class-balanced sampler over the training split (see the class docstring), seeded by ``seed``.
+
+        Returns:
+            A ``WeightedRandomSampler`` drawing ``len(train)`` indices per epoch with replacement.
+        """
+        targets = [record.target for record in self.records("train")]
+        frequency: Counter[int] = Counter()
+        for target in targets:
+            frequency.update([target] if isinstance(target, int) else target)
+        groups = [stratum_of(target, frequency) for target in targets]
+        sizes = Counter(groups)
+        weights = torch.tensor([1.0 / sizes[group] for group in groups], dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the class names, so a checkpoint records which classes its outputs mean."""
+        return {"class_names": self.class_names}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a resumed checkpoint was trained on the same classes.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
+
+        Raises:
+            CheckpointMismatchError: The checkpoint's classes differ from this data's.
+        """
+        saved = state_dict.get("class_names")
+        if saved is not None and list(saved) != self.class_names:
+            raise CheckpointMismatchError(
+                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
+                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
+            )
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _transform(self, train: bool) -> Any:
+        return build_medical_transforms(
+            self.image_size,
+            self.mean,
+            self.std,
+            train=train,
+            preset=self.augment,
+            interpolation=self.interpolation,
+            seed=torch.initial_seed() % 2**32 if train else None,
+        )
+
+    def _build_dataset(self, split: str) -> MedicalImageDataset:
+        records = self.records(split)
+        common = {"multi_label": self.multi_label, "num_classes": self.num_classes}
+        if split in self._arrays:
+            images, targets = self._arrays[split]
+            name = f"{Path(str(self.medmnist)).name}:{split}"
+            return MedicalArrayDataset(
+                images, targets, self._transform(split == "train"), self.channels, name=name, **common
+            )
+        return MedicalImageDataset(
+            records, self._transform(split == "train"), self.channels, reader_options=self.reader_options, **common
+        )
+
+    def _dataset(self, split: str, required: bool = True) -> MedicalImageDataset | None:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            if not required:
+                return None
+            raise DatasetError(
+                f"There is no {split} split. Set {split}_fraction > 0, pass {split}_csv=..., or mark rows "
+                f"'{split}' in the CSV's split column."
+            )
+        return dataset
+
+    def _loader(self, dataset: MedicalImageDataset, train: bool, sampler: Any = None) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=seed_worker if workers > 0 else None,
+        )
+
+    def _scan(self) -> None:
+        if self._splits is not None:
+            return
+        splits, names = self._read_medmnist() if self.medmnist is not None else self._read_csvs()
+        if not splits["train"]:
+            raise DatasetError(f"The training split of {self.csv or self.medmnist} is empty. Add images.")
+        self._splits, self._class_names = splits, names
+        sizes = ", ".join(f"{name} {len(splits[name])}" for name in _SPLITS if splits.get(name))
+        _logger.info("%s: %d classes, %s images", self.csv or self.medmnist, len(names), sizes)
+
+    def _read_csvs(self) -> tuple[dict[str, list[MedicalRecord]], list[str]]:
+        assert self.csv is not None
+        options = {"root": self.root, "multi_label": self.multi_label, "none_label": self.none_label}
+        records, names = read_medical_csv(self.csv, class_names=self._class_names, **options)
+        supplied = [r for r in records if r.split is not None]
+        if supplied and len(supplied) != len(records):
+            raise DatasetError(f"{self.csv}: the split column is filled for some rows only; fill it for every row.")
+        splits: dict[str, list[MedicalRecord]] = {name: [] for name in _SPLITS}
+        if supplied:
+            for record in records:
+                splits[str(record.split)].append(record)
+        else:
+            splits["train"] = records
+        given = {split for split in _SPLITS if splits[split]} | ({"train"} if not supplied else set())
+        for split, path in (("val", self.val_csv), ("test", self.test_csv)):
+            if path is not None:
+                if splits[split]:
+                    raise DatasetError(
+                        f"The {split} split is given twice: by {path} and by the split column of {self.csv}. Keep one."
+                    )
+                splits[split], _ = read_medical_csv(path, class_names=names, **options)
+                given.add(split)
+        if len(given) > 1:
+            sources = ", ".join(str(p) for p in (self.csv, self.val_csv, self.test_csv) if p)
+            check_no_patient_leak(splits, source=sources)
+        self._split_missing(splits, given)
+        if all(r.patient_id is None for r in records):
+            _logger.warning(
+                "%s has no patient_id column: images are split one by one, so images of one patient may land in "
+                "different splits (optimistic validation). Add a patient_id column.",
+                self.csv,
+            )
+        return splits, names
+
+    def _split_missing(self, splits: dict[str, list[MedicalRecord]], given: set[str]) -> None:
+        val_fraction = self.val_fraction if "val" not in given else 0.0
+        test_fraction = self.test_fraction if "test" not in given else 0.0
+        if val_fraction == 0.0 and test_fraction == 0.0:
+            return
+        drawn = patient_split(splits["train"], val_fraction, test_fraction, self.seed)
+        held_out = {split: splits[split] for split in ("val", "test") if split in given}
+        splits["train"] = drawn["train"]
+        splits["val"] = held_out.get("val", drawn["val"])
+        splits["test"] = held_out.get("test", drawn["test"])
+
+    def _read_medmnist(self) -> tuple[dict[str, list[MedicalRecord]], list[str]]:
+        from cvft.data.medical.medmnist import load_medmnist_npz, medmnist_path, medmnist_task
+
+        path = medmnist_path(str(self.medmnist), root=self.medmnist_root, download=self.download)
+        arrays = {split: load_medmnist_npz(path, split) for split in _SPLITS}
+        task = medmnist_task(str(self.medmnist), labels=arrays["train"][1])
+        if self.multi_label != task.multi_label:
+            raise DatasetError(
+                f"{path} is a {task.task} data set; set multi_label={task.multi_label} (the CLI passes it to the "
+                "model)."
+            )
+        names = self._class_names or [str(i) for i in range(task.num_classes)]
+        if len(names) != task.num_classes:
+            raise DatasetError(
+                f"class_names has {len(names)} names but {path} has {task.num_classes} classes. Leave class_names "
+                "out or give one name per class."
+            )
+        splits: dict[str, list[MedicalRecord]] = {}
+        for split, (images, labels) in arrays.items():
+            if task.multi_label:
+                targets: list[Any] = [tuple(int(i) for i in np.flatnonzero(row)) for row in labels]
+            else:
+                targets = [int(row[0]) for row in labels]
+            self._arrays[split] = (images, targets)
+            splits[split] = [
+                MedicalRecord(path, target, None, split, {"index": str(i)}) for i, target in enumerate(targets)
+            ]
+        return splits, names
+
+
+def _validate(
+    sampler: str,
+    augment: str,
+    channels: int,
+    context: int,
+    batch_size: int,
+    num_workers: int,
+    val_fraction: float,
+    test_fraction: float,
+) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if augment not in MEDICAL_AUGMENT_PRESETS:
+        raise ValueError(
+            f"Unknown augment preset {augment!r}; choose one of {', '.join(MEDICAL_AUGMENT_PRESETS)} (the natural-"
+            "image presets flip and crop, which medical images do not tolerate)."
+        )
+    if context < 0:
+        raise ValueError(f"context must be 0 or more slices on each side, got {context}.")
+    if context and channels != 2 * context + 1:
+        raise ValueError(
+            f"context={context} stacks {2 * context + 1} slices as channels, but channels={channels}. Set "
+            f"channels={2 * context + 1} (the CLI passes it to the model's in_chans)."
+        )
+    if channels < 1:
+        raise ValueError(f"channels must be at least 1, got {channels}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
+    stratified_split([], val_fraction, test_fraction)  # validates the fractions
+
+
+def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) in (1, 3):  # one value for all, or RGB statistics averaged (timm's single-channel convention)
+        return (sum(values) / len(values),) * channels
+    raise ValueError(f"{name} needs one value, or {channels} (one per channel), got {values}.")

