@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from cvft.data.dataset import ImageDataset, seed_worker
+from cvft.data.dataset import ImageDataset
 from cvft.data.io import check_image
 from cvft.data.samples import (
     Sample,
@@ -24,6 +23,7 @@ from cvft.data.samples import (
     scan_unlabelled,
 )
 from cvft.data.split import stratified_split
+from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import AUGMENT_PRESETS, IMAGENET_DATA_CONFIG, build_transforms, data_config_for
 from cvft.errors import CheckpointMismatchError, DatasetError, ImageLoadError
 
@@ -38,7 +38,7 @@ _MAX_LISTED = 20
 _SPLITS = ("train", "val", "test")
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Image classification data from class folders or ``path,label`` CSV files.
 
     Where the labelled images come from (first match wins):
@@ -224,27 +224,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         ``strategy_stack``.
         """
         dataset = self._dataset("train")
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        stack = getattr(module, "strategy_stack", None)
-        if stack is not None:
-            dataset.num_views = stack.num_views
-            dataset.return_index = any(getattr(s, "needs_indices", False) for s in stack)
+        self._use_strategy_inputs(dataset)
         return self._loader(dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""
-        dataset = self._dataset("val", required=False)
-        return self._loader(dataset, train=False) if dataset is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader(self._dataset("test"), train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Batches of ``(image, index)`` over ``predict_root``; ``index`` points into :attr:`predict_files`."""
-        if "predict" not in self.datasets:
-            self.setup("predict")
-        return self._loader(self.datasets["predict"], train=False)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the class names, so a checkpoint records which classes its outputs mean."""
@@ -283,31 +264,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             seed=torch.initial_seed() % 2**32 if train else None,
         )
 
-    def _dataset(self, split: str, required: bool = True) -> ImageDataset | None:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            if not required:
-                return None
-            raise DatasetError(
-                f"There is no {split} split. Set {split}_fraction > 0, pass {split}_csv=..., or add a "
-                f"root/{split} folder of class folders."
-            )
-        return dataset
-
-    def _loader(self, dataset: ImageDataset, train: bool) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker if workers > 0 else None,
-        )
+    def missing_split_hint(self, split: str) -> str:
+        """How to provide a missing split."""
+        return f"Set {split}_fraction > 0, pass {split}_csv=..., or add a root/{split} folder of class folders."
 
     def _scan(self) -> None:
         if self._splits is not None:

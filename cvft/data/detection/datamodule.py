@@ -7,13 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from cvft.data.dataset import seed_worker
 from cvft.data.detection._yolo import yaml_names
 from cvft.data.detection.annotations import (
     OUT_OF_BOUNDS_MODES,
@@ -25,6 +23,7 @@ from cvft.data.detection.annotations import (
 from cvft.data.detection.dataset import DetectionDataset, detection_collate
 from cvft.data.detection.transforms import DETECTION_AUGMENT_PRESETS, build_detection_transforms
 from cvft.data.samples import scan_unlabelled
+from cvft.data.split_module import SplitDataModule
 from cvft.errors import CheckpointMismatchError, DatasetError
 
 __all__ = ["DetectionDataModule"]
@@ -35,7 +34,7 @@ _SPLITS = ("train", "val", "test")
 _YAML_NAMES = ("data.yaml", "dataset.yaml", "config.yaml")
 
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(SplitDataModule):
     """Object detection data from a COCO json or a YOLO (ultralytics) dataset.
 
     Where the labelled images come from (first match wins):
@@ -74,7 +73,8 @@ class DetectionDataModule(L.LightningDataModule):
         skip_crowd: Skip COCO ``iscrowd=1`` annotations.
         val_fraction: Share of the training images held out for validation when no validation split is given.
         seed: Seed of the train / val split.
-        predict_root: Image file or folder (searched recursively) for ``predict``.
+        predict_root: Image file or folder (searched recursively) for ``predict``: batches ``(images, metas)``, each
+            meta holding ``index`` (into :attr:`predict_files`), ``path``, ``orig_size`` and ``size``.
         class_names: Class names in index order. Given without labelled data (predicting), they define the classes;
             with labelled data they must match it.
         category_ids: Original category id of each class index, with ``class_names`` (default ``0..C-1``).
@@ -91,6 +91,8 @@ class DetectionDataModule(L.LightningDataModule):
         >>> images[0].shape, sorted(targets[0])
         (torch.Size([3, 64, 64]), ['boxes', 'image_id', 'labels'])
     """
+
+    collate_fn = staticmethod(detection_collate)
 
     def __init__(
         self,
@@ -209,21 +211,6 @@ class DetectionDataModule(L.LightningDataModule):
         """Shuffled training batches ``(images, targets)``; the last incomplete batch is dropped."""
         return self._loader(self._dataset("train"), train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""
-        dataset = self._dataset("val", required=False)
-        return self._loader(dataset, train=False) if dataset is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader(self._dataset("test"), train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Batches ``(images, metas)`` over ``predict_root`` (meta: ``index``, ``path``, ``orig_size``, ``size``)."""
-        if "predict" not in self.datasets:
-            self.setup("predict")
-        return self._loader(self.datasets["predict"], train=False)
-
     def state_dict(self) -> dict[str, Any]:
         """Return the class names and category ids, so a checkpoint records what its outputs mean."""
         if not self._has_labelled_data() and self._given_names is None:
@@ -260,31 +247,10 @@ class DetectionDataModule(L.LightningDataModule):
             seed=torch.initial_seed() % 2**32 if train else None,
         )
 
-    def _dataset(self, split: str, required: bool = True) -> DetectionDataset | None:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            if not required:
-                return None
-            raise DatasetError(
-                f"There is no {split} split. Pass {split}_coco_json=..., add '{split}:' to the data.yaml"
-                + (", or set val_fraction > 0." if split == "val" else ".")
-            )
-        return dataset
-
-    def _loader(self, dataset: DetectionDataset, train: bool) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
-            num_workers=workers,
-            collate_fn=detection_collate,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker if workers > 0 else None,
+    def missing_split_hint(self, split: str) -> str:
+        """How to provide a missing split."""
+        return f"Pass {split}_coco_json=..., add '{split}:' to the data.yaml" + (
+            ", or set val_fraction > 0." if split == "val" else "."
         )
 
     def _has_labelled_data(self) -> bool:

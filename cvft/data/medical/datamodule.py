@@ -8,18 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from cvft.data.dataset import seed_worker
 from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_transforms
 from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
 from cvft.data.medical.labels import MedicalRecord, read_medical_csv
 from cvft.data.medical.patient_split import check_no_patient_leak, patient_split
 from cvft.data.samples import is_ignored_file
 from cvft.data.split import stratified_split, stratum_of
+from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
 from cvft.errors import CheckpointMismatchError, DatasetError
 
@@ -33,7 +32,7 @@ SAMPLERS: tuple[str, ...] = ("random", "weighted")
 _SPLITS = ("train", "val", "test")
 
 
-class MedicalImageDataModule(L.LightningDataModule):
+class MedicalImageDataModule(SplitDataModule):
     r"""Medical image classification data: a label CSV of DICOM / NIfTI / PNG / TIFF files, or a MedMNIST set.
 
     Sources (exactly one):
@@ -276,28 +275,9 @@ class MedicalImageDataModule(L.LightningDataModule):
         trained module's ``strategy_stack``.
         """
         dataset = self._dataset("train")
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        stack = getattr(module, "strategy_stack", None)
-        if stack is not None:
-            dataset.num_views = stack.num_views
-            dataset.return_index = any(getattr(s, "needs_indices", False) for s in stack)
+        self._use_strategy_inputs(dataset)
         sampler = self.weighted_sampler() if self.sampler == "weighted" else None
         return self._loader(dataset, train=True, sampler=sampler)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` (validation skipped) when there is no validation split."""
-        dataset = self._dataset("val", required=False)
-        return self._loader(dataset, train=False) if dataset is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader(self._dataset("test"), train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Batches of ``(image, index)`` over ``predict_root``; ``index`` points into :attr:`predict_files`."""
-        if "predict" not in self.datasets:
-            self.setup("predict")
-        return self._loader(self.datasets["predict"], train=False)
 
     def weighted_sampler(self) -> WeightedRandomSampler:
         """Class-balanced sampler over the training split (see the class docstring), seeded by ``seed``.
@@ -361,32 +341,9 @@ class MedicalImageDataModule(L.LightningDataModule):
             records, self._transform(split == "train"), self.channels, reader_options=self.reader_options, **common
         )
 
-    def _dataset(self, split: str, required: bool = True) -> MedicalImageDataset | None:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            if not required:
-                return None
-            raise DatasetError(
-                f"There is no {split} split. Set {split}_fraction > 0, pass {split}_csv=..., or mark rows "
-                f"'{split}' in the CSV's split column."
-            )
-        return dataset
-
-    def _loader(self, dataset: MedicalImageDataset, train: bool, sampler: Any = None) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train and len(dataset) > self.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker if workers > 0 else None,
-        )
+    def missing_split_hint(self, split: str) -> str:
+        """How to provide a missing split."""
+        return f"Set {split}_fraction > 0, pass {split}_csv=..., or mark rows '{split}' in the CSV's split column."
 
     def _scan(self) -> None:
         if self._splits is not None:
