@@ -31,7 +31,7 @@ from cvft.errors import CvftError
 from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
 
-__all__ = ["CvftCLI", "MedicalCLI", "main", "default_loggers", "add_teacher", "find_task", "TASKS"]
+__all__ = ["CvftCLI", "MedicalCLI", "main", "run_summary", "default_loggers", "add_teacher", "find_task", "TASKS"]
 
 _logger = logging.getLogger("cvft")
 
@@ -92,6 +92,24 @@ def find_task(argv: list[str]) -> str:
             "(set it with `task: detection` at the top of the config file or with --task)."
         )
     return task
+
+
+def run_summary(model: Any, architecture: str) -> str:
+    """One line saying what a fit trains: architecture, weights, classes, strategies, trainable parameters.
+
+    Example:
+        >>> from cvft.tasks import ImageClassifier
+        >>> model = ImageClassifier("test_resnet", pretrained=False, num_classes=3, strategies=["linear_probe"])
+        >>> run_summary(model, "test_resnet").split(" | ")[2:]
+        ['3 classes', 'strategies: linear_probe', 'trainable parameters: 291 of 372,979']
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    strategies = ", ".join(s.name for s in model.strategy_stack) or "full (default)"
+    return (
+        f"cvft {__version__}: {architecture} | weights: {model.weights_source} | {model.num_classes} classes | "
+        f"strategies: {strategies} | trainable parameters: {trainable:,} of {total:,}"
+    )
 
 
 def read_checkpoint_hparams(path: str | Path) -> dict[str, Any]:
@@ -221,16 +239,7 @@ class CvftCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Say which weights the run starts from and how many parameters train."""
-        model = self.model
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        strategies = ", ".join(s.name for s in model.strategy_stack) or "full (default)"
-        print(
-            f"cvft {__version__}: {model.hparams.backbone} | weights: {model.weights_source} | "
-            f"{model.num_classes} classes | strategies: {strategies} | "
-            f"trainable parameters: {trainable:,} of {total:,}",
-            flush=True,
-        )
+        print(run_summary(self.model, self.model.hparams.backbone), flush=True)
 
     def after_fit(self) -> None:
         """Print the final validation metrics and where the outputs are."""

@@ -22,7 +22,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cvft import __version__
 from cvft.callbacks import DetectionPredictionWriter, TrainingReport, output_dir
 
 __all__ = ["DetectionCLI", "run_detection_cli"]
@@ -98,16 +97,10 @@ class DetectionCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Say which weights the run starts from and how many parameters train."""
-        model = self.model
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        strategies = ", ".join(s.name for s in model.strategy_stack) or "full (default)"
-        print(
-            f"cvft {__version__} detection: {model.hparams.head} on {model.hparams.backbone} | "
-            f"weights: {model.weights_source} | {model.num_classes} classes | strategies: {strategies} | "
-            f"trainable parameters: {trainable:,} of {total:,}",
-            flush=True,
-        )
+        from cvft.cli import run_summary
+
+        hparams = self.model.hparams
+        print(run_summary(self.model, f"{hparams.head} detector on {hparams.backbone}"), flush=True)
 
     def after_fit(self) -> None:
         """Print the final validation mAP, where the outputs are, and save the adapter of a strategy run."""

@@ -109,7 +109,7 @@ def write_demo_image_folder(
         raise DatasetError(f"image_size must be positive, got {image_size}.")
     out = Path(out)
     params = {"source": source, "limit_per_class": limit_per_class, "seed": seed, "image_size": size}
-    if _already_written(out, params):
+    if already_written(out, params):
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -132,12 +132,23 @@ def write_demo_image_folder(
     return out
 
 
-def _already_written(out: Path, params: dict) -> bool:
+def already_written(out: Path, params: dict, marker_name: str = _MARKER, what: str = "Demo") -> bool:
+    """Whether ``out`` already holds a generated set written with ``params`` (its marker file says so).
+
+    A missing or empty folder gives ``False``; a folder written with other arguments, a non-empty folder without
+    the marker, or a file at ``out`` raise :class:`~cvft.errors.DatasetError`, so nothing a user wrote is
+    overwritten.
+
+    Example:
+        >>> import tempfile
+        >>> already_written(Path(tempfile.mkdtemp()) / "new", {"seed": 0})
+        False
+    """
     if not out.exists():
         return False
     if not out.is_dir():
-        raise DatasetError(f"Demo output {out} is a file. Choose a folder path.")
-    marker = out / _MARKER
+        raise DatasetError(f"{what} output {out} is a file. Choose a folder path.")
+    marker = out / marker_name
     if marker.is_file():
         try:
             if json.loads(marker.read_text(encoding="utf-8")) == params:
@@ -145,11 +156,11 @@ def _already_written(out: Path, params: dict) -> bool:
         except ValueError:
             pass
         raise DatasetError(
-            f"{out} holds a demo set written with other arguments ({marker.read_text(encoding='utf-8')}). "
+            f"{out} holds a {what.lower()} set written with other arguments ({marker.read_text(encoding='utf-8')}). "
             "Delete the folder or choose another one."
         )
     if any(out.iterdir()):
-        raise DatasetError(f"Demo output {out} is not empty. Delete it or choose an empty / new folder.")
+        raise DatasetError(f"{what} output {out} is not empty. Delete it or choose an empty / new folder.")
     return False
 
 

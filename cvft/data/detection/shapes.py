@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cvft.data.demo import already_written
 from cvft.errors import DatasetError
 
 __all__ = ["SHAPE_CLASSES", "write_shapes_detection"]
@@ -88,7 +89,7 @@ def write_shapes_detection(
         "category_ids": ids,
         "empty_fraction": empty_fraction,
     }
-    if _already_written(out, params):
+    if already_written(out, params, _MARKER, what="Shapes"):
         return out
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(exist_ok=True)
@@ -175,24 +176,3 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _already_written(out: Path, params: dict) -> bool:
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise DatasetError(f"Shapes output {out} is a file. Choose a folder path.")
-    marker = out / _MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text(encoding="utf-8")) == params:
-                return True
-        except ValueError:
-            pass
-        raise DatasetError(
-            f"{out} holds a shapes set written with other arguments ({marker.read_text(encoding='utf-8')}). "
-            "Delete the folder or choose another one."
-        )
-    if any(out.iterdir()):
-        raise DatasetError(f"Shapes output {out} is not empty. Delete it or choose an empty / new folder.")
-    return False
