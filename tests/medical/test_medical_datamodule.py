@@ -171,3 +171,19 @@ def test_pneumoniamnist_official_split_sizes():
     assert data.num_classes == 2 and sum(data.class_counts) == 4708
     images, targets = next(iter(data.val_dataloader()))
     assert images.shape == (16, 3, 28, 28) and set(targets.tolist()) <= {0, 1}
+
+
+def test_predict_reads_only_medical_images_from_a_folder(tmp_path):
+    csv = labels_only(tmp_path / "train", ["a", "b", "a", "b"])
+    folder = tmp_path / "to_predict"
+    (folder / "study").mkdir(parents=True)
+    shutil.copy(CT_SMALL, folder / "study" / "slice")  # a DICOM without suffix: found by its preamble
+    cv2.imwrite(str(folder / "xray.png"), np.full((40, 36), 30000, dtype=np.uint16))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "labels.csv").write_text("path,label\n")
+    data = MedicalImageDataModule(
+        csv=str(csv), predict_root=str(folder), backbone="test_resnet", image_size=32, batch_size=4, num_workers=0
+    )
+    assert data.predict_files == [folder / "study" / "slice", folder / "xray.png"]
+    images, index = next(iter(data.predict_dataloader()))
+    assert images.shape == (2, 3, 32, 32) and index.tolist() == [0, 1]

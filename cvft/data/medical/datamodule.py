@@ -16,6 +16,7 @@ from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_tra
 from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
 from cvft.data.medical.labels import MedicalRecord, read_medical_csv
 from cvft.data.medical.patient_split import check_no_patient_leak, patient_split
+from cvft.data.medical.read import is_medical_image_file
 from cvft.data.samples import is_ignored_file
 from cvft.data.split import stratified_split, stratum_of
 from cvft.data.split_module import SplitDataModule
@@ -246,9 +247,13 @@ class MedicalImageDataModule(SplitDataModule):
             return [root]
         if not root.is_dir():
             raise DatasetError(f"predict_root {root} does not exist. Pass an image file or a folder of images.")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not is_ignored_file(p) and p.suffix != ".csv")
+        files = sorted(
+            p for p in root.rglob("*") if p.is_file() and not is_ignored_file(p) and is_medical_image_file(p)
+        )
         if not files:
-            raise DatasetError(f"predict_root {root} holds no files to predict on.")
+            raise DatasetError(
+                f"predict_root {root} holds no DICOM, NIfTI or image files to predict on (other files are skipped)."
+            )
         return files
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
