@@ -22,7 +22,6 @@ from torchmetrics.classification import (
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
 from cvft.errors import CvftError
-from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
@@ -30,13 +29,14 @@ from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
 from cvft.tasks.losses import LOSSES, focal_loss
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
+from cvft.tasks.strategy_hooks import StrategyHooks
 
 __all__ = ["ImageClassifier"]
 
 _logger = logging.getLogger(__name__)
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(StrategyHooks, pl.LightningModule):
     """Fine-tune a timm backbone for image classification.
 
     The backbone keeps its own classifier head (``num_classes`` outputs), so strategies see a plain timm model
@@ -173,7 +173,6 @@ class ImageClassifier(pl.LightningModule):
         self.test_metrics = self._metrics("test/")
         self.val_confusion = None if multi_label else MulticlassConfusionMatrix(num_classes)
         self.last_val_confusion: Tensor | None = None
-        self._grad_sync = LateGradientSync()
         self._calibrated = False
 
     # ------------------------------------------------------------------ construction helpers
@@ -288,14 +287,6 @@ class ImageClassifier(pl.LightningModule):
         self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
         return loss
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the strategies' own state (EWC's Fisher, caches) with the weights."""
-        checkpoint["cvft_strategies"] = self.strategy_stack.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore what :meth:`on_save_checkpoint` kept."""
-        self.strategy_stack.load_state_dict(checkpoint.get("cvft_strategies", {}))
-
     def _evaluate(self, batch: Sequence[Tensor], metrics: MetricCollection, stage: str) -> Tensor:
         images, targets = batch[0], batch[1]
         logits = self(images)
@@ -343,10 +334,6 @@ class ImageClassifier(pl.LightningModule):
             return
         calibrate_before_fit(self.trainer, self, self.backbone, self.strategy_stack, self.loss)
 
-    def on_fit_start(self) -> None:
-        """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
-        self._grad_sync.capture(self)
-
     def on_train_epoch_start(self) -> None:
         """Run the strategies' epoch schedules (gradual unfreezing)."""
         unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
@@ -354,10 +341,6 @@ class ImageClassifier(pl.LightningModule):
             _logger.info("epoch %d: %d parameter tensors became trainable", self.current_epoch, len(unfrozen))
         trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         self.log("trainable_params", float(trainable), on_epoch=True, on_step=False, sync_dist=False)
-
-    def on_after_backward(self) -> None:
-        """Average, across DDP ranks, gradients of parameters unfrozen after DDP wrapped the model."""
-        self._grad_sync.sync(self)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over named param groups, with per-step warmup + cosine."""

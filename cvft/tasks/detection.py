@@ -33,13 +33,13 @@ from cvft.detection.heads import (
 from cvft.detection.metrics import detection_map, map_scalars, resolve_map_backend
 from cvft.detection.setup import check_classes, check_numbers, create_detection_backbone, refuse_strategies
 from cvft.errors import CvftError, StrategyError
-from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies._freeze import freeze_batchnorm_stats, is_batchnorm
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups, no_weight_decay_names
 from cvft.strategies.registry import build_strategies
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
+from cvft.tasks.strategy_hooks import StrategyHooks
 
 __all__ = ["ObjectDetector"]
 
@@ -52,7 +52,7 @@ _ARCHITECTURE_KEYS = (
 )  # fmt: skip
 
 
-class ObjectDetector(pl.LightningModule):
+class ObjectDetector(StrategyHooks, pl.LightningModule):
     """Fine-tune a timm backbone for object detection with a torchvision FCOS, RetinaNet or Faster R-CNN head.
 
     The backbone is the whole timm model (``num_classes=0``), kept as ``self.backbone`` under its own parameter
@@ -197,7 +197,6 @@ class ObjectDetector(pl.LightningModule):
         self.category_ids = category_ids
         self.label_offset = label_offset(head)
         self.val_map, self.test_map = detection_map(map_backend), detection_map(map_backend)
-        self._grad_sync = LateGradientSync()
         self._warned_degenerate = False
         if adapter is not None:
             self.load_adapter(adapter)
@@ -307,28 +306,12 @@ class ObjectDetector(pl.LightningModule):
         return {key: [d[key] for d in detections] for key in ("boxes", "scores", "labels")} | {"metas": metas}
 
     # ------------------------------------------------------------------ strategies during fit
-    def on_fit_start(self) -> None:
-        """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
-        self._grad_sync.capture(self)
-
     def on_train_epoch_start(self) -> None:
         """Run the strategies' epoch schedules (gradual unfreezing); BatchNorm statistics stay fixed if asked."""
         unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
         if unfrozen:
             _logger.info("epoch %d: %d backbone tensors became trainable", self.current_epoch, len(unfrozen))
         self._freeze_bn_stats()
-
-    def on_after_backward(self) -> None:
-        """Average, across DDP ranks, gradients of parameters unfrozen after DDP wrapped the model."""
-        self._grad_sync.sync(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the strategies' own state with the weights."""
-        checkpoint["cvft_strategies"] = self.strategy_stack.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore what :meth:`on_save_checkpoint` kept."""
-        self.strategy_stack.load_state_dict(checkpoint.get("cvft_strategies", {}))
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Named optimizer groups: the backbone's, then ``neck/...`` and ``head/...`` at ``lr``.

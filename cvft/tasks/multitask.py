@@ -28,12 +28,12 @@ from torchmetrics.classification import (
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
 from cvft.errors import CvftError
-from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
+from cvft.tasks.strategy_hooks import StrategyHooks
 from cvft.tasks.task_weighting import build_task_weighting
 
 __all__ = ["MultiTaskClassifier", "check_tasks"]
@@ -113,7 +113,7 @@ def _task_metrics(spec: dict[str, Any], prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
-class MultiTaskClassifier(pl.LightningModule):
+class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
     """Fine-tune one timm backbone for several classification tasks at once, one linear head per task.
 
     The backbone is created with ``num_classes=0`` and returns pooled features; ``heads[task]`` maps them to the
@@ -223,7 +223,6 @@ class MultiTaskClassifier(pl.LightningModule):
         self.test_metrics = nn.ModuleDict({t: _task_metrics(s, f"test/{t}/") for t, s in tasks.items()})
         self.val_losses = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.test_losses = nn.ModuleDict({t: MeanMetric() for t in tasks})
-        self._grad_sync = LateGradientSync()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> MultiTaskClassifier:
@@ -336,25 +335,9 @@ class MultiTaskClassifier(pl.LightningModule):
         }
 
     # ------------------------------------------------------------------ strategies during fit
-    def on_fit_start(self) -> None:
-        """Remember which parameters DDP synchronises (gradual unfreezing adds others later)."""
-        self._grad_sync.capture(self)
-
     def on_train_epoch_start(self) -> None:
         """Run the strategies' epoch schedules (gradual unfreezing)."""
         self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
-
-    def on_after_backward(self) -> None:
-        """Average, across DDP ranks, gradients of parameters unfrozen after DDP wrapped the model."""
-        self._grad_sync.sync(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the strategies' own state with the weights."""
-        checkpoint["cvft_strategies"] = self.strategy_stack.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore what :meth:`on_save_checkpoint` kept."""
-        self.strategy_stack.load_state_dict(checkpoint.get("cvft_strategies", {}))
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Named optimizer groups: the backbone's (layer group x decay x strategy scale), heads, weighting."""
