@@ -31,7 +31,17 @@ from cvft.errors import CvftError
 from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
 
-__all__ = ["CvftCLI", "MedicalCLI", "main", "run_summary", "default_loggers", "add_teacher", "find_task", "TASKS"]
+__all__ = [
+    "CvftCLI",
+    "MedicalCLI",
+    "main",
+    "run_summary",
+    "print_fit_results",
+    "default_loggers",
+    "add_teacher",
+    "find_task",
+    "TASKS",
+]
 
 _logger = logging.getLogger("cvft")
 
@@ -110,6 +120,26 @@ def run_summary(model: Any, architecture: str) -> str:
         f"cvft {__version__}: {architecture} | weights: {model.weights_source} | {model.num_classes} classes | "
         f"strategies: {strategies} | trainable parameters: {trainable:,} of {total:,}"
     )
+
+
+def print_fit_results(trainer: Trainer, model: Any, metrics: dict[str, float]) -> None:
+    """Print a fit's final validation ``metrics``, its best checkpoint, weights and outputs; save a strategy adapter.
+
+    The adapter (``adapter.safetensors``, the trained tensors only) is written into the run folder when the model
+    has strategies.
+    """
+    folder = output_dir(trainer)
+    summary = " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+    print(f"Final validation: {summary}", flush=True)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        score = float(checkpoint.best_model_score)
+        print(f"Best {checkpoint.monitor}: {score:.4f} ({checkpoint.best_model_path})", flush=True)
+    print(f"Weights used: {model.weights_source}", flush=True)
+    if len(model.strategy_stack):
+        adapter = model.save_adapter(folder / "adapter.safetensors")
+        print(f"Adapter (trained tensors only): {adapter}", flush=True)
+    print(f"Outputs: {folder}", flush=True)
 
 
 def read_checkpoint_hparams(path: str | Path) -> dict[str, Any]:
@@ -243,21 +273,9 @@ class CvftCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Print the final validation metrics and where the outputs are."""
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        folder = output_dir(trainer)
-        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-        summary = " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-        print(f"Final validation: {summary}", flush=True)
-        if best is not None:
-            print(f"Best val/acc: {float(best):.4f} ({trainer.checkpoint_callback.best_model_path})", flush=True)
-        print(f"Weights used: {self.model.weights_source}", flush=True)
-        if len(self.model.strategy_stack):
-            adapter = self.model.save_adapter(folder / "adapter.safetensors")
-            print(f"Adapter (trained tensors only): {adapter}", flush=True)
-        print(f"Outputs: {folder}", flush=True)
+        if self.trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+            print_fit_results(self.trainer, self.model, metrics)
 
     def after_predict(self) -> None:
         """Print where the predictions went."""

@@ -22,7 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cvft.callbacks import DetectionPredictionWriter, TrainingReport, output_dir
+from cvft.callbacks import DetectionPredictionWriter, TrainingReport
 
 __all__ = ["DetectionCLI", "run_detection_cli"]
 
@@ -104,25 +104,15 @@ class DetectionCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Print the final validation mAP, where the outputs are, and save the adapter of a strategy run."""
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        metrics = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith("val/") and not k.startswith("val/ap/") and v.numel() == 1
-        }
-        folder = output_dir(trainer)
-        summary = " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-        print(f"Final validation: {summary}", flush=True)
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_score is not None:
-            print(f"Best val/map: {float(checkpoint.best_model_score):.4f} ({checkpoint.best_model_path})", flush=True)
-        print(f"Weights used: {self.model.weights_source}", flush=True)
-        if len(self.model.strategy_stack):
-            adapter = self.model.save_adapter(folder / "adapter.safetensors")
-            print(f"Adapter (trained tensors only): {adapter}", flush=True)
-        print(f"Outputs: {folder}", flush=True)
+        from cvft.cli import print_fit_results
+
+        if self.trainer.is_global_zero:
+            metrics = {
+                k: float(v)
+                for k, v in self.trainer.callback_metrics.items()
+                if k.startswith("val/") and not k.startswith("val/ap/") and v.numel() == 1
+            }
+            print_fit_results(self.trainer, self.model, metrics)
 
     def after_predict(self) -> None:
         """Print where the predictions (and drawings) went."""
