@@ -138,13 +138,19 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], AdapterInfo]:
             f"{path} is not a cvft adapter file (metadata format={metadata.get('format')!r}); "
             "for full weights use create_backbone(weights=...)."
         )
-    info = AdapterInfo(
-        format=metadata["format"],
-        backbone=metadata["backbone"],
-        strategies=json.loads(metadata.get("strategies", "[]")),
-        class_names=json.loads(metadata.get("class_names", "null")),
-        cvft_version=metadata.get("cvft_version", "unknown"),
-    )
+    try:
+        info = AdapterInfo(
+            format=metadata["format"],
+            backbone=metadata["backbone"],
+            strategies=json.loads(metadata.get("strategies", "[]")),
+            class_names=json.loads(metadata.get("class_names", "null")),
+            cvft_version=metadata.get("cvft_version", "unknown"),
+        )
+    except (KeyError, ValueError) as error:
+        raise WeightsError(
+            f"Adapter file {path} has damaged metadata ({type(error).__name__}: {error}); write it again with "
+            "save_adapter (or `cvft fit`)."
+        ) from None
     return tensors, info
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from cvft.errors import WeightsError
@@ -60,7 +59,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a weights file into a :class:`Checkpoint` without unpickling anything.
 
     Args:
-        path: A ``.safetensors``, ``.pth``, ``.pt``, ``.bin`` or Lightning ``.ckpt`` file.
+        path: A ``.safetensors``, ``.pth``, ``.pt``, ``.bin`` or Lightning ``.ckpt`` file, local or an
+            ``http(s)://`` URL (downloaded into cvft's cache first).
 
     Returns:
         The unwrapped state dict, metadata and architecture hint.
@@ -73,6 +73,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         >>> ckpt.architecture, len(ckpt.state_dict)  # doctest: +SKIP
         ('resnet50', 320)
     """
+    if str(path).startswith(("http://", "https://")):
+        from cvft.checkpoints import download
+
+        path = download(str(path))
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise WeightsError(
@@ -88,7 +92,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if suffix == ".safetensors":
         state_dict, metadata = read_safetensors(path)
         return Checkpoint(path, state_dict, metadata, _architecture_from_metadata(metadata))
-    raw = _torch_load(path)
+    from cvft.checkpoints import load_checkpoint
+
+    raw = load_checkpoint(path)
     state_dict = _unwrap_state_dict(raw, path)
     return Checkpoint(path, state_dict, {}, _architecture_from_object(raw))
 
@@ -175,17 +181,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError for zip errors, EOFError …
-        raise WeightsError(
-            f"Cannot load {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc)[:300]}. "
-            f"For safety cvft loads only plain tensors and containers, never pickled Python objects. Re-save the "
-            f"weights as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors."
-        ) from exc
-
-
 def _unwrap_state_dict(raw: Any, path: Path) -> dict[str, Tensor]:
     obj = raw
     for _ in range(4):  # e.g. {"state_dict": {"model": {...}}}
@@ -241,12 +236,15 @@ def write_safetensors_atomic(
 ) -> Path:
     """Write a safetensors file atomically: to a temporary file beside ``target``, then rename.
 
-    A crash or a full disk never leaves a half-written file under ``target``.
+    A crash or a full disk never leaves a half-written file under ``target``. The file gets the permissions any
+    other output gets (``0o666`` minus the umask).
 
     Raises:
         WeightsError: The folder is not writable; the message names ``target`` and adds ``hint``.
     """
     from safetensors.torch import save_file
+
+    from cvft.checkpoints import default_file_mode
 
     target = Path(target)
     try:
@@ -255,6 +253,7 @@ def write_safetensors_atomic(
         os.close(fd)
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+            os.chmod(tmp, default_file_mode())  # mkstemp's 0o600 would make this the one private output of a run
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

@@ -13,8 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from cvft.checkpoints import load_checkpoint, load_module, weights_from_checkpoint
 from cvft.errors import CvftError
 from cvft.medical.explain.images import METHODS, Preprocessing, explain_images
 from cvft.tasks import ImageClassifier
@@ -34,11 +33,9 @@ def load_explained_model(
         cvft.errors.CvftError: Pass a checkpoint (--ckpt_path) or an adapter (--adapter) to explain.
     """
     if ckpt_path:
-        path = Path(ckpt_path)
-        if not path.is_file():
-            raise CvftError(f"Checkpoint {path} does not exist; pass the .ckpt written by `cvft fit` (checkpoints/).")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = ImageClassifier.from_checkpoint(path)
+        checkpoint = load_checkpoint(ckpt_path, require_lightning=True)
+        with weights_from_checkpoint():
+            model = load_module(ImageClassifier, checkpoint, pretrained=False, weights=None)
         return model.eval(), dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if adapter:
         return ImageClassifier.from_adapter(adapter, pretrained=pretrained, weights=weights).eval(), {}

@@ -39,14 +39,25 @@ def test_there_is_a_recipe_for_each_additive_and_selective_method():
 
 
 def _local_paths(specs: list, tmp_path: Path) -> list:
-    """Point folder arguments of a recipe (``target_root``) at a small generated folder of images."""
+    """Point file arguments of a recipe at local stand-ins: ``target_root`` at a small generated folder of images,
+    ``teacher`` (a run's checkpoint in the recipe, checked when the strategy is set up) at a timm name with a
+    weights file."""
     from PIL import Image
+    from safetensors.torch import save_file
 
     folder = tmp_path / "target"
     folder.mkdir(exist_ok=True)
     for i in range(4):
         Image.new("RGB", (32, 32), (40 * i, 80, 160)).save(folder / f"{i}.png")
-    return [{**s, "target_root": str(folder)} if isinstance(s, dict) and "target_root" in s else s for s in specs]
+    teacher_weights = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), str(teacher_weights))
+    local = {"target_root": str(folder), "teacher": "test_resnet", "teacher_weights": str(teacher_weights)}
+    return [
+        {**s, **{k: v for k, v in local.items() if k in s or (k == "teacher_weights" and "teacher" in s)}}
+        if isinstance(s, dict)
+        else s
+        for s in specs
+    ]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

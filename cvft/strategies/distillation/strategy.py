@@ -22,7 +22,7 @@ from cvft.errors import StrategyError
 from cvft.strategies.aux import add_aux_module, get_aux_module
 from cvft.strategies.base import Strategy
 from cvft.strategies.distillation.loss import feature_distillation_loss, kd_loss
-from cvft.strategies.distillation.teacher import feature_width, load_teacher
+from cvft.strategies.distillation.teacher import check_teacher_file, feature_width, load_teacher
 from cvft.strategies.outputs import StepOutputs, forward_with_features
 from cvft.strategies.registry import register_strategy
 
@@ -158,9 +158,12 @@ class Distillation(Strategy):
         return self._teacher
 
     def _check_classes(self) -> None:
-        if self._teacher is None or self._num_classes is None or self.alpha == 0:
+        if self._teacher is not None:
+            self._check_class_count(getattr(self._teacher, "num_classes", None))
+
+    def _check_class_count(self, teacher_classes: int | None) -> None:
+        if self._num_classes is None or self.alpha == 0:
             return
-        teacher_classes = getattr(self._teacher, "num_classes", None)
         if teacher_classes != self._num_classes:
             raise StrategyError(
                 f"Distillation teacher {self.teacher!r} predicts {teacher_classes} classes but the student "
@@ -170,8 +173,15 @@ class Distillation(Strategy):
             )
 
     def setup(self, model: nn.Module) -> None:
-        """Record the student's classes; with feature distillation, load the teacher and attach the projection."""
+        """Check the teacher's file and classes; with feature distillation, load the teacher and add the projection.
+
+        A bad teacher file (missing, unreadable, unsafe, another class count) is refused here, before training.
+        """
         self._num_classes = getattr(model, "num_classes", None)
+        if self._teacher is None:
+            file_classes = check_teacher_file(self.teacher)
+            if file_classes is not None:
+                self._check_class_count(file_classes)
         self._check_classes()
         if self.feature_weight > 0:
             projection = nn.Linear(feature_width(model), feature_width(self.teacher_model))

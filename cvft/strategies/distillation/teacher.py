@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 from torch import nn
 
+from cvft.checkpoints import weights_from_checkpoint
 from cvft.errors import CvftError, StrategyError
 
-__all__ = ["TeacherKind", "teacher_kind", "load_teacher", "freeze_teacher", "feature_width"]
+__all__ = ["TeacherKind", "teacher_kind", "check_teacher_file", "load_teacher", "freeze_teacher", "feature_width"]
 
 TeacherKind = Literal["timm", "checkpoint", "adapter"]
 
@@ -49,9 +47,16 @@ def teacher_kind(teacher: str) -> TeacherKind:
 
         from cvft.adapters import ADAPTER_FORMAT
 
-        with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("format") == ADAPTER_FORMAT:
-                return "adapter"
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as error:  # SafetensorError, OSError: not a safetensors file, truncated
+            raise StrategyError(
+                f"Teacher file {str(path)!r} is not a readable .safetensors file ({type(error).__name__}: {error}). "
+                "Pass the adapter .safetensors written by `cvft fit`, a .ckpt, or a timm model name."
+            ) from None
+        if metadata.get("format") == ADAPTER_FORMAT:
+            return "adapter"
     raise StrategyError(
         f"Teacher {str(path)!r} is a plain weights file, not a cvft checkpoint or adapter: pass the timm name of its "
         f"architecture as `teacher` and the file as `teacher_weights` (CLI: --teacher NAME --teacher_weights "
@@ -59,16 +64,47 @@ def teacher_kind(teacher: str) -> TeacherKind:
     )
 
 
-@contextmanager
-def _quiet_classifier_log() -> Iterator[None]:
-    """Silence ImageClassifier's 'random initialisation' warning: a teacher's weights come from its own file."""
-    log = logging.getLogger("cvft.tasks.classification")
-    level = log.level
-    log.setLevel(logging.ERROR)
+def _local_copy(teacher: str) -> str:
+    """A teacher given by ``http(s)://`` URL, downloaded into cvft's cache (read safely like any other file)."""
+    if teacher.startswith(("http://", "https://")):
+        from cvft.checkpoints import download
+
+        return str(download(teacher))
+    return teacher
+
+
+def check_teacher_file(teacher: str) -> int | None:
+    """Check a teacher file before training: readable, safe, a cvft checkpoint or adapter; return its class count.
+
+    Reads only the file (no hub access, no model is built), so a distillation strategy can refuse a bad teacher
+    when it is set up rather than at the first training step.
+
+    Args:
+        teacher: What :func:`load_teacher` takes.
+
+    Returns:
+        The number of classes the teacher predicts when its file says (``None`` for timm names and when unknown).
+
+    Raises:
+        StrategyError: The file is missing, unreadable, unsafe (pickled objects), or not a cvft checkpoint/adapter.
+    """
+    teacher = _local_copy(teacher)
+    kind = teacher_kind(teacher)
     try:
-        yield
-    finally:
-        log.setLevel(level)
+        if kind == "checkpoint":
+            from cvft.checkpoints import load_checkpoint
+
+            hparams = load_checkpoint(teacher, require_lightning=True).get("hyper_parameters") or {}
+            classes = hparams.get("num_classes")
+            return int(classes) if isinstance(classes, int) else None
+        if kind == "adapter":
+            from cvft.adapters import read_adapter
+
+            names = read_adapter(teacher)[1].class_names
+            return len(names) if names else None
+    except CvftError as error:
+        raise StrategyError(f"Cannot use {teacher!r} as the distillation teacher: {error}") from None
+    return None
 
 
 def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = True) -> nn.Module:
@@ -100,6 +136,7 @@ def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = Tr
         >>> teacher.num_classes, teacher.training, any(p.requires_grad for p in teacher.parameters())
         (3, False, False)
     """
+    teacher = _local_copy(teacher)
     kind = teacher_kind(teacher)
     pretrained = pretrained and weights is None
     try:
@@ -115,7 +152,7 @@ def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = Tr
         else:
             from cvft.tasks import ImageClassifier
 
-            with _quiet_classifier_log():
+            with weights_from_checkpoint():
                 if kind == "checkpoint":
                     if weights is not None:
                         raise StrategyError(
