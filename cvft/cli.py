@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.cli import LightningArgumentParser
 
 from cvft import __version__
 from cvft.callbacks import PredictionWriter, TrainingReport, output_dir
+from cvft.cli_base import RunCLI, read_checkpoint_hparams
 from cvft.data import ImageFolderDataModule
 from cvft.errors import CvftError
 from cvft.medical.report import MedicalReport
@@ -37,8 +36,9 @@ __all__ = [
     "main",
     "run_summary",
     "print_fit_results",
-    "default_loggers",
+    "read_checkpoint_hparams",
     "add_teacher",
+    "adapter_into_config",
     "find_task",
     "TASKS",
 ]
@@ -142,17 +142,6 @@ def print_fit_results(trainer: Trainer, model: Any, metrics: dict[str, float]) -
     print(f"Outputs: {folder}", flush=True)
 
 
-def read_checkpoint_hparams(path: str | Path) -> dict[str, Any]:
-    """The ``hyper_parameters`` of a Lightning checkpoint, read with ``torch.load(weights_only=True)``."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CvftError(f"Checkpoint {path} does not exist; pass the .ckpt written by `cvft fit` (checkpoints/).")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return dict(checkpoint.get("hyper_parameters", {}))
-
-
 def add_teacher(config: Any) -> None:
     """Append ``{"name": "distillation", "teacher": ...}`` to ``config.model.strategies`` for ``--teacher``.
 
@@ -178,14 +167,30 @@ def add_teacher(config: Any) -> None:
     config.model.strategies = [*strategies, spec]
 
 
-def default_loggers(root: str | Path, name: str = "cvft") -> list[Any]:
-    """A CSV logger and a TensorBoard logger that share one run folder (``root/name/version_<n>``)."""
-    csv_logger = CSVLogger(save_dir=str(root), name=name)
-    tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=csv_logger.version, default_hp_metric=False)
-    return [csv_logger, tensorboard]
+def adapter_into_config(config: Any) -> None:
+    """Take backbone, strategies and class names from ``--model.adapter``'s metadata where the config lacks them.
+
+    An adapter file records what it was trained with, so ``cvft predict --model.adapter adapter.safetensors``
+    needs only the base weights (``--model.weights`` or the hub). Strategies the config names are kept (the adapter
+    then checks that they match).
+    """
+    adapter = config.model.get("adapter")
+    if not adapter:
+        return
+    from cvft.adapters import read_adapter
+
+    info = read_adapter(adapter)[1]
+    if config.model.get("backbone") != info.backbone:
+        config.model.backbone = info.backbone
+        if "backbone" in config.data:
+            config.data.backbone = info.backbone
+    if not config.model.get("strategies"):
+        config.model.strategies = info.strategies
+    if config.data.get("class_names") is None and info.class_names:
+        config.data.class_names = info.class_names
 
 
-class CvftCLI(LightningCLI):
+class CvftCLI(RunCLI):
     """LightningCLI wired for cvft.
 
     * ``model.backbone`` is passed on to ``data.backbone`` (so preprocessing follows the backbone's pretrained
@@ -207,15 +212,7 @@ class CvftCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.in_chans")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
-            }
-        )
+        super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(TrainingReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(MedicalReport, "medical_report")  # ROC, calibration: --medical_report.enabled
@@ -242,34 +239,23 @@ class CvftCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Add ``--teacher`` to the strategies; with ``--ckpt_path`` outside fit, take weights and classes from it."""
+        """Add ``--teacher`` to the strategies, the adapter's strategies and classes, then read ``--ckpt_path``."""
         subcommand = self.config.get("subcommand")
-        add_teacher(self.config[subcommand] if subcommand else self.config)
-        if subcommand in (None, "fit"):
-            return
-        config = self.config[subcommand]
-        adapter = config.model.get("adapter")
-        if adapter and config.data.get("class_names") is None:
-            from cvft.adapters import read_adapter
+        config = self.config[subcommand] if subcommand else self.config
+        add_teacher(config)
+        if subcommand not in (None, "fit"):
+            adapter_into_config(config)
+        super().before_instantiate_classes()
 
-            config.data.class_names = read_adapter(adapter)[1].class_names
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path:
-            return
-        config.model.pretrained = False
-        config.model.weights = None
-        hparams = read_checkpoint_hparams(ckpt_path)
+    def from_checkpoint_hparams(self, config: Any, hparams: dict[str, Any]) -> None:
+        """Outside fit, the class names come from the checkpoint."""
         if config.data.get("class_names") is None and hparams.get("class_names"):
             config.data.class_names = list(hparams["class_names"])
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
-        if config.get("logger") in (None, True):
-            config["logger"] = default_loggers(config.get("default_root_dir") or "runs")
-        return super()._instantiate_trainer(config, callbacks)
-
     def before_fit(self) -> None:
-        """Say which weights the run starts from and how many parameters train."""
+        """Say which weights the run starts from and how many parameters train (and where a resumed run continues)."""
         print(run_summary(self.model, self.model.hparams.backbone), flush=True)
+        super().before_fit()
 
     def after_fit(self) -> None:
         """Print the final validation metrics and where the outputs are."""

@@ -16,20 +16,17 @@ are used, ``adapter.safetensors``. ``cvft predict`` writes ``predictions.json`` 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
 from cvft.callbacks import DetectionPredictionWriter, TrainingReport
+from cvft.cli_base import RunCLI
 
 __all__ = ["DetectionCLI", "run_detection_cli"]
 
-_RUN_NAME = "detection"
 
-
-class DetectionCLI(LightningCLI):
+class DetectionCLI(RunCLI):
     """LightningCLI wired for object detection.
 
     * ``num_classes``, ``class_names`` and ``category_ids`` (the original dataset ids of the classes) come from the
@@ -45,21 +42,16 @@ class DetectionCLI(LightningCLI):
         ['before_fit', 'after_fit', 'after_predict']
     """
 
+    run_name: ClassVar[str] = "detection"
+    monitor: ClassVar[str] = "val/map"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data into the model and add the detection callbacks and ``--task``."""
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.category_ids", "model.category_ids", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/map",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
-            }
-        )
+        super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(TrainingReport, "report")
         parser.set_defaults({"report.confusion": False})
         parser.add_lightning_class_args(DetectionPredictionWriter, "predictions")
@@ -70,30 +62,11 @@ class DetectionCLI(LightningCLI):
             help="What to train; `cvft` picks the CLI from it (leave out or `classification` for image labels).",
         )
 
-    def before_instantiate_classes(self) -> None:
-        """With ``--ckpt_path`` outside fit, build the model for the checkpoint's classes, without base weights."""
-        subcommand = self.config.get("subcommand")
-        if subcommand in (None, "fit"):
-            return
-        config = self.config[subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path:
-            return
-        from cvft.cli import read_checkpoint_hparams
-
-        config.model.pretrained = False
-        config.model.weights = None
-        hparams = read_checkpoint_hparams(ckpt_path)
+    def from_checkpoint_hparams(self, config: Any, hparams: dict[str, Any]) -> None:
+        """Outside fit, the classes and their dataset ids come from the checkpoint."""
         for key in ("class_names", "category_ids"):
             if key in config.data and config.data.get(key) is None and hparams.get(key) is not None:
                 config.data[key] = list(hparams[key])
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
-        if config.get("logger") in (None, True):
-            from cvft.cli import default_loggers
-
-            config["logger"] = default_loggers(config.get("default_root_dir") or "runs", name=_RUN_NAME)
-        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         """Say which weights the run starts from and how many parameters train."""
@@ -101,6 +74,7 @@ class DetectionCLI(LightningCLI):
 
         hparams = self.model.hparams
         print(run_summary(self.model, f"{hparams.head} detector on {hparams.backbone}"), flush=True)
+        super().before_fit()
 
     def after_fit(self) -> None:
         """Print the final validation mAP, where the outputs are, and save the adapter of a strategy run."""

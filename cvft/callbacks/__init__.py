@@ -6,11 +6,13 @@ Example:
     True
 """
 
+from cvft.callbacks.checkpoint import RunCheckpoint
 from cvft.callbacks.detection_predictions import DetectionPredictionWriter
 from cvft.callbacks.predictions import PredictionWriter
 from cvft.callbacks.report import TrainingReport, output_dir, plot_confusion_matrix, plot_learning_curves
 
 __all__ = [
+    "RunCheckpoint",
     "TrainingReport",
     "PredictionWriter",
     "DetectionPredictionWriter",

@@ -58,7 +58,7 @@ def test_cli_links_data_into_model(shapes_folder, resnet_weights, tmp_path, clas
     assert cli.datamodule.hparams.backbone == "test_resnet"
     assert cli.model.weights_source.startswith("file:")
     names = {c.__class__.__name__ for c in cli.trainer.callbacks}
-    assert {"ModelCheckpoint", "TrainingReport", "PredictionWriter"} <= names
+    assert {"RunCheckpoint", "TrainingReport", "PredictionWriter"} <= names
     assert {type(lg).__name__ for lg in cli.trainer.loggers} == {"CSVLogger", "TensorBoardLogger"}
     assert len({lg.log_dir for lg in cli.trainer.loggers}) == 1, "CSV and TensorBoard must share the run folder"
 
