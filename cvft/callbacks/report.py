@@ -133,6 +133,10 @@ def plot_confusion_matrix(
 class TrainingReport(pl.Callback):
     """Write ``learning_curves.png``, ``confusion_matrix.png`` and ``confusion_matrix.csv`` when a fit ends.
 
+    When the fit starts, the images the DataModule left out as unreadable (its ``skipped_images``, e.g.
+    :class:`~cvft.data.ImageFolderDataModule` with ``on_bad_image="skip"``) are listed in ``skipped_images.txt``,
+    one ``path<TAB>reason`` line each.
+
     Epoch metrics are collected from ``trainer.callback_metrics``; the history is saved in checkpoints so a resumed
     run draws the whole curve. The confusion matrix comes from the LightningModule's ``last_val_confusion`` (as in
     :class:`cvft.tasks.ImageClassifier`); modules without it only get learning curves.
@@ -149,6 +153,18 @@ class TrainingReport(pl.Callback):
         self.normalize = normalize
         self.history: list[dict[str, float]] = []
         self.written: list[Path] = []
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """List the images the DataModule skipped in ``skipped_images.txt`` in the run folder."""
+        skipped = getattr(trainer.datamodule, "skipped_images", None)
+        if skipped:
+            path = output_dir(trainer) / "skipped_images.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = (f"{file}\t{' '.join(str(reason).split())}\n" for file, reason in dict(skipped).items())
+            path.write_text("".join(lines), encoding="utf-8")
+            _logger.warning("%d unreadable image(s) were skipped; listed in %s", len(skipped), path)
+            self.written.append(path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record this epoch's metrics (validation of the epoch has already run)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,7 @@ def _as_item(item: Sample | tuple[Any, Any] | str | Path) -> Sample | Path:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation, NumPy and ``random`` seed.
+    """Give each DataLoader worker its own augmentation, NumPy and ``random`` seed, and mute Pillow's warnings there.
 
     Albumentations pipelines keep their own random generator, which forked workers would otherwise share (all
     workers producing the same augmentations). The seed is the worker's torch seed, so runs are reproducible under
@@ -149,6 +150,9 @@ def seed_worker(worker_id: int) -> None:
     info = get_worker_info()
     if info is None:
         return
+    # Pillow warns about damage it tolerates (corrupt EXIF ...); the images were checked before training, so mute
+    # those here. Safe only because a worker is its own process: cvft never changes the main process's filters.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     seed = info.seed % 2**32
     np.random.seed(seed)
     random.seed(seed)

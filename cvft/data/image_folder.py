@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from cvft.data._options import validate_options
 from cvft.data.dataset import ImageDataset
-from cvft.data.io import check_image
+from cvft.data.image_check import find_unreadable_images
 from cvft.data.samples import (
     Sample,
     find_split_roots,
@@ -27,12 +27,15 @@ from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import AUGMENT_PRESETS, IMAGENET_DATA_CONFIG, build_transforms, data_config_for
 from cvft.errors import CheckpointMismatchError, DatasetError, ImageLoadError
 
-__all__ = ["ImageFolderDataModule", "CHECK_IMAGES_MODES"]
+__all__ = ["ImageFolderDataModule", "CHECK_IMAGES_MODES", "ON_BAD_IMAGE_MODES"]
 
 _logger = logging.getLogger(__name__)
 
 CHECK_IMAGES_MODES: tuple[str, ...] = ("none", "header", "full")
 """Values of ``ImageFolderDataModule(check_images=...)``."""
+
+ON_BAD_IMAGE_MODES: tuple[str, ...] = ("error", "skip")
+"""Values of ``ImageFolderDataModule(on_bad_image=...)``."""
 
 _MAX_LISTED = 20
 _SPLITS = ("train", "val", "test")
@@ -73,8 +76,13 @@ class ImageFolderDataModule(SplitDataModule):
         multi_label: Images may have several classes (CSV labels ``a|b``); targets become multi-hot vectors.
         channels: 3 for RGB, 1 for grayscale input.
         predict_root: Image file or folder (searched recursively) for ``predict``.
-        check_images: Validate every image before training: ``none``, ``header`` (cheap, catches most broken
-            files) or ``full`` (decodes every image). All bad files are reported in one error.
+        check_images: Validate every image before training: ``none``, ``header`` (cheap, misses truncated JPEGs)
+            or ``full`` (decodes every image in worker processes, JPEG at reduced size; results are cached by file
+            size and modification time under ``$CVFT_CACHE``, default ``~/.cache/cvft``, so a second run over the
+            same folder costs one ``stat`` per image). Bad files are handled as ``on_bad_image`` says.
+        on_bad_image: ``error``: list every bad file in one :class:`~cvft.errors.ImageLoadError`. ``skip``: leave
+            them out, log how many, and keep them in :attr:`skipped_images` (the ``TrainingReport`` callback writes
+            them to ``skipped_images.txt`` in the run folder).
         class_names: Class names in index order. Given, ``class_names`` / ``num_classes`` come from this list
             without scanning the data (e.g. predicting with a checkpoint's classes), and labelled data is mapped
             onto this order (a class not in the list raises). ``None``: the sorted class folder names or CSV labels.
@@ -107,14 +115,27 @@ class ImageFolderDataModule(SplitDataModule):
         multi_label: bool = False,
         channels: int = 3,
         predict_root: str | None = None,
-        check_images: str = "header",
+        check_images: str = "full",
         class_names: list[str] | None = None,
+        on_bad_image: str = "error",
     ) -> None:
         super().__init__()
         # class_names stays out of hparams: the model records the resolved list, and Lightning refuses to log
         # model and data hparams that share a key with different values.
         self.save_hyperparameters(ignore=["class_names"])
-        _validate_options(augment, check_images, channels, batch_size, num_workers, val_fraction, test_fraction)
+        validate_options(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            choices={
+                "augment": (augment, AUGMENT_PRESETS),
+                "check_images": (check_images, CHECK_IMAGES_MODES),
+                "on_bad_image": (on_bad_image, ON_BAD_IMAGE_MODES),
+                "channels": (channels, (1, 3)),
+            },
+        )
         if multi_label and csv is None and root is not None:
             raise DatasetError(
                 "multi_label=True needs labels from a CSV file (csv=...); class folders are single-label."
@@ -124,11 +145,14 @@ class ImageFolderDataModule(SplitDataModule):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.augment, self.multi_label, self.channels = augment, multi_label, channels
-        self.predict_root, self.check_images = predict_root, check_images
+        self.predict_root, self.check_images, self.on_bad_image = predict_root, check_images, on_bad_image
+        self.skipped_images: dict[Path, str] = {}
+        """Images left out with ``on_bad_image="skip"``, each with the reason."""
 
         config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
         height, width = config["input_size"][1:]
-        self.image_size: int | tuple[int, int] = image_size or (height if height == width else (height, width))
+        default_size = height if height == width else (height, width)
+        self.image_size: int | tuple[int, int] = image_size if image_size is not None else default_size
         self.mean = _per_channel(mean or config["mean"], channels, "mean")
         self.std = _per_channel(std or config["std"], channels, "std")
         self.interpolation: str = config["interpolation"]
@@ -191,8 +215,10 @@ class ImageFolderDataModule(SplitDataModule):
             if self.predict_root is None:
                 raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
             files = scan_unlabelled(self.predict_root)
-            self._validate_images(files)
-            self._predict_files = files
+            bad = self._validate_images(files)
+            self._predict_files = [path for path in files if path not in bad]
+            if not self._predict_files:
+                raise DatasetError(f"None of the {len(files)} image(s) in {self.predict_root} can be read.")
         return list(self._predict_files)
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
@@ -272,10 +298,17 @@ class ImageFolderDataModule(SplitDataModule):
         if self._splits is not None:
             return
         splits, class_names = self._read_labelled()
+        if not self.multi_label and len(class_names) < 2:
+            found = f"only the class {class_names[0]!r}" if class_names else "no class"
+            raise DatasetError(
+                f"{self._source()} has {found}; single-label classification needs at least 2 classes. Add a folder "
+                "(or CSV label) per class, or use multi_label=True with a CSV for a one-label yes/no classifier."
+            )
+        bad = self._validate_images([s.path for split in splits.values() for s in split])
+        splits = {name: [s for s in samples if s.path not in bad] for name, samples in splits.items()}
         self._split_missing(splits)
         if not splits["train"]:
             raise DatasetError(f"The training split of {self._source()} is empty. Add images.")
-        self._validate_images([s.path for split in splits.values() for s in split])
         self._splits, self._class_names = splits, class_names
         sizes = ", ".join(f"{name} {len(splits[name])}" for name in _SPLITS if splits.get(name))
         _logger.info("%s: %d classes, %s images", self._source(), len(class_names), sizes)
@@ -319,20 +352,28 @@ class ImageFolderDataModule(SplitDataModule):
         if test_fraction:
             splits["test"] = [train[i] for i in test_idx]
 
-    def _validate_images(self, paths: Sequence[Path]) -> None:
+    def _validate_images(self, paths: Sequence[Path]) -> set[Path]:
+        """Check ``paths`` as ``check_images`` says; return the bad ones to skip, or raise (``on_bad_image``)."""
         if self.check_images == "none" or not paths:
-            return
-        full = self.check_images == "full"
-        unique = list(dict.fromkeys(paths))
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            errors = [e for e in pool.map(lambda p: _image_error(p, full), unique) if e]
-        if errors:
-            listed = "\n  ".join(errors[:_MAX_LISTED])
-            more = f"\n  … and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
-            raise ImageLoadError(
-                f"{len(errors)} of {len(unique)} image(s) cannot be read (check_images={self.check_images!r}):\n"
-                f"  {listed}{more}\nRe-export or delete these files, then run again."
-            )
+            return set()
+        errors = find_unreadable_images(paths, full=self.check_images == "full")
+        if not errors:
+            return set()
+        unique = len(set(paths))
+        if self.on_bad_image == "skip":
+            self.skipped_images.update(errors)
+            _logger.warning(
+                "Skipping %d of %d image(s) that cannot be read (on_bad_image='skip'), e.g. %s",
+                len(errors), unique, next(iter(errors.values())),
+            )  # fmt: skip
+            return set(errors)
+        messages = list(errors.values())
+        listed = "\n  ".join(messages[:_MAX_LISTED])
+        more = f"\n  … and {len(messages) - _MAX_LISTED} more" if len(messages) > _MAX_LISTED else ""
+        raise ImageLoadError(
+            f"{len(messages)} of {unique} image(s) cannot be read (check_images={self.check_images!r}):\n"
+            f"  {listed}{more}\nRe-export or delete these files, or pass on_bad_image='skip' to leave them out."
+        )
 
 
 def _checked_class_names(class_names: Sequence[str] | None) -> list[str] | None:
@@ -344,36 +385,6 @@ def _checked_class_names(class_names: Sequence[str] | None) -> list[str] | None:
         problem = f"duplicates {duplicates}" if duplicates else "no names"
         raise DatasetError(f"class_names has {problem}; give each class exactly once.")
     return names
-
-
-def _image_error(path: Path, full: bool) -> str | None:
-    try:
-        check_image(path, full=full)
-    except ImageLoadError as error:
-        return str(error)
-    return None
-
-
-def _validate_options(
-    augment: str,
-    check_images: str,
-    channels: int,
-    batch_size: int,
-    num_workers: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> None:
-    if augment not in AUGMENT_PRESETS:
-        raise ValueError(f"Unknown augment preset {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}.")
-    if check_images not in CHECK_IMAGES_MODES:
-        raise ValueError(f"Unknown check_images {check_images!r}; choose one of {', '.join(CHECK_IMAGES_MODES)}.")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
-    stratified_split([], val_fraction, test_fraction)  # validates the fractions
 
 
 def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:

@@ -13,13 +13,15 @@ Every file goes through :func:`load_image`, so training, validation and predicti
 * EXIF orientation (photos from phones) is applied, multi-frame files (GIF, TIFF) use their first frame.
 
 Unreadable files (missing, corrupt, truncated, not an image) raise :class:`~cvft.errors.ImageLoadError` naming the
-file and saying how to fix it.
+file and saying how to fix it. Truncated files raise even when a library set Pillow's process-wide
+``ImageFile.LOAD_TRUNCATED_IMAGES``: reading never changes that flag, nor the process's warning filters, so it is
+safe from threads and DataLoader workers alike.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +100,10 @@ def check_image(path: str | Path, full: bool = False) -> None:
 
     Args:
         path: Image file.
-        full: Decode every pixel (catches truncated files, costs a full read). ``False`` only parses the header
-            and runs Pillow's ``verify()``, which is cheap.
+        full: Decode every pixel and convert it as :func:`load_image` does (catches truncated files). JPEG files are
+            decoded at 1/8 scale (Pillow's ``draft`` mode), which still reads all of the file but skips most of the
+            work. ``False`` only parses the header and runs Pillow's ``verify()``, which is cheap but misses
+            truncated JPEGs.
 
     Raises:
         ImageLoadError: The file is missing, not an image, corrupt (or, with ``full=True``, truncated).
@@ -116,18 +120,39 @@ def check_image(path: str | Path, full: bool = False) -> None:
     """
     path = Path(path)
     if full:
-        load_image(path)
+        image = _decode(path, reduced=True)
+        try:
+            _to_uint8(image)
+        except Exception as error:  # any conversion failure means an unusable file
+            raise ImageLoadError(f"Cannot convert image {path} (mode {image.mode}): {error}. {_FIX}.") from error
         return
     _check_exists(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                image.verify()
+        with Image.open(path) as image:
+            image.verify()
     except Image.UnidentifiedImageError as error:
         raise ImageLoadError(f"{path} is not an image Pillow can read. {_FIX}.") from error
     except Exception as error:  # Pillow raises many types for broken files
         raise ImageLoadError(f"{path} is corrupt ({type(error).__name__}: {error}). {_FIX}.") from error
+
+
+class _EndWatchingReader(io.BufferedReader):
+    """A buffered file that records whether a read came back empty, i.e. something wanted bytes past the end.
+
+    Pillow stops silently at the end of a truncated file when ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set; that flag
+    is process-wide, so instead of switching it off (which races with other threads) the decode watches for reads
+    past the end. Complete files of every format Pillow decodes through ``read`` never make one while loading.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self.hit_end = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if not data and size != 0:
+            self.hit_end = True
+        return data
 
 
 def _check_exists(path: Path) -> None:
@@ -139,16 +164,17 @@ def _check_exists(path: Path) -> None:
         raise ImageLoadError(f"Image file {path} is not readable. Fix its permissions or delete it.")
 
 
-def _decode(path: Path) -> Image.Image:
+def _decode(path: Path, reduced: bool = False) -> Image.Image:
     _check_exists(path)
-    restore = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must raise, not decode as grey
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Palette images with transparency ..." / EXIF warnings
-            with Image.open(path) as image:
-                image.load()
-                return _apply_exif_orientation(image)
+        with _EndWatchingReader(path) as file, Image.open(file) as image:
+            if reduced and image.format == "JPEG":
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            file.hit_end = False  # identifying the format may probe past the end of a tiny file
+            image.load()
+            if file.hit_end and ImageFile.LOAD_TRUNCATED_IMAGES:  # otherwise Pillow has raised already
+                raise OSError("image file is truncated")
+            return _apply_exif_orientation(image)
     except Image.UnidentifiedImageError as error:
         raise ImageLoadError(f"{path} is not an image Pillow can read. {_FIX}.") from error
     except Image.DecompressionBombError as error:
@@ -157,8 +183,6 @@ def _decode(path: Path) -> Image.Image:
         ) from error
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError …
         raise ImageLoadError(f"{path} is corrupt or truncated ({type(error).__name__}: {error}). {_FIX}.") from error
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = restore
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:

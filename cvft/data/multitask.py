@@ -13,9 +13,10 @@ from typing import Any
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from cvft.data._options import validate_options
 from cvft.data.dataset import seed_worker
 from cvft.errors import DatasetError
 
@@ -28,16 +29,24 @@ class TaskBatchSampler(Sampler[list[int]]):
     The task of each batch is drawn independently with probabilities ``ratios``. Within a task, samples come in a
     fresh random order on every pass through its data; each batch holds distinct samples (``min(batch_size,
     size)`` of them), and the samples of a pass that do not fill a whole batch wait for a later pass. Everything
-    derives from ``(seed, epoch, rank)``, so an epoch is reproducible, and a resumed run (Lightning calls
-    :meth:`set_epoch`) sees the same batches as an uninterrupted one.
+    derives from ``(seed, epoch)``, so an epoch is reproducible, and a resumed run (Lightning calls
+    :meth:`set_epoch` on ``loader.batch_sampler.sampler``, which is this sampler itself) sees the same batches as an
+    uninterrupted one.
+
+    Under DDP (``num_replicas > 1``) every rank draws the same task at each step, and the ranks' batches are disjoint
+    slices of one ``num_replicas * batch_size`` chunk of that task's pass order: one step on all ranks sees the
+    samples a single process with ``batch_size * num_replicas`` would see (when every task holds that many), and
+    every rank logs and synchronises the same task's metrics. The default epoch is still one pass over the data.
 
     Args:
         sizes: Number of samples of each task, in the order of the concatenated datasets.
         batch_size: Samples per batch.
         ratios: Probability of drawing each task (normalised; zeros allowed). ``None``: proportional to ``sizes``.
-        num_batches: Batches per epoch. ``None``: ``sum(max(1, size // batch_size))``, one pass's worth of batches.
-        seed: Seed of the draws.
-        rank: Process rank under DDP (each rank draws its own batches; give every rank the same ``num_batches``).
+        num_batches: Batches per epoch (per rank). ``None``: ``sum(max(1, size // (batch_size * num_replicas)))``,
+            one pass's worth of batches.
+        seed: Seed of the draws (the same on every rank).
+        rank: Process rank under DDP, in ``[0, num_replicas)``.
+        num_replicas: Number of DDP processes (the world size); every task needs at least this many samples.
 
     Example:
         >>> sampler = TaskBatchSampler([4, 6], batch_size=2, seed=0)
@@ -45,6 +54,9 @@ class TaskBatchSampler(Sampler[list[int]]):
         5
         >>> all(max(b) < 4 or min(b) >= 4 for b in sampler)
         True
+        >>> ranks = [list(TaskBatchSampler([4, 6], batch_size=2, rank=r, num_replicas=2)) for r in (0, 1)]
+        >>> [set(a).isdisjoint(b) for a, b in zip(*ranks)]
+        [True, True]
     """
 
     def __init__(
@@ -55,10 +67,17 @@ class TaskBatchSampler(Sampler[list[int]]):
         num_batches: int | None = None,
         seed: int = 0,
         rank: int = 0,
+        num_replicas: int = 1,
     ) -> None:
         self.sizes = [int(s) for s in sizes]
         if not self.sizes or any(s < 1 for s in self.sizes):
             raise DatasetError(f"Every task needs at least one sample; sizes are {self.sizes}.")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise DatasetError(f"Need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}.")
+        if any(s < num_replicas for s in self.sizes):
+            raise DatasetError(
+                f"Every task needs at least one sample per rank ({num_replicas} ranks); sizes are {self.sizes}."
+            )
         if batch_size < 1:
             raise DatasetError(f"batch_size must be >= 1, got {batch_size}.")
         weights = np.asarray(self.sizes if ratios is None else ratios, dtype=np.float64)
@@ -68,14 +87,20 @@ class TaskBatchSampler(Sampler[list[int]]):
             raise DatasetError("At least one task needs a ratio > 0.")
         self.ratios = (weights / weights.sum()).tolist()
         self.batch_size = int(batch_size)
-        default = sum(max(1, s // self.batch_size) for s in self.sizes)
+        self.rank = int(rank)
+        self.num_replicas = int(num_replicas)
+        default = sum(max(1, s // (self.batch_size * self.num_replicas)) for s in self.sizes)
         self.num_batches = default if num_batches is None else int(num_batches)
         if self.num_batches < 1:
             raise DatasetError(f"num_batches must be >= 1, got {num_batches}.")
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).tolist()
         self.seed = int(seed)
-        self.rank = int(rank)
         self.epoch = 0
+
+    @property
+    def sampler(self) -> TaskBatchSampler:
+        """This sampler: Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` at each epoch start."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         """Select the draws of ``epoch`` (called by Lightning at each epoch start)."""
@@ -86,20 +111,21 @@ class TaskBatchSampler(Sampler[list[int]]):
 
     def task_sequence(self) -> list[int]:
         """The task index of every batch of the current epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0])
+        rng = np.random.default_rng([self.seed, self.epoch, 0, 0])  # rank-free; the 0 keeps 1-process draws as before
         return rng.choice(len(self.sizes), size=self.num_batches, p=self.ratios).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        rng = np.random.default_rng([self.seed, self.epoch, 0, 1])  # the same on every rank, as above
         orders: list[np.ndarray] = [np.empty(0, dtype=np.int64) for _ in self.sizes]
         cursors = [0] * len(self.sizes)
         for task in self.task_sequence():
-            size = min(self.batch_size, self.sizes[task])
-            if cursors[task] + size > len(orders[task]):
+            size = min(self.batch_size, self.sizes[task] // self.num_replicas)
+            chunk = size * self.num_replicas  # what all ranks together take from the task's pass order
+            if cursors[task] + chunk > len(orders[task]):
                 orders[task], cursors[task] = rng.permutation(self.sizes[task]), 0
-            local = orders[task][cursors[task] : cursors[task] + size]
-            cursors[task] += size
-            yield (local + self.offsets[task]).tolist()
+            start = cursors[task] + self.rank * size
+            cursors[task] += chunk
+            yield (orders[task][start : start + size] + self.offsets[task]).tolist()
 
 
 class _TaskDataset(Dataset):
@@ -160,8 +186,11 @@ class MultiTaskDataModule(L.LightningDataModule):
     LightningDataModule such as :class:`~cvft.data.ImageFolderDataModule`, whose train / val / test datasets (and
     transforms) are used. Validation and test give one DataLoader per task that has such data, in task order.
 
-    Under DDP, pass ``Trainer(use_distributed_sampler=False)``: every rank draws its own batches from the seed and
-    its rank, with the same number of batches per epoch.
+    Under DDP the module shards the data itself, so pass ``Trainer(use_distributed_sampler=False)`` (it refuses to
+    train otherwise: Lightning's sampler cannot split one-task batches) and, with more than one task, a strategy that
+    finds unused parameters (``strategy="ddp_find_unused_parameters_true"``: a step trains one task's head). Every rank
+    trains the same task at each step, on its own disjoint slice of that task's samples (:class:`TaskBatchSampler`),
+    and validation / test loaders give each rank its share of the samples, as Lightning's ``DistributedSampler`` would.
 
     Args:
         tasks: Task name -> training ``Dataset`` or LightningDataModule.
@@ -200,6 +229,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        validate_options(batch_size=batch_size, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
         if not tasks:
             raise DatasetError("MultiTaskDataModule needs at least one task: {name: Dataset or DataModule}.")
         self.sources = dict(tasks)
@@ -258,10 +288,28 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise DatasetError(f"ratios must have a positive sum, got {raw}.")
         return {task: float(raw[task]) / total for task in self.task_names}
 
+    def _ranks(self) -> tuple[int, int]:
+        """``(rank, world size)`` of the attached trainer; ``(0, 1)`` without one."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _check_distributed_sampler(self) -> None:
+        """Refuse Lightning's sampler injection, which cannot split one-task batches (it would fail unclearly)."""
+        world = self._ranks()[1]
+        # Lightning exposes the flag only on its accelerator connector; without it, its own error remains
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise DatasetError(
+                f"MultiTaskDataModule shards its one-task training batches across the {world} processes itself; "
+                "Lightning's distributed sampler cannot split them. Pass Trainer(use_distributed_sampler=False) "
+                "(and, with several tasks, strategy='ddp_find_unused_parameters_true')."
+            )
+
     def train_sampler(self) -> TaskBatchSampler:
-        """The batch sampler of the training DataLoader (seeded by ``seed`` and the trainer's rank)."""
+        """The batch sampler of the training DataLoader (seeded by ``seed``; sharded by the trainer's ranks)."""
         sizes = self.task_sizes
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank, world = self._ranks()
         ratios = self.ratios
         return TaskBatchSampler(
             [sizes[t] for t in self.task_names],
@@ -270,6 +318,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             num_batches=self.batches_per_epoch,
             seed=self.seed,
             rank=rank,
+            num_replicas=world,
         )
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
@@ -286,17 +335,23 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Homogeneous training batches, tasks drawn by :attr:`ratios`."""
+        self._check_distributed_sampler()
         train = self._split("train")
         concat = ConcatDataset([_TaskDataset(train[t], i) for i, t in enumerate(self.task_names)])
         return self._loader(concat, batch_sampler=self.train_sampler())
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         datasets = self._split(split)
-        return [
-            self._loader(_TaskDataset(datasets[t], i), batch_size=self.batch_size, shuffle=False)
-            for i, t in enumerate(self.task_names)
-            if t in datasets
-        ]
+        rank, world = self._ranks()
+        loaders = []
+        for i, task in enumerate(self.task_names):
+            if task not in datasets:
+                continue
+            dataset = _TaskDataset(datasets[task], i)
+            # under DDP each rank evaluates its share, padded to equal lengths as Lightning's own sampler does
+            sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+            loaders.append(self._loader(dataset, batch_size=self.batch_size, sampler=sampler))
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
         """One validation DataLoader per task with validation data, in task order (``[]``: none)."""

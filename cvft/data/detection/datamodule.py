@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from cvft.data._options import validate_options
 from cvft.data.detection._yolo import yaml_names
 from cvft.data.detection.annotations import (
     OUT_OF_BOUNDS_MODES,
@@ -120,16 +121,17 @@ class DetectionDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_names", "category_ids"])
-        if augment not in DETECTION_AUGMENT_PRESETS:
-            raise ValueError(f"Unknown augment {augment!r}; choose one of {', '.join(DETECTION_AUGMENT_PRESETS)}.")
-        if out_of_bounds not in OUT_OF_BOUNDS_MODES:
-            choices = ", ".join(OUT_OF_BOUNDS_MODES)
-            raise ValueError(f"Unknown out_of_bounds {out_of_bounds!r}; choose one of {choices}.")
-        if batch_size < 1 or num_workers < 0 or image_size < 1 or not 0.0 <= val_fraction < 1.0:
-            raise ValueError(
-                f"Need batch_size >= 1, num_workers >= 0, image_size >= 1 and 0 <= val_fraction < 1; got "
-                f"{batch_size}, {num_workers}, {image_size}, {val_fraction}."
-            )
+        validate_options(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            min_visibility=min_visibility,
+            choices={
+                "augment": (augment, DETECTION_AUGMENT_PRESETS),
+                "out_of_bounds": (out_of_bounds, OUT_OF_BOUNDS_MODES),
+            },
+        )
         self.coco_json, self.image_root = coco_json, image_root
         self.data_yaml, self.yolo_root = data_yaml, yolo_root
         self.val_coco_json, self.val_image_root = val_coco_json, val_image_root

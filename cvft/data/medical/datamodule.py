@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from cvft.data._options import validate_options
 from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_transforms
 from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
 from cvft.data.medical.labels import MedicalRecord, read_medical_csv
 from cvft.data.medical.patient_split import check_no_patient_leak, patient_split
 from cvft.data.medical.read import is_medical_image_file
 from cvft.data.samples import is_ignored_file
-from cvft.data.split import stratified_split, stratum_of
+from cvft.data.split import stratum_of
 from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
 from cvft.errors import CheckpointMismatchError, DatasetError
@@ -148,7 +149,16 @@ class MedicalImageDataModule(SplitDataModule):
             )
         if medmnist is not None and (val_csv or test_csv):
             raise DatasetError("val_csv / test_csv go with csv=...; MedMNIST brings its own train / val / test split.")
-        _validate(sampler, augment, channels, context, batch_size, num_workers, val_fraction, test_fraction)
+        _validate(sampler, augment, channels, context)
+        validate_options(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            channels=channels,
+            context=context,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+        )
         self.csv, self.val_csv, self.test_csv, self.root = csv, val_csv, test_csv, root
         self.medmnist, self.medmnist_root, self.download = medmnist, medmnist_root, download
         self.multi_label, self.none_label, self.channels = multi_label, none_label, channels
@@ -162,7 +172,8 @@ class MedicalImageDataModule(SplitDataModule):
 
         config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
         height, width = config["input_size"][1:]
-        self.image_size: int | tuple[int, int] = image_size or (height if height == width else (height, width))
+        default_size = height if height == width else (height, width)
+        self.image_size: int | tuple[int, int] = image_size if image_size is not None else default_size
         self.mean = _per_channel(mean or config["mean"], channels, "mean")
         self.std = _per_channel(std or config["std"], channels, "std")
         self.interpolation: str = config["interpolation"]
@@ -356,6 +367,12 @@ class MedicalImageDataModule(SplitDataModule):
         splits, names = self._read_medmnist() if self.medmnist is not None else self._read_csvs()
         if not splits["train"]:
             raise DatasetError(f"The training split of {self.csv or self.medmnist} is empty. Add images.")
+        if not self.multi_label and len(names) < 2:
+            found = f"only the class {names[0]!r}" if names else "no class"
+            raise DatasetError(
+                f"{self.csv or self.medmnist} has {found}; single-label classification needs at least 2 classes. "
+                "Add rows of the other class(es), or use multi_label=True for a one-label yes/no classifier."
+            )
         self._splits, self._class_names = splits, names
         sizes = ", ".join(f"{name} {len(splits[name])}" for name in _SPLITS if splits.get(name))
         _logger.info("%s: %d classes, %s images", self.csv or self.medmnist, len(names), sizes)
@@ -435,16 +452,7 @@ class MedicalImageDataModule(SplitDataModule):
         return splits, names
 
 
-def _validate(
-    sampler: str,
-    augment: str,
-    channels: int,
-    context: int,
-    batch_size: int,
-    num_workers: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> None:
+def _validate(sampler: str, augment: str, channels: int, context: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     if augment not in MEDICAL_AUGMENT_PRESETS:
@@ -452,20 +460,11 @@ def _validate(
             f"Unknown augment preset {augment!r}; choose one of {', '.join(MEDICAL_AUGMENT_PRESETS)} (the natural-"
             "image presets flip and crop, which medical images do not tolerate)."
         )
-    if context < 0:
-        raise ValueError(f"context must be 0 or more slices on each side, got {context}.")
-    if context and channels != 2 * context + 1:
+    if isinstance(context, int) and context > 0 and channels != 2 * context + 1:
         raise ValueError(
             f"context={context} stacks {2 * context + 1} slices as channels, but channels={channels}. Set "
             f"channels={2 * context + 1} (the CLI passes it to the model's in_chans)."
         )
-    if channels < 1:
-        raise ValueError(f"channels must be at least 1, got {channels}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
-    stratified_split([], val_fraction, test_fraction)  # validates the fractions
 
 
 def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:

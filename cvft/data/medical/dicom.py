@@ -26,6 +26,8 @@ Multi-frame files need ``frame``: an index picks one frame, ``"all"`` stacks eve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import numpy as np
 
 from cvft.data.medical._deps import require
 from cvft.data.medical.windowing import Window, apply_window, resolve_window, scale_min_max
-from cvft.errors import DatasetError, ImageLoadError
+from cvft.errors import CvftError, DatasetError, ImageLoadError
 
 __all__ = ["is_dicom_file", "read_dicom", "dicom_frame_count"]
 
@@ -122,28 +124,46 @@ def read_dicom(path: str | Path, window: Window = None, frame: int | str | None 
     """
     path = Path(path)
     dataset = _read_dataset(path)
-    if not any(tag in dataset for tag in _PIXEL_TAGS):
-        raise ImageLoadError(
-            f"DICOM file {path} has no pixel data (SOP class {dataset.get('SOPClassUID', 'unknown')}, e.g. a report "
-            "or RT plan). Remove it from the image list."
-        )
-    indices = _frame_indices(frame, _frame_count(dataset), path)
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    with _corrupt_tags_raise(path):
+        if not any(tag in dataset for tag in _PIXEL_TAGS):
+            raise ImageLoadError(
+                f"DICOM file {path} has no pixel data (SOP class {dataset.get('SOPClassUID', 'unknown')}, e.g. a "
+                "report or RT plan). Remove it from the image list."
+            )
+        count = _frame_count(dataset)
+        photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    indices = _frame_indices(frame, count, path)
+    colour = photometric in _COLOUR or photometric == "PALETTE COLOR"
+    if colour:
+        _check_colour_options(window, len(indices), photometric, path)
+    resolved = None if colour or window == "dicom" else resolve_window(window)
     stored = [_decode(dataset, index, path) for index in indices]
-    if photometric in _COLOUR or photometric == "PALETTE COLOR":
-        return _colour(dataset, stored, photometric, window, path)
-    values = np.stack(
-        [_modality_lut(dataset, pixels, index) for pixels, index in zip(stored, indices, strict=True)], axis=-1
-    )
-    if window == "dicom":
-        center, width = _file_window(dataset, indices[0], path)
-        image = apply_window(values, center, width)
-    else:
-        resolved = resolve_window(window)
-        image = scale_min_max(values) if resolved is None else apply_window(values, *resolved)
+    with _corrupt_tags_raise(path):  # tag values are parsed lazily: a corrupt one fails here, not in dcmread
+        if colour:
+            return _colour(dataset, stored[0], photometric)
+        values = np.stack(
+            [_modality_lut(dataset, pixels, index) for pixels, index in zip(stored, indices, strict=True)], axis=-1
+        )
+        if window == "dicom":
+            image = apply_window(values, *_file_window(dataset, indices[0], path))
+        else:
+            image = scale_min_max(values) if resolved is None else apply_window(values, *resolved)
     if photometric == "MONOCHROME1":
         image = 1.0 - image
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+@contextmanager
+def _corrupt_tags_raise(path: Path) -> Iterator[None]:
+    """Turn a failure to parse or use a tag value into an ImageLoadError naming the file (cvft errors pass)."""
+    try:
+        yield
+    except CvftError:
+        raise
+    except Exception as error:  # pydicom parses values on access: ValueError, NotImplementedError (unknown VR) ...
+        raise ImageLoadError(
+            f"DICOM file {path} has a corrupt tag value ({type(error).__name__}: {error}). Re-export it, or remove it."
+        ) from error
 
 
 def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Any:
@@ -251,17 +271,19 @@ def _file_window(dataset: Any, index: int, path: Path) -> tuple[float, float]:
     return center, width
 
 
-def _colour(dataset: Any, stored: list[np.ndarray], photometric: str, window: Window, path: Path) -> np.ndarray:
+def _check_colour_options(window: Window, frames: int, photometric: str, path: Path) -> None:
     if window not in (None, "dicom"):
         raise ValueError(
             f"{path} is a colour DICOM ({photometric}): intensity windows apply to grayscale images only. "
             "Pass window=None."
         )
-    if len(stored) > 1:
+    if frames > 1:
         raise ValueError(
             f"frame='all' stacks grayscale frames only; {path} is colour ({photometric}). Pass a frame index."
         )
-    pixels = stored[0]
+
+
+def _colour(dataset: Any, pixels: np.ndarray, photometric: str) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 

@@ -17,7 +17,6 @@ composited on black (``value * alpha / alpha_max``) as :func:`~cvft.data.io.load
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,18 +137,16 @@ def _opencv(path: Path) -> np.ndarray:
 
 
 def _pillow(path: Path) -> np.ndarray:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                image.load()
-                if image.mode == "P":
-                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-                elif image.mode == "1":
-                    image = image.convert("L")
-                elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    image = image.convert("RGB")
-                return np.array(image)
+    try:  # no warning filters here: they are process-wide, and this runs in threads and DataLoader workers
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            elif image.mode == "1":
+                image = image.convert("L")
+            elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                image = image.convert("RGB")
+            return np.array(image)
     except Image.UnidentifiedImageError as error:
         raise ImageLoadError(f"{path} is not an image Pillow can read. {_FIX}.") from error
 
