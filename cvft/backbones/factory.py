@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from cvft.backbones.sources import get_weights_source, list_weights_sources
 from cvft.backbones.weights import Checkpoint, read_checkpoint, strip_key_prefix
-from cvft.errors import CheckpointMismatchError, CvftError, HubUnavailableError, WeightsError
+from cvft.errors import CheckpointMismatchError, ConfigError, CvftError, HubUnavailableError, WeightsError
 
 __all__ = ["UnknownBackboneError", "create_backbone", "weights_source", "is_pretrained"]
 
@@ -66,7 +66,9 @@ def create_backbone(
 
     Raises:
         UnknownBackboneError: ``name`` is not a timm model.
-        ValueError: Both ``pretrained=True`` and ``weights`` were given.
+        ConfigError: Both ``pretrained=True`` and ``weights`` were given. Here ``pretrained`` defaults to ``False``,
+            so both is an explicit, ambiguous request. The tasks (``ImageClassifier`` ...) default to
+            ``pretrained=True`` and let ``weights`` take precedence; they pass ``pretrained and weights is None``.
         HubUnavailableError: ``pretrained=True`` but the hub cannot be reached.
         WeightsError: The weights file is missing, unreadable or belongs to another architecture.
         CheckpointMismatchError: The checkpoint's keys or shapes do not fit the model (with ``strict=True``).
@@ -78,7 +80,7 @@ def create_backbone(
     """
     _check_model_name(name)
     if pretrained and weights is not None:
-        raise ValueError(
+        raise ConfigError(
             f"create_backbone({name!r}) got both pretrained=True and weights={str(weights)!r}; choose one: "
             f"pretrained=True downloads from the hub, weights= loads a local file or built-in source."
         )
@@ -229,6 +231,10 @@ def _hub_unavailable_reason(exc: BaseException) -> str | None:
 
 
 def _resolve_weights(name: str, weights: str | Path) -> tuple[Path, str]:
+    if isinstance(weights, str) and weights.startswith(("http://", "https://")):
+        from cvft.checkpoints import download
+
+        return download(weights), f"url:{weights}"
     path = Path(weights).expanduser()
     if isinstance(weights, str) and not path.exists() and weights in {s.name for s in list_weights_sources()}:
         source = get_weights_source(weights)

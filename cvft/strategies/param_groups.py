@@ -116,39 +116,64 @@ def add_param_groups(
     lr: float | None = None,
     lr_scales: Mapping[str, float] | None = None,
     schedulers: Iterable[Any] = (),
+    weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
     """Add the named parameters that ``optimizer`` does not hold yet, as new named groups.
 
     Groups are split like :func:`build_param_groups` (layer group, decay, scale). Learning-rate schedulers that
     keep per-group lists (``base_lrs``, ``LambdaLR.lr_lambdas``) are extended so they keep working.
 
+    New groups follow the *reference group*: the first group that holds parameters of ``model`` (the first group
+    when none does). They copy its other options (betas, momentum, ...), and unless given explicitly:
+
+    * their base rate is the reference group's ``initial_lr`` (or ``lr``) divided by its ``lr_scale``;
+    * their weight decay is the largest one among the groups holding parameters of ``model`` (all groups when none
+      does), so that a reference group without decay (biases) does not disable it; ``.../no_decay`` groups get 0.
+
+    Groups of other modules in the same optimizer (an auxiliary network at its own rate) do not leak into them.
+
     Args:
         optimizer: An optimizer built on a subset of ``model``'s parameters.
         model: The module whose parameter ``names`` refer to.
         names: Parameters to make sure the optimizer holds.
-        lr: Base rate of new groups; defaults to the first group's ``initial_lr`` (or ``lr``) divided by its
-            ``lr_scale``. New groups start at this rate times the schedule factor the first group is at now
-            (its ``lr / initial_lr``), so they join a running schedule where it stands.
+        lr: Base rate of new groups (before strategy scales), instead of the reference group's. New groups start at
+            this rate times the schedule factor the reference group is at now (its ``lr / initial_lr``), so they join
+            a running schedule where it stands.
         lr_scales: Multipliers by parameter name.
         schedulers: Schedulers stepping ``optimizer``.
+        weight_decay: Weight decay of the new ``.../decay`` groups, instead of the inherited one.
 
     Returns:
         The groups that were added (empty when the optimizer already held every parameter).
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_resnet", num_classes=3)
+        >>> optimizer = torch.optim.AdamW(
+        ...     [{"params": [torch.nn.Parameter(torch.ones(1))], "lr": 1.0}, {"params": model.fc.parameters()}],
+        ...     lr=0.01,
+        ...     weight_decay=0.05,
+        ... )
+        >>> added = add_param_groups(optimizer, model, ["layer4.0.conv1.weight"])
+        >>> [(g["name"], g["lr"], g["weight_decay"]) for g in added]
+        [('cvft/layer4.0/decay', 0.01, 0.05)]
     """
     wanted = set(names)
     held = optimizer_parameter_ids(optimizer)
     missing = {n for n, p in model.named_parameters() if n in wanted and id(p) not in held}
     if not missing:
         return []
-    first = optimizer.param_groups[0]
-    first_initial = first.get("initial_lr", first["lr"])
-    base_lr = lr if lr is not None else first_initial / first.get("lr_scale", 1.0)
-    schedule_factor = first["lr"] / first_initial if first_initial else 1.0
-    # the largest decay among existing groups: a first group without decay (biases) must not disable it for all
-    weight_decay = max(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
+    model_ids = {id(p) for p in model.parameters()}
+    holding = [g for g in optimizer.param_groups if any(id(p) in model_ids for p in g["params"])]
+    reference = (holding or optimizer.param_groups)[0]
+    reference_initial = reference.get("initial_lr", reference["lr"])
+    base_lr = lr if lr is not None else reference_initial / reference.get("lr_scale", 1.0)
+    schedule_factor = reference["lr"] / reference_initial if reference_initial else 1.0
+    if weight_decay is None:
+        weight_decay = max(group.get("weight_decay", 0.0) for group in holding or optimizer.param_groups)
     candidates = build_param_groups(model, base_lr, weight_decay, lr_scales, include_frozen=True)
-    template = {k: v for k, v in first.items() if k not in {"params", "param_names", "lr", "initial_lr", "name"}}
-    uses_names = "param_names" in first
+    template = {k: v for k, v in reference.items() if k not in {"params", "param_names", "lr", "initial_lr", "name"}}
+    uses_names = "param_names" in reference
     added: list[dict[str, Any]] = []
     for group in candidates:
         keep = [(p, n) for p, n in zip(group["params"], group["param_names"], strict=True) if n in missing]

