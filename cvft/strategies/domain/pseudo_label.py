@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -44,11 +45,15 @@ class PseudoLabel(Strategy):
       source-trained network label a shifted domain well.
     * The stream over ``target_root`` is a seeded permutation per pass (every image once per pass) that survives
       checkpoints: the number of batches drawn and the epoch are saved, and a resumed run continues the same stream.
+    * Under DDP every rank draws from its own shard of each pass (a
+      :class:`~cvft.strategies.domain.target.CyclingBatchSampler` with the process group's rank and world size, read
+      when the stream starts): at each step the ranks see different target images, together every image once per
+      pass, and they all draw the same number of batches per pass.
     * The weight ramps up linearly from 0 over ``rampup_epochs`` (Lee's schedule, by epoch so that resuming gives the
       same value); the target pass is skipped while it is 0.
     * ``last_kept_fraction`` holds the share of the last target batch that passed the threshold (not a loss term).
     * Put parameter strategies first (they decide what trains); this objective only adds a loss term. Single-label
-      classifiers only (softmax pseudo-labels). Under DDP every rank draws the same target batches.
+      classifiers only (softmax pseudo-labels).
 
     Args:
         target_root: Folder of unlabelled target-domain images (searched recursively).
@@ -158,7 +163,10 @@ class PseudoLabel(Strategy):
         if self._dataset is None:
             raise StrategyError("pseudo_label was not set up: call setup(model) (apply_strategies does) first.")
         if self._stream is None:
-            sampler = CyclingBatchSampler(len(self._dataset), self.batch_size, self.seed, start=self._drawn)
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            sampler = CyclingBatchSampler(
+                len(self._dataset), self.batch_size, self.seed, start=self._drawn, rank=rank, num_replicas=world
+            )
             loader = DataLoader(
                 self._dataset,
                 batch_sampler=sampler,

@@ -122,36 +122,62 @@ class CyclingBatchSampler(Sampler[list[int]]):
     """Endless batches of indices: each cycle is a fresh seeded permutation of ``range(size)``, cut into batches.
 
     Every image appears exactly once per cycle (the cycle's last batch may be smaller). The stream is a pure function
-    of ``(size, batch_size, seed)``, so it can restart at any batch: ``start`` skips the first ``start`` batches
-    without loading anything (used to resume from a checkpoint).
+    of ``(size, batch_size, seed, rank, num_replicas)``, so it can restart at any batch: ``start`` skips the first
+    ``start`` batches without loading anything (used to resume from a checkpoint).
+
+    Under DDP (``num_replicas > 1``) the ranks share each cycle's permutation and split it as
+    :class:`~torch.utils.data.distributed.DistributedSampler` does: rank ``r`` takes every ``num_replicas``-th item
+    from position ``r``, after the permutation is padded with its own first items to a multiple of ``num_replicas``.
+    The ranks' shards are disjoint (but for that padding), together they cover every item once per cycle, and all
+    ranks have the same number of batches per cycle.
 
     Args:
         size: Number of items.
         batch_size: Items per batch.
-        seed: Seed of the permutations (cycle ``c`` uses ``seed + c``).
+        seed: Seed of the permutations (cycle ``c`` uses ``seed + c``); the same on every rank.
         start: Batches to skip.
+        rank: This process's rank, in ``[0, num_replicas)``.
+        num_replicas: Number of processes sharing the items (the DDP world size).
 
     Example:
         >>> sampler = iter(CyclingBatchSampler(5, 2, seed=0))
         >>> batches = [next(sampler) for _ in range(3)]
         >>> sorted(i for batch in batches for i in batch)
         [0, 1, 2, 3, 4]
+        >>> shards = [next(iter(CyclingBatchSampler(4, 2, rank=r, num_replicas=2))) for r in (0, 1)]
+        >>> sorted(shards[0] + shards[1])
+        [0, 1, 2, 3]
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int = 0, start: int = 0) -> None:
+    def __init__(
+        self, size: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, num_replicas: int = 1
+    ) -> None:
         if size < 1 or batch_size < 1:
             raise DatasetError(f"CyclingBatchSampler needs size >= 1 and batch_size >= 1, got {size}, {batch_size}.")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise DatasetError(f"CyclingBatchSampler needs 0 <= rank < num_replicas, got {rank}, {num_replicas}.")
         self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+        self.rank, self.num_replicas = rank, num_replicas
+
+    @property
+    def shard_size(self) -> int:
+        """Items of one rank per cycle."""
+        return -(-self.size // self.num_replicas)
 
     @property
     def batches_per_cycle(self) -> int:
-        """Batches in one pass over the items."""
-        return -(-self.size // self.batch_size)
+        """Batches of one rank in one pass over the items."""
+        return -(-self.shard_size // self.batch_size)
+
+    def _shard(self, cycle: int) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + cycle)).tolist()
+        padded = (order * self.num_replicas)[: self.shard_size * self.num_replicas]
+        return padded[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         cycle, offset = divmod(self.start, self.batches_per_cycle)
         while True:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + cycle)).tolist()
+            shard = self._shard(cycle)
             for batch in range(offset, self.batches_per_cycle):
-                yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
+                yield shard[batch * self.batch_size : (batch + 1) * self.batch_size]
             cycle, offset = cycle + 1, 0
