@@ -14,17 +14,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Any, ClassVar
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvft.callbacks import RunCheckpoint
 from cvft.checkpoints import SafeCheckpointIO, load_checkpoint, weights_from_checkpoint
-from cvft.errors import CvftError
+from cvft.errors import ConfigError, CvftError
 from cvft.runs import ResumePoint, resume_point, run_loggers
+from cvft.tasks.hparams import Interval, check_hparams
 
 __all__ = ["RunCLI", "read_checkpoint_hparams"]
 
@@ -149,10 +153,43 @@ class RunCLI(LightningCLI):
             )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
-        if config.get("logger") in (None, True):
-            config["logger"] = run_loggers(config.get("default_root_dir") or "runs", self.run_name, self.resume)
+        check_hparams("Trainer", {k: config.get(k) for k in _TRAINER_RANGES}, _TRAINER_RANGES, "--trainer.")
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             config["plugins"] = [*plugins, SafeCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+        if config.get("logger") in (None, True):
+            config["logger"] = run_loggers(config.get("default_root_dir") or "runs", self.run_name, self.resume)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except CvftError:
+            raise
+        except (MisconfigurationException, ValueError, TypeError) as error:
+            _remove_empty_run_folders(config["logger"])
+            raise ConfigError(
+                f"Invalid Trainer option: {error} Fix the --trainer.* value (see `cvft fit --help`)."
+            ) from None
+
+
+#: Numeric Trainer options checked before a run folder is made (Lightning checks some only later, some never).
+_TRAINER_RANGES = {
+    "max_epochs": Interval(-1, integer=True, hint="-1 trains until max_steps or forever."),
+    "min_epochs": Interval(0, integer=True),
+    "max_steps": Interval(-1, integer=True, hint="-1 means no step limit."),
+    "min_steps": Interval(0, integer=True),
+    "accumulate_grad_batches": Interval(1, integer=True),
+    "log_every_n_steps": Interval(1, integer=True),
+    "check_val_every_n_epoch": Interval(1, integer=True),
+    "num_sanity_val_steps": Interval(-1, integer=True, hint="-1 runs the whole validation set."),
+    "gradient_clip_val": Interval(0.0),
+}
+
+
+def _remove_empty_run_folders(loggers: Any) -> None:
+    """Undo the claim of a run folder that nothing was written into (the Trainer could not even be built)."""
+    for logger in loggers if isinstance(loggers, list) else []:
+        folder = getattr(logger, "log_dir", None)
+        if folder and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            with contextlib.suppress(OSError):  # the run name's folder too, when this was its only run
+                os.rmdir(os.path.dirname(folder))

@@ -7,6 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from cvft.errors import ConfigError
+
 __all__ = ["RunCheckpoint"]
 
 
@@ -32,7 +34,10 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, last_every_n_train_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if last_every_n_train_steps is not None and last_every_n_train_steps < 1:
-            raise ValueError(f"last_every_n_train_steps must be >= 1 or None, got {last_every_n_train_steps}.")
+            raise ConfigError(
+                f"last_every_n_train_steps must be >= 1 or None, got {last_every_n_train_steps} "
+                "(on the command line: --checkpoint.last_every_n_train_steps)."
+            )
         self.last_every_n_train_steps = last_every_n_train_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:

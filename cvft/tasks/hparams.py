@@ -95,13 +95,16 @@ RANGES: dict[str, Interval] = {
 }
 
 
-def check_hparams(owner: str, values: Mapping[str, Any], ranges: Mapping[str, Interval] | None = None) -> None:
+def check_hparams(
+    owner: str, values: Mapping[str, Any], ranges: Mapping[str, Interval] | None = None, flag_prefix: str = "--model."
+) -> None:
     """Refuse the first value outside its allowed range; ``None`` (an option left unset) always passes.
 
     Args:
         owner: Who takes the options, for the message (``"ImageClassifier"``).
         values: Option name to value; a list or tuple is checked value by value.
         ranges: Ranges that replace or extend :data:`RANGES` for this call.
+        flag_prefix: How the options are spelled on the command line, for the message (``--trainer.``).
 
     Raises:
         ConfigError: A value is out of range, not a finite number, or (integer options) not an integer.
@@ -130,5 +133,5 @@ def check_hparams(owner: str, values: Mapping[str, Any], ranges: Mapping[str, In
             problem = f"{name}={value!r} is out of range; {name} must be {allowed}"
         hint = f" {allowed.hint}" if allowed.hint else ""
         raise ConfigError(
-            f"{owner}: {problem}.{hint} Pass a value in that range (on the command line: --model.{name})."
+            f"{owner}: {problem}.{hint} Pass a value in that range (on the command line: {flag_prefix}{name})."
         )

@@ -120,11 +120,15 @@ def test_predict_from_checkpoint_says_what_it_loads(
         ("--model.lr=-0.1", "lr=-0.1"),
         ("--data.image_size=0", "image_size"),
         ("--model.weight_decay=-1", "weight_decay"),
+        ("--trainer.max_epochs=-5", "--trainer.max_epochs"),
+        ("--trainer.accumulate_grad_batches=0", "--trainer.accumulate_grad_batches"),
+        ("--trainer.devices=0", "Invalid Trainer option"),
+        ("--checkpoint.last_every_n_train_steps=0", "--checkpoint.last_every_n_train_steps"),
     ],
 )
 def test_bad_numbers_fail_before_a_run_folder_exists(option, named, shapes_folder, resnet_weights, tmp_path, capsys):
     _fails_cleanly(cvft_args("fit", shapes_folder, resnet_weights, tmp_path / "runs", option), capsys, named)
-    assert not (tmp_path / "runs").exists()
+    assert not list(tmp_path.glob("runs/*/version_*")), "no run folder is left behind"
 
 
 def test_single_class_folder_fails_before_training(shapes_folder, resnet_weights, tmp_path, capsys):
