@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from cvft.atomic import atomic_path
 from cvft.backbones.sources import cache_dir
 from cvft.errors import CheckpointError
 
@@ -37,7 +37,6 @@ __all__ = [
     "load_module",
     "download",
     "atomic_torch_save",
-    "default_file_mode",
     "SafeCheckpointIO",
     "weights_from_checkpoint",
 ]
@@ -147,10 +146,9 @@ def _load_failure(shown: str, error: Exception) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
+    """``torch.save`` through :func:`cvft.atomic.atomic_path` (temporary file beside ``path``, fsynced, renamed).
 
-    A crash or ``kill -9`` mid-write leaves the previous file intact and at most a ``.<name>.*.tmp`` beside it,
-    which the next save replaces. The file gets the usual permissions (``0o666`` minus the umask).
+    A crash or ``kill -9`` mid-write leaves the previous file intact and no stray file behind.
 
     Example:
         >>> import tempfile
@@ -158,27 +156,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         >>> sorted(p.name for p in path.parent.iterdir())
         ['b.ckpt']
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(partial, default_file_mode())
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` gives new files: ``0o666`` minus the process umask (``mkstemp`` would give ``0o600``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    with atomic_path(path, fsync=True) as partial:
+        torch.save(obj, partial)
+    return Path(path)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

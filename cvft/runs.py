@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from cvft.atomic import atomic_path
 from cvft.errors import CvftError
 
 __all__ = [
@@ -166,12 +167,10 @@ class _ContinuingWriter(ExperimentWriter):
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])
             rows = [row for row in reader if _step(row) < self._keep_before_step]
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with partial.open("w", newline="") as handle:
+        with atomic_path(path) as partial, partial.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(partial, path)
         self.metrics_keys = header
 
 

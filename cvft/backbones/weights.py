@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -244,20 +242,12 @@ def write_safetensors_atomic(
     """
     from safetensors.torch import save_file
 
-    from cvft.checkpoints import default_file_mode
+    from cvft.atomic import atomic_path
 
     target = Path(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-            os.chmod(tmp, default_file_mode())  # mkstemp's 0o600 would make this the one private output of a run
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(target) as partial:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial, metadata=dict(metadata))
     except OSError as exc:
         raise WeightsError(f"Cannot write {target}: {exc}. {hint}".rstrip()) from exc
     return target

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from cvft.atomic import atomic_path, write_text_atomic
 from cvft.callbacks.report import output_dir
 
 __all__ = ["DetectionPredictionWriter", "boxes_to_original", "box_colour", "draw_detections"]
@@ -198,10 +198,8 @@ class DetectionPredictionWriter(BasePredictionWriter):
         path = Path(self.output) if self.output else output_dir(trainer) / "predictions.json"
         if trainer.world_size > 1:
             path = path.with_suffix(f".rank{trainer.global_rank}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("[\n" + ",\n".join(json.dumps(entry) for entry in entries) + "\n]\n")  # a line per image
-        os.replace(tmp, path)
+        lines = ",\n".join(json.dumps(entry) for entry in entries)  # a line per image
+        write_text_atomic(path, "[\n" + lines + "\n]\n")
         self.path = path
         if self.draw:
             self.drawings, used = [], set()
@@ -251,9 +249,8 @@ def draw_detections(entry: Mapping[str, Any], folder: str | Path, line_width: in
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (name or f"{Path(entry['file']).stem}.png")
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as partial:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(partial, format="PNG")
     return path
 
 

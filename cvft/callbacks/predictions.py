@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from cvft.atomic import atomic_path
 from cvft.callbacks.report import output_dir
 
 __all__ = ["PredictionWriter"]
@@ -57,8 +57,7 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             path = path.with_suffix(f".rank{trainer.global_rank}.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_path(path) as partial, open(partial, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["file", "class_name", "probability", *(f"p_{n}" for n in names)])
             for i, row in zip(index, probs.tolist(), strict=True):
@@ -71,5 +70,4 @@ class PredictionWriter(BasePredictionWriter):
                     best = max(range(len(row)), key=row.__getitem__)
                     label, probability = names[best], f"{row[best]:.6f}"
                 writer.writerow([file, label, probability, *(f"{p:.6f}" for p in row)])
-        os.replace(tmp, path)
         self.path = path

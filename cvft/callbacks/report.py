@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+
+from cvft.atomic import atomic_path
 
 __all__ = ["TrainingReport", "output_dir", "plot_learning_curves", "plot_confusion_matrix"]
 
@@ -46,16 +47,13 @@ def _pyplot():
 
 
 def _save_figure(plt, fig, path: str | Path) -> Path:
-    """Save ``fig`` atomically (temporary file, then ``os.replace``) and close it."""
+    """Save ``fig`` atomically (:func:`cvft.atomic.atomic_path`) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(partial, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            fig.savefig(partial, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
     finally:
         plt.close(fig)
-        partial.unlink(missing_ok=True)
     return path
 
 

@@ -17,7 +17,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +26,7 @@ from typing import Any
 
 import PIL
 
+from cvft.atomic import write_json_atomic
 from cvft.backbones.sources import cache_dir as cvft_cache_dir
 from cvft.data.io import check_image
 from cvft.errors import DatasetError, ImageLoadError
@@ -154,17 +154,10 @@ class _ResultCache:
             if stat is not None:
                 self.entries[self.absolute[path]] = [*stat, result]
         data = {"format": _CACHE_FORMAT, "pillow": PIL.__version__, "root": self.root, "files": self.entries}
-        partial = None
         try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(dir=self.file.parent, prefix=f".{self.file.name}.", suffix=".tmp")
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(data, out)
-            os.replace(partial, self.file)
+            write_json_atomic(self.file, data, indent=None)
         except OSError as error:
             _logger.debug("Cannot write the image check cache %s: %s", self.file, error)
-            if partial is not None:
-                Path(partial).unlink(missing_ok=True)
 
 
 def _stat(path: Path) -> list[int] | None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from cvft.atomic import atomic_path, write_json_atomic
 from cvft.callbacks.report import output_dir
 from cvft.errors import CvftError
 from cvft.medical.metrics import _parse_rule, choose_threshold, flatten_metrics, medical_metrics
@@ -102,13 +101,10 @@ def write_metrics_table(results: dict[str, dict[str, Any]], path: str | Path) ->
             }
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    with open(partial, "w", newline="") as handle:
+    with atomic_path(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows([{key: _cell(row[key]) for key in CSV_COLUMNS} for row in rows])
-    os.replace(partial, path)
     return path
 
 
@@ -258,18 +254,5 @@ def _cell(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) and math.isfinite(value) else ("" if value != value else value)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def _write_json(result: dict[str, Any], path: Path) -> Path:
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(_json_safe(result), indent=2))
-    os.replace(partial, path)
-    return path
+    return write_json_atomic(path, result)

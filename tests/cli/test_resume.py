@@ -123,7 +123,7 @@ def test_atomic_save_keeps_the_previous_file_when_a_write_dies(tmp_path, monkeyp
     atomic_torch_save({"epoch": 1}, target)
 
     def dies_mid_write(obj, handle):
-        handle.write(b"partial")
+        Path(handle).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_mid_write)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cvft import atomic
 from cvft.callbacks import DetectionPredictionWriter
-from cvft.callbacks import detection_predictions as module
 from cvft.callbacks.detection_predictions import box_colour, boxes_to_original
 
 
@@ -132,7 +132,7 @@ def test_write_is_atomic_and_ranks_write_their_own_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(module.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)  # the writer writes through cvft.atomic
     with pytest.raises(OSError, match="disk full"):
         DetectionPredictionWriter().write_on_epoch_end(_trainer(tmp_path), _module(), _batches(first, second), None)
     assert target.read_text() == "[]\n", "a failed write must leave the previous file whole"

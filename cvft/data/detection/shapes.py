@@ -21,13 +21,13 @@ that the id mapping is exercised too. The output folder holds the same annotatio
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cvft.atomic import write_text_atomic
 from cvft.data.demo import already_written
 from cvft.errors import DatasetError
 
@@ -173,6 +173,4 @@ def _draw_image(
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
