@@ -298,6 +298,14 @@ def main(args: list[str] | None = None) -> None:
         except CvftError as err:
             print(f"cvft export: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+    if argv[:1] == ["compare"]:
+        from cvft.compare.cli import main as compare_main
+
+        try:
+            raise SystemExit(compare_main(argv[1:]))
+        except CvftError as err:
+            print(f"cvft compare: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     if argv[:1] == ["explain"]:
         from cvft.medical.explain_cli import main as explain_main
 
