@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.strategies.param_groups import build_param_groups
 from cvft.strategies.registry import build_strategies
+from cvft.tasks.feature_cache import FEATURE_CACHE_MODES, ActiveFeatureCache, activate_feature_cache, head_logits
 from cvft.tasks.hparams import check_hparams
 from cvft.tasks.losses import LOSSES, focal_loss
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
@@ -77,6 +78,12 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         focal_alpha: Focal loss class weighting: one weight per class (single-label), or for multi-label a value in
             ``[0, 1]`` (or one per class) weighting positives by ``alpha`` and negatives by ``1 - alpha``.
             ``None``: no weighting.
+        feature_cache: Train the head on the frozen backbone's cached features instead of decoding images every
+            epoch (:mod:`cvft.tasks.feature_cache`). ``auto`` caches on disk (``$CVFT_CACHE/features``) when the
+            features cannot change during the fit: ``linear_probe`` (without ``train_bn``) or ``classifier_only``,
+            ``augment: none``, a cvft DataModule; the log says whether it is on and why. ``memory`` / ``disk``
+            insist (a fit where the features would change is refused); ``off`` never caches. The training is the
+            same either way (same batches, same head weights).
 
     Example:
         >>> import torch
@@ -112,6 +119,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         loss: Literal["cross_entropy", "focal"] = "cross_entropy",
         focal_gamma: float = 2.0,
         focal_alpha: float | list[float] | None = None,
+        feature_cache: Literal["auto", "memory", "disk", "off"] = "auto",
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -146,6 +154,10 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         )
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
             raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
+        if feature_cache not in FEATURE_CACHE_MODES:
+            raise ConfigError(
+                f"Unknown feature_cache {feature_cache!r}; choose one of {', '.join(FEATURE_CACHE_MODES)}."
+            )
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
 
         stack = StrategyStack(build_strategies(strategies))
@@ -189,6 +201,8 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         self.val_confusion = None if multi_label else MulticlassConfusionMatrix(num_classes)
         self.last_val_confusion: Tensor | None = None
         self._calibrated = False
+        self.feature_cache: ActiveFeatureCache | None = None
+        """The cached features of the running (or last) fit; ``None``: that fit decoded images."""
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -277,12 +291,15 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
             return logits.sigmoid(), targets.long()
         return logits.softmax(-1), targets
 
-    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Sequence[Tensor] | Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """Task loss (weighted by the strategies' ``task_loss_weight``) plus every strategy's loss terms.
 
         A batch is ``(images, targets[, indices])``; images of shape ``(B, V, C, H, W)`` carry ``V`` augmented views
-        (strategies with ``num_views > 1``), and every view is classified.
+        (strategies with ``num_views > 1``), and every view is classified. With the feature cache on, a batch is
+        ``{"features", "target"}`` and only the head runs.
         """
+        if isinstance(batch, Mapping):
+            return self._feature_training_step(batch)
         images, targets, views = split_views(batch[0], batch[1])
         stack = self.strategy_stack
         if stack.needs_features:
@@ -305,9 +322,28 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
         return loss
 
-    def _evaluate(self, batch: Sequence[Tensor], metrics: MetricCollection, stage: str) -> Tensor:
-        images, targets = batch[0], batch[1]
-        logits = self(images)
+    def _feature_training_step(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The training step on cached features (frozen backbone, no strategy loss terms)."""
+        features, targets = batch["features"], batch["target"]
+        dropout = self.feature_cache.decision.head_dropout if self.feature_cache is not None else 0.0
+        logits = head_logits(self.backbone, features, dropout)
+        size = len(features)
+        loss = self.loss(logits, targets)
+        self.log("train/task_loss", loss, on_epoch=True, on_step=False, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=size)
+        self.train_metrics.update(*self._metric_inputs(logits.detach(), targets))
+        self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
+        return loss
+
+    def _evaluate(
+        self, batch: Sequence[Tensor] | Mapping[str, Tensor], metrics: MetricCollection, stage: str
+    ) -> Tensor:
+        if isinstance(batch, Mapping):  # cached features
+            images, targets = batch["features"], batch["target"]
+            logits = head_logits(self.backbone, images)
+        else:
+            images, targets = batch[0], batch[1]
+            logits = self(images)
         loss = self.loss(logits, targets)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(images))
         probs, labels = self._metric_inputs(logits, targets)
@@ -343,14 +379,23 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         """At the first fit, calibrate strategies that choose from data on the training batches (before optimizers).
 
         Skipped when the selection comes from elsewhere: an ``adapter`` file, or a checkpoint being resumed
-        (Lightning restores the state dict, sparse indices included, right after this hook).
+        (Lightning restores the state dict, sparse indices included, right after this hook). Then, at every fit,
+        decide on the feature cache (``feature_cache``) and, when it is on, give the DataModule feature placeholders
+        for its train / val DataLoaders (filled at the start of :meth:`configure_optimizers`).
         """
-        if stage != "fit" or self._calibrated:
+        if stage != "fit":
             return
-        self._calibrated = True
-        if self.hparams.adapter is not None:
-            return
-        calibrate_before_fit(self.trainer, self, self.backbone, self.strategy_stack, self.loss)
+        if not self._calibrated:
+            self._calibrated = True
+            if self.hparams.adapter is None:
+                calibrate_before_fit(self.trainer, self, self.backbone, self.strategy_stack, self.loss)
+        # after calibration (which reads images), before Lightning builds the DataLoaders
+        self.feature_cache = activate_feature_cache(self.trainer, self, self.hparams.get("feature_cache", "auto"))
+
+    def teardown(self, stage: str) -> None:
+        """Give the DataModule its image datasets back after a fit that used cached features."""
+        if stage == "fit" and self.feature_cache is not None:
+            self.feature_cache.restore()
 
     def on_train_epoch_start(self) -> None:
         """Run the strategies' epoch schedules (gradual unfreezing)."""
@@ -362,6 +407,9 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over named param groups, with per-step warmup + cosine."""
+        if self.feature_cache is not None and self._trainer is not None:
+            # the last hook before Lightning builds the DataLoaders, with the model on its device and weights restored
+            self.feature_cache.fill(self.trainer, self)
         hp = self.hparams
         groups = build_param_groups(
             self.backbone, hp.lr, hp.weight_decay, self.strategy_stack.lr_scales(self.backbone), prefix="backbone."
