@@ -39,6 +39,7 @@ __all__ = [
     "atomic_torch_save",
     "SafeCheckpointIO",
     "weights_from_checkpoint",
+    "loadable_hparams",
 ]
 
 _REMOTE_PREFIXES = ("http://", "https://")
@@ -238,3 +239,31 @@ def weights_from_checkpoint() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def loadable_hparams(module: Any) -> None:
+    """Make ``module.hparams`` plain data, so a checkpoint of it loads with ``torch.load(weights_only=True)``.
+
+    ``save_hyperparameters`` records constructor arguments as given; a ``pathlib.Path`` (``root=Path("data")``,
+    ``weights=Path(...)``) would be pickled as a ``PosixPath`` object, which a safe load refuses. Path-like values,
+    also inside lists, tuples and dicts, become strings.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> module = SimpleNamespace(hparams={"root": Path("data"), "sizes": (Path("a"), 2)})
+        >>> loadable_hparams(module)
+        >>> module.hparams
+        {'root': 'data', 'sizes': ['a', 2]}
+    """
+    for key, value in list(module.hparams.items()):
+        module.hparams[key] = _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value

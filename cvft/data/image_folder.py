@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.dataset import ImageDataset
 from cvft.data.image_check import find_unreadable_images
@@ -123,6 +124,7 @@ class ImageFolderDataModule(SplitDataModule):
         # class_names stays out of hparams: the model records the resolved list, and Lightning refuses to log
         # model and data hparams that share a key with different values.
         self.save_hyperparameters(ignore=["class_names"])
+        loadable_hparams(self)
         validate_options(
             image_size=image_size,
             batch_size=batch_size,

@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 )
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
+from cvft.checkpoints import loadable_hparams
 from cvft.errors import ConfigError, CvftError
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.callback import calibrate_before_fit
@@ -162,6 +163,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
 
         stack = StrategyStack(build_strategies(strategies))
         self.save_hyperparameters(ignore=["strategies"])
+        loadable_hparams(self)
         self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
 
         self.backbone = create_backbone(

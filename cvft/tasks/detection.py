@@ -18,6 +18,7 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from cvft.backbones import is_pretrained, weights_source
+from cvft.checkpoints import loadable_hparams
 from cvft.detection.features import MultiScaleFeatures, build_neck, feature_levels, neck_strides
 from cvft.detection.heads import (
     build_detection_model,
@@ -173,6 +174,7 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         stack = StrategyStack(build_strategies(strategies))
         refuse_strategies(stack)
         self.save_hyperparameters(ignore=["strategies"])
+        loadable_hparams(self)
         self.hparams.update(
             strategies=stack.config(), class_names=class_names, category_ids=category_ids, num_classes=len(class_names)
         )  # primitives only, so checkpoints load with weights_only

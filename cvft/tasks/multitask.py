@@ -27,6 +27,7 @@ from torchmetrics.classification import (
 )
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
+from cvft.checkpoints import loadable_hparams
 from cvft.errors import ConfigError, CvftError
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
@@ -211,6 +212,7 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
                 )
         self.weighting = build_task_weighting(list(tasks), weighting, loss_weights)
         self.save_hyperparameters(ignore=["tasks", "strategies"])
+        loadable_hparams(self)
         self.hparams["tasks"] = tasks  # primitives only, so checkpoints load with weights_only
         self.hparams["strategies"] = stack.config()
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.detection._yolo import yaml_names
 from cvft.data.detection.annotations import (
@@ -121,6 +122,7 @@ class DetectionDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_names", "category_ids"])
+        loadable_hparams(self)
         validate_options(
             image_size=image_size,
             batch_size=batch_size,

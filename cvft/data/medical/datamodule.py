@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_transforms
 from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
@@ -142,6 +143,7 @@ class MedicalImageDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model records the resolved class list
+        loadable_hparams(self)
         if (csv is None) == (medmnist is None):
             raise DatasetError(
                 "MedicalImageDataModule needs exactly one source: csv=... (a label CSV file) or medmnist=... (a "
