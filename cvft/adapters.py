@@ -2,7 +2,9 @@
 
 An adapter file holds the trainable parameters (LoRA matrices, biases, the head ...) plus the running statistics
 of BatchNorm layers that were allowed to update and the buffers modules list in ``adapter_buffer_names`` (state
-chosen from data, such as the indices sparse tuning selected); the frozen pretrained weights stay out. Its metadata
+chosen from data, such as the indices sparse tuning selected, and the running statistics of every BatchNorm layer
+under a ``bn: train`` or ``bn: adabn`` policy, whose affine weights may be frozen); the frozen pretrained weights
+stay out. Its metadata
 records the backbone name, the strategy configuration, the class names and the cvft version, so the file can be put
 back on a fresh copy of the same pretrained backbone, and refuses to go onto another one.
 """

@@ -136,3 +136,59 @@ def require_head(model: nn.Module, method: str, train_head: bool) -> set[str]:
             "(num_classes=0?). Create the backbone with num_classes > 0 or pass train_head=False."
         )
     return head
+
+
+# --- BatchNorm policy -------------------------------------------------------------------------------------------
+
+#: ``train``: running statistics re-estimated on the new data during training (BN layers in train mode; affine
+#: weights still train only where the strategy trains them); ``frozen``: eval mode, pretrained statistics;
+#: ``adabn``: statistics re-estimated once on the training data before training, then frozen.
+BN_POLICIES: tuple[str, ...] = ("train", "frozen", "adabn")
+#: Same string as :data:`cvft.adapters.ADAPTER_BUFFERS_ATTR` (not imported: cvft.adapters imports this module).
+_ADAPTER_BUFFERS_ATTR = "adapter_buffer_names"
+
+
+def check_bn_policy(method: str, bn: str) -> str:
+    """``bn`` if it is one of :data:`BN_POLICIES`, else an error naming the allowed values."""
+    if bn not in BN_POLICIES:
+        raise StrategyError(
+            f"{method}: bn={bn!r} is not a BatchNorm policy; choose one of {', '.join(map(repr, BN_POLICIES))} "
+            "('train': statistics follow the new data, 'frozen': pretrained statistics in eval mode, "
+            "'adabn': re-estimated once on the training data, then frozen)."
+        )
+    return bn
+
+
+def _set_stats_travel(module: nn.Module, travel: bool) -> None:
+    """Have an adapter file carry (or not) this BatchNorm layer's running statistics."""
+    if travel:
+        names = tuple(n for n, b in module.named_buffers(recurse=False) if b is not None)
+        setattr(module, _ADAPTER_BUFFERS_ATTR, names)
+    elif _ADAPTER_BUFFERS_ATTR in vars(module):
+        delattr(module, _ADAPTER_BUFFERS_ATTR)
+
+
+def apply_bn_policy(model: nn.Module, policy: str, only: set[str] | None = None) -> None:
+    """Put the BatchNorm layers of ``model`` under ``policy`` (one of :data:`BN_POLICIES`).
+
+    ``frozen`` and ``adabn`` hold every BatchNorm layer with a frozen parameter in eval mode (see
+    :func:`sync_batchnorm_stats`); ``train`` releases them all, so their statistics follow the training data.
+    Whenever the statistics may move (``train``, ``adabn``), each layer lists its running statistics in
+    ``adapter_buffer_names``, so that adapter files carry them and a reloaded adapter reproduces the trained model.
+    The re-estimation of ``adabn`` itself happens in :meth:`~cvft.strategies.StrategyStack.calibrate`.
+
+    Args:
+        model: The model whose BatchNorm layers to update.
+        policy: ``"train"``, ``"frozen"`` or ``"adabn"``.
+        only: Touch only BatchNorm layers owning one of these parameter names (a strategy's own scope).
+    """
+    check_bn_policy("bn", policy)
+    sync_batchnorm_stats(model, train_bn=policy == "train", only=only)
+    for module_name, module in model.named_modules():
+        if not (is_batchnorm(module) and module.track_running_stats):
+            continue
+        if only is not None:
+            prefix = f"{module_name}." if module_name else ""
+            if not any(prefix + n in only for n, _ in module.named_parameters(recurse=False)):
+                continue
+        _set_stats_travel(module, policy != "frozen")

@@ -19,6 +19,16 @@ implement :meth:`Strategy.calibrate`: it runs after ``setup`` and before the opt
 batches, under :func:`calibration_mode` (eval mode; modes, ``requires_grad`` flags and gradients restored after).
 
 Strategies compose in the order given: each one sees the model as the previous ones left it.
+
+BatchNorm policy. Every parameter strategy (one that decides which parameters train: ``lora``, ``bitfit``,
+``linear_probe`` ...) takes a ``bn`` option, handled here once: ``"train"`` (running statistics follow the new data;
+affine weights train only where the strategy trains them), ``"frozen"`` (eval mode, pretrained statistics) or
+``"adabn"`` (statistics re-estimated once on the training data in the calibrate step, then frozen). Give it in a
+recipe or mapping (``{"name": "lora", "bn": "train"}``) or in Python with :meth:`Strategy.with_bn`. Each strategy
+class has a measured :attr:`Strategy.default_bn`. In a :class:`StrategyStack` one policy holds for the whole model:
+explicit settings (``bn``, or ``train_bn=True``, which means ``"train"``) must agree, otherwise the stack refuses;
+without any, the default of the last strategy that has one applies. The stack hands the resolved policy to every
+member that takes ``bn`` (their :attr:`Strategy.bn_policy`).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from cvft.strategies._freeze import BN_POLICIES, apply_bn_policy, check_bn_policy
 from cvft.strategies.outputs import StepOutputs
 
 __all__ = ["Strategy", "StrategyStack", "LossFn", "calibration_mode"]
@@ -99,6 +110,54 @@ class Strategy:
     task_loss_weight: float = 1.0
     #: Whether :meth:`calibrate` needs training batches (a subclass may make it a property of its arguments).
     needs_data: ClassVar[bool] = False
+    #: Whether the strategy takes the ``bn`` option (parameter strategies and schedules that freeze).
+    takes_bn: ClassVar[bool] = False
+    #: BatchNorm policy used when ``bn`` is not given (see the module docstring); ``None``: no policy of its own
+    #: (the stack's, else ``"frozen"``).
+    default_bn: ClassVar[str | None] = None
+
+    def with_bn(self, bn: str) -> Strategy:
+        """Set the BatchNorm policy (``"train"``, ``"frozen"`` or ``"adabn"``) and return the strategy.
+
+        Raises:
+            StrategyError: The strategy takes no BatchNorm policy, ``bn`` is not a policy, or it contradicts
+                ``train_bn=True``.
+
+        Example:
+            >>> from cvft.strategies import LoRA
+            >>> LoRA(rank=2).with_bn("frozen").bn_policy
+            'frozen'
+        """
+        from cvft.errors import StrategyError
+
+        if not self.takes_bn:
+            raise StrategyError(
+                f"{self.name}: takes no `bn` option (it does not decide which parameters train); set `bn` on the "
+                "parameter strategy it is combined with."
+            )
+        check_bn_policy(self.name, bn)
+        if getattr(self, "train_bn", False) and bn != "train":
+            raise StrategyError(
+                f"{self.name}: train_bn=True trains BatchNorm layers, which contradicts bn={bn!r}; drop one of them."
+            )
+        self.bn = bn
+        return self
+
+    @property
+    def explicit_bn(self) -> str | None:
+        """The BatchNorm policy the user asked for (``bn``, or ``"train"`` for ``train_bn=True``), else ``None``."""
+        if "bn" in vars(self):
+            return vars(self)["bn"]
+        return "train" if getattr(self, "train_bn", False) else None
+
+    @property
+    def bn_policy(self) -> str:
+        """The BatchNorm policy in force: explicit, else its stack's, else :attr:`default_bn`, else ``"frozen"``."""
+        return self.explicit_bn or getattr(self, "_stack_bn", None) or self.default_bn or "frozen"
+
+    def apply_bn_policy(self, model: nn.Module, only: set[str] | None = None) -> None:
+        """Put ``model``'s BatchNorm layers under :attr:`bn_policy` (call at the end of :meth:`setup`)."""
+        apply_bn_policy(model, self.bn_policy, only)
 
     def setup(self, model: nn.Module) -> None:
         """Prepare ``model`` before the optimizer is built: inject modules, freeze parameters."""
@@ -161,6 +220,9 @@ class StrategyStack:
         ['head.weight', 'head.bias']
     """
 
+    #: Most training batches ``bn="adabn"`` reads to re-estimate BatchNorm statistics.
+    adabn_batches: ClassVar[int] = 100
+
     def __init__(self, strategies: Iterable[Strategy] = ()) -> None:
         self.strategies: list[Strategy] = list(strategies)
         names = [s.name for s in self.strategies]
@@ -169,6 +231,28 @@ class StrategyStack:
             from cvft.errors import StrategyError
 
             raise StrategyError(f"Strategy {duplicates[0]!r} is listed twice; give each strategy once.")
+        self.bn_policy = self._resolve_bn()
+
+    def _resolve_bn(self) -> str | None:
+        """One BatchNorm policy for the stack (see the module docstring), written into every member taking ``bn``."""
+        members = [s for s in self.strategies if s.takes_bn]
+        explicit = {s.name: s.explicit_bn for s in members if s.explicit_bn is not None}
+        if len(set(explicit.values())) > 1:
+            from cvft.errors import StrategyError
+
+            listed = ", ".join(f"{name}: bn={bn!r}" for name, bn in explicit.items())
+            raise StrategyError(
+                f"Strategies in one stack ask for different BatchNorm policies ({listed}); BatchNorm statistics are "
+                f"shared by the whole model, so give one `bn` (one of {', '.join(BN_POLICIES)}) or the same on each."
+            )
+        if explicit:
+            policy: str | None = next(iter(explicit.values()))
+        else:
+            policy = next((s.default_bn for s in reversed(members) if s.default_bn is not None), None)
+        if policy is not None:
+            for strategy in members:  # private: configs (checkpoints, adapter metadata) keep what the user gave
+                strategy._stack_bn = policy
+        return policy
 
     def __iter__(self):
         return iter(self.strategies)
@@ -183,8 +267,8 @@ class StrategyStack:
 
     @property
     def needs_data(self) -> bool:
-        """Whether any strategy needs calibration batches."""
-        return any(s.needs_data for s in self.strategies)
+        """Whether any strategy needs calibration batches (``bn="adabn"`` does)."""
+        return self.bn_policy == "adabn" or any(s.needs_data for s in self.strategies)
 
     def setup(self, model: nn.Module) -> None:
         """Run every strategy's :meth:`Strategy.setup`, in order."""
@@ -195,8 +279,13 @@ class StrategyStack:
         """Run :meth:`Strategy.calibrate` of every strategy that needs data, in order, under :func:`calibration_mode`.
 
         ``batches`` is iterated once per such strategy, so give a re-iterable (a DataLoader, a list) when several
-        strategies calibrate.
+        strategies calibrate. With ``bn="adabn"`` the BatchNorm statistics are first re-estimated on ``batches``
+        (exact pooled moments over at most :attr:`adabn_batches` of them, see :func:`cvft.strategies.adabn`).
         """
+        if self.bn_policy == "adabn":
+            from cvft.strategies.domain.adabn import adabn
+
+            adabn(model, batches, batches=self.adabn_batches)
         with calibration_mode(model):
             for strategy in self.strategies:
                 if strategy.needs_data:

@@ -34,7 +34,6 @@ from cvft.strategies._freeze import (
     norm_parameter_names,
     release_batchnorm_stats,
     set_trainable,
-    sync_batchnorm_stats,
 )
 from cvft.strategies.base import Strategy
 from cvft.strategies.registry import register_strategy
@@ -71,8 +70,13 @@ class FreezingStrategy(Strategy):
     Args:
         train_bn: Keep BatchNorm layers training in the frozen part: their affine parameters train and their
             running statistics update. With ``False`` (the default) frozen BatchNorm layers stay in eval mode for
-            the whole run, even though Lightning switches the model to train mode at every epoch.
+            the whole run, even though Lightning switches the model to train mode at every epoch. ``train_bn=True``
+            implies ``bn="train"``; ``bn`` alone (``train``/``frozen``/``adabn``, see :mod:`cvft.strategies.base`)
+            moves only the running statistics, never the affine parameters.
     """
+
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured for most members; LinearProbe overrides from measurement
 
     def __init__(self, train_bn: bool = False) -> None:
         self.train_bn = bool(train_bn)
@@ -87,7 +91,7 @@ class FreezingStrategy(Strategy):
         if self.train_bn:
             names |= batchnorm_parameter_names(model)
         set_trainable(model, names)
-        sync_batchnorm_stats(model, self.train_bn)
+        self.apply_bn_policy(model)
 
 
 @register_strategy
@@ -269,7 +273,7 @@ class NormOnly(FreezingStrategy):
     def setup(self, model: nn.Module) -> None:
         """Train norms and head; hold BatchNorm statistics fixed unless ``train_bn``."""
         super().setup(model)
-        if not self.train_bn:
+        if self.bn_policy != "train":
             for module in model.modules():
                 if is_batchnorm(module):
                     freeze_batchnorm_stats(module)

@@ -9,7 +9,7 @@ from torch import nn
 
 from cvft.backbones.layer_groups import LayerGroup, layer_groups
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import batchnorm_parameter_names, sync_batchnorm_stats
+from cvft.strategies._freeze import batchnorm_parameter_names
 from cvft.strategies.base import Strategy
 from cvft.strategies.registry import register_strategy
 
@@ -30,7 +30,8 @@ class GradualUnfreeze(Strategy):
         groups_per_milestone: Groups unfrozen at each milestone. ``None`` spreads all groups evenly over the
             milestones, so the whole network trains from the last milestone on.
         coarse: Use timm's coarse groups (whole stages) instead of single blocks.
-        train_bn: Keep BatchNorm layers of frozen groups training (affine parameters and statistics).
+        train_bn: Keep BatchNorm layers of frozen groups training (affine parameters and statistics); implies
+            ``bn="train"``. The statistics alone follow the ``bn`` option (:mod:`cvft.strategies.base`).
 
     Example:
         >>> import timm
@@ -44,6 +45,7 @@ class GradualUnfreeze(Strategy):
     """
 
     name = "gradual_unfreeze"
+    takes_bn = True  # no default of its own: it follows the stack (else "frozen")
 
     def __init__(
         self,
@@ -107,7 +109,7 @@ class GradualUnfreeze(Strategy):
             if train and not param.requires_grad:
                 newly.append(name)
             param.requires_grad_(train)
-        sync_batchnorm_stats(model, self.train_bn, only=self._candidates)
+        self.apply_bn_policy(model, only=self._candidates)
         return newly
 
     def config(self) -> dict:
@@ -117,4 +119,5 @@ class GradualUnfreeze(Strategy):
             "groups_per_milestone": self.groups_per_milestone,
             "coarse": self.coarse,
             "train_bn": self.train_bn,
+            **({"bn": vars(self)["bn"]} if "bn" in vars(self) else {}),
         }

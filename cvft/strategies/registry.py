@@ -77,6 +77,8 @@ def get_strategy(name: str) -> type[Strategy]:
 def build_strategy(spec: StrategySpec) -> Strategy:
     """Build one strategy from a name, a ``{"name": ..., **kwargs}`` mapping, or pass an instance through.
 
+    Parameter strategies (``takes_bn``) also accept ``bn``, the BatchNorm policy (see :mod:`cvft.strategies.base`).
+
     Raises:
         StrategyError: Unknown name, a mapping without ``name``, or arguments the strategy does not take.
 
@@ -96,11 +98,16 @@ def build_strategy(spec: StrategySpec) -> Strategy:
     else:
         raise StrategyError(f"Cannot build a strategy from {spec!r}; give a name, a mapping or a Strategy.")
     cls = get_strategy(name)
+    bn = kwargs.pop("bn", None) if cls.takes_bn else None  # the BatchNorm policy every parameter strategy takes
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
-        raise StrategyError(f"Strategy {name!r}: {err}. Its signature is {name}{inspect.signature(cls)}.") from None
-    return cls(**kwargs)
+        hint = " (`bn` is taken by parameter strategies only)" if "bn" in kwargs else ""
+        raise StrategyError(
+            f"Strategy {name!r}: {err}{hint}. Its signature is {name}{inspect.signature(cls)}."
+        ) from None
+    strategy = cls(**kwargs)
+    return strategy.with_bn(bn) if bn is not None else strategy
 
 
 def build_strategies(specs: StrategySpec | Iterable[StrategySpec] | None) -> list[Strategy]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies.adapters.layer import AdapterWrapper, adapter_parameter_names, make_activation, set_submodule
 from cvft.strategies.adapters.targets import transformer_blocks
 from cvft.strategies.base import Strategy
@@ -93,6 +93,8 @@ class BottleneckAdapterStrategy(Strategy):
     """
 
     name = "bottleneck_adapter"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, reduction: int = 4, width: int | None = None, act: str = "relu", train_head: bool = True):
         check_positive_int(self.name, "reduction", reduction)
@@ -142,4 +144,4 @@ class BottleneckAdapterStrategy(Strategy):
         head = require_head(model, self.name, self.train_head)
         self.inject(model)
         set_trainable(model, set(head) | adapter_parameter_names(model))
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import Strategy
 from cvft.strategies.lora.layer import QKV_PARTS, LoRAConv2d, LoRALayer, LoRALinear, check_adapter_hyperparameters
@@ -70,6 +70,8 @@ class AdapterStrategy(Strategy):
     """
 
     name = "adapter"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,
@@ -110,7 +112,7 @@ class AdapterStrategy(Strategy):
         if self.train_bias:
             trainable |= {f"{name}.base.bias" for name in names if model.get_submodule(name).base.bias is not None}
         set_trainable(model, trainable)
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)
 
 
 def inject_lora(
@@ -188,8 +190,12 @@ class LoRA(AdapterStrategy):
         rank: Rank ``r`` of every update.
         alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
         dropout: Dropout probability on the input of the update path.
-        targets: A preset (``"auto"``, ``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``, ``"resnet_blocks"``,
-            ``"convnext_blocks"``), a type name (``"Linear"``, ``"Conv2d"``), module names or regexes, or a list.
+        targets: A named selector (``"auto"``, ``"pointwise"``, ``"attention"``, ``"mlp"``, ``"block_convs"``,
+            ``"spatial"``, ``"all_linear"``, ``"all_conv"``; see :mod:`cvft.strategies.selectors`), a legacy preset
+            (``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``, ``"resnet_blocks"``, ``"convnext_blocks"``), a type
+            name (``"Linear"``, ``"Conv2d"``), module names or regexes, or a list. The BatchNorm policy ``bn``
+            (``"train"``, ``"frozen"``, ``"adabn"``) is set with :meth:`~cvft.strategies.Strategy.with_bn` or a
+            ``bn`` key in a recipe.
         qkv_parts: Adapt only these thirds (``"q"``, ``"k"``, ``"v"``) of fused ``qkv`` projections, e.g.
             ``["q", "v"]`` as in the LoRA paper; ``None`` adapts all three.
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.

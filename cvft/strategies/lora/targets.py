@@ -9,8 +9,11 @@ A target is a module name, a regular expression full-matched against module name
 ``vit_all``         both of the above
 ``resnet_blocks``   ``conv1`` / ``conv2`` / ``conv3`` of the blocks in ``layer1`` .. ``layer4``
 ``convnext_blocks`` ``conv_dw``, ``mlp.fc1`` and ``mlp.fc2`` of every ConvNeXt block
-``auto``            ``vit_attention`` when the model has ``blocks.N.attn.qkv``, else the conv-block preset that fits
 =================== ====================================================================================
+
+and the family-independent named selectors of :mod:`cvft.strategies.selectors` (``pointwise``, ``spatial``,
+``attention``, ``mlp``, ``all_linear``, ``all_conv`` and ``auto``), built on layer types, kernel sizes and timm's
+block structure rather than on names; prefer them, the presets above are kept for existing recipes.
 
 Only ``nn.Linear`` and ``nn.Conv2d`` layers are candidates, the classifier head never is, and a target that matches
 nothing is an error that lists the candidates.
@@ -24,9 +27,9 @@ from collections.abc import Sequence
 from torch import nn
 
 from cvft.backbones.layer_groups import head_parameter_names
-from cvft.errors import StrategyError
-from cvft.strategies._targets import compile_target, no_match_error, select_targets
+from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.lora.layer import LoRALayer
+from cvft.strategies.selectors import SELECTORS, select_layers
 
 __all__ = ["PRESETS", "TYPE_NAMES", "candidate_modules", "find_targets"]
 
@@ -38,8 +41,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "convnext_blocks": (r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)",),
 }
 TYPE_NAMES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
-_AUTO_ORDER = ("vit_attention", "resnet_blocks", "convnext_blocks")
-_VIT_PROBE = re.compile(r"(.*\.)?blocks\.\d+\.attn\.qkv")
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -61,27 +62,13 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 _HINT = (
     f"Give module names, regular expressions full-matching them, a type name ({', '.join(TYPE_NAMES)}) or a preset "
-    f"({', '.join([*PRESETS, 'auto'])})."
+    f"({', '.join([*SELECTORS, *PRESETS])})."
 )
 
 
-def _not_found(target: str, candidates: dict[str, nn.Module], model: nn.Module) -> StrategyError:
-    what = f"Linear or Conv2d layer of {type(model).__name__} outside the classifier head"
-    return no_match_error("lora", target, what, candidates, _HINT)
-
-
-def _resolve_auto(candidates: dict[str, nn.Module], model: nn.Module) -> str:
-    if any(_VIT_PROBE.fullmatch(name) for name in candidates):
-        return "vit_attention"
-    for preset in _AUTO_ORDER[1:]:
-        if any(re.fullmatch(p, name) for p in PRESETS[preset] for name in candidates):
-            return preset
-    raise _not_found("auto", candidates, model)
-
-
 def _matches(target: str, candidates: dict[str, nn.Module], model: nn.Module) -> list[str]:
-    if target == "auto":
-        target = _resolve_auto(candidates, model)
+    if target in SELECTORS:
+        return select_layers(model, target, candidates)
     if target in PRESETS:
         patterns = [re.compile(p) for p in PRESETS[target]]
         return [name for name in candidates if any(p.fullmatch(name) for p in patterns)]

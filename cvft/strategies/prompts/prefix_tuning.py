@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies.base import Strategy
 from cvft.strategies.prompts._family import SUPPORTED, require_vision_transformer
 from cvft.strategies.prompts.prefix_layer import PrefixAttention, PrefixEncoder, is_wrappable_attention
@@ -104,6 +104,8 @@ class PrefixTuning(Strategy):
     """
 
     name = "prefix_tuning"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,
@@ -168,4 +170,4 @@ class PrefixTuning(Strategy):
         for layer, index in enumerate(indices):
             model.blocks[index].attn = PrefixAttention(model.blocks[index].attn, self.num_tokens, encoder, layer)
         set_trainable(model, head | prefix_parameter_names(model))
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies.base import Strategy
 from cvft.strategies.prompts._family import require_vision_transformer
 from cvft.strategies.registry import register_strategy
@@ -197,6 +197,8 @@ class VPT(Strategy):
     """
 
     name = "vpt"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, num_tokens: int = 10, deep: bool = False, dropout: float = 0.0, train_head: bool = True) -> None:
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
@@ -229,4 +231,4 @@ class VPT(Strategy):
         setattr(model, PROMPTS_ATTR, prompts)
         prompts.attach(model)
         set_trainable(model, head | {f"{PROMPTS_ATTR}.tokens"})
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)

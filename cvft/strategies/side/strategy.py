@@ -17,7 +17,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies.base import Strategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.side.layer import SideNetwork, TopBottleneck, TopTransformer
@@ -166,6 +166,8 @@ class SideTuning(Strategy):
     """
 
     name = "side_module"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,
@@ -256,4 +258,4 @@ class SideTuning(Strategy):
             ]
         trainable = set(head) | {f"{SIDE_ATTR}.{n}" for n, _ in side.named_parameters()}
         set_trainable(model, trainable)
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)

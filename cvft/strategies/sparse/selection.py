@@ -25,6 +25,7 @@ from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import LossFn
+from cvft.strategies.selectors import SELECTORS, select_layers
 
 __all__ = [
     "CRITERIA",
@@ -65,7 +66,8 @@ def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") ->
 
     Args:
         model: The model to search.
-        targets: ``"all"`` (every Linear and Conv2d weight outside the classifier head), or module names, weight
+        targets: ``"all"`` (every Linear and Conv2d weight outside the classifier head), a named selector of
+            :mod:`cvft.strategies.selectors` (``"attention"``, ``"pointwise"`` ...), or module names, weight
             names (``"blocks.0.attn.qkv.weight"``) or regexes full-matching either, alone or in a list.
 
     Raises:
@@ -84,6 +86,8 @@ def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") ->
     def match(entry: str) -> set[str]:
         if entry == "all":
             return set(candidates)
+        if entry in SELECTORS:
+            return set(select_layers(model, entry, candidates))
         pattern = compile_target("sparse", entry)
         return {
             n
@@ -92,7 +96,7 @@ def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") ->
         }
 
     what = f"Linear or Conv2d weight of {type(model).__name__} outside the classifier head"
-    hint = "Give 'all', module names, weight names or regexes full-matching them."
+    hint = f"Give 'all', a named selector ({', '.join(SELECTORS)}), module names, weight names or regexes."
     return select_targets("sparse", targets, candidates, match, what, hint)
 
 

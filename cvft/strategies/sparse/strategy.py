@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
 from cvft.strategies.base import LossFn, Strategy
 from cvft.strategies.registry import register_strategy
@@ -120,6 +120,8 @@ class SparseFineTune(Strategy):
     """
 
     name = "sparse"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,
@@ -174,7 +176,7 @@ class SparseFineTune(Strategy):
         for position, name in enumerate(names):
             set_submodule(model, name, SparseDeltaLayer(model.get_submodule(name), owner, position))
         set_trainable(model, set(head) | {f"{SPARSE_DELTA_ATTR}.values"})
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)
 
     def calibrate(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn) -> None:
         """Select again by the data criterion, on the first ``calibration_batches`` batches; values restart at 0.

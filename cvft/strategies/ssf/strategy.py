@@ -24,7 +24,7 @@ from torch import nn
 
 from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable, sync_batchnorm_stats
+from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
 from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import Strategy
@@ -169,6 +169,8 @@ class SSF(Strategy):
     """
 
     name = "ssf"
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, targets: str | list[str] = "auto", init_std: float = 0.0, train_head: bool = True) -> None:
         if not isinstance(targets, str):
@@ -189,4 +191,4 @@ class SSF(Strategy):
         for name in ssf_layers(model):
             trainable |= {f"{name}.ssf_scale", f"{name}.ssf_shift"}
         set_trainable(model, trainable)
-        sync_batchnorm_stats(model, train_bn=False)
+        self.apply_bn_policy(model)
