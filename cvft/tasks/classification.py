@@ -394,6 +394,15 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         # after calibration (which reads images), before Lightning builds the DataLoaders
         self.feature_cache = activate_feature_cache(self.trainer, self, self.hparams.get("feature_cache", "auto"))
 
+    def on_train_end(self) -> None:
+        """Give the DataModule its image datasets back once training is over, before callbacks' ``on_fit_end``.
+
+        Reports that run the model over the validation images at fit end (``MedicalReport``) must get images, not
+        the cached features.
+        """
+        if self.feature_cache is not None:
+            self.feature_cache.restore()
+
     def teardown(self, stage: str) -> None:
         """Give the DataModule its image datasets back after a fit that used cached features."""
         if stage == "fit" and self.feature_cache is not None:

@@ -247,3 +247,21 @@ def test_disk_entries_are_safetensors_written_atomically(image_root, tmp_path, m
     assert store.load("j" * 64, "label") is None
     store.path("k" * 64, "label").write_bytes(b"garbage")
     assert store.load("k" * 64, "label") is None  # a damaged entry is a miss, not an error
+
+
+def test_callbacks_at_fit_end_get_images_back(image_root):
+    """A report that runs the model over validation batches at fit end (MedicalReport) sees images, not features."""
+    seen = []
+
+    class ValidationAtFitEnd(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            seen.extend(type(batch).__name__ for batch in trainer.datamodule.val_dataloader())
+
+    model = make_model()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[ValidationAtFitEnd()],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=make_data(image_root))
+    assert model.feature_cache is not None, "the fit must have used cached features"
+    assert seen and all(name in ("list", "tuple") for name in seen), seen
