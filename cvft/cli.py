@@ -286,33 +286,22 @@ class MedicalCLI(CvftCLI):
         parser.set_defaults({"medical_report.enabled": True})
 
 
+#: Sub-commands that are not LightningCLI runs: name -> module whose ``main(argv)`` runs them.
+_TOOLS = {"export": "cvft.export", "compare": "cvft.compare.cli", "explain": "cvft.medical.explain_cli"}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``cvft`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"]:
-        from cvft.export import main as export_main
+    if argv[:1] and argv[0] in _TOOLS:
+        import importlib
 
+        tool = importlib.import_module(_TOOLS[argv[0]])
         try:
-            raise SystemExit(export_main(argv[1:]))
+            raise SystemExit(tool.main(argv[1:]))
         except CvftError as err:
-            print(f"cvft export: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-    if argv[:1] == ["compare"]:
-        from cvft.compare.cli import main as compare_main
-
-        try:
-            raise SystemExit(compare_main(argv[1:]))
-        except CvftError as err:
-            print(f"cvft compare: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-    if argv[:1] == ["explain"]:
-        from cvft.medical.explain_cli import main as explain_main
-
-        try:
-            raise SystemExit(explain_main(argv[1:]))
-        except CvftError as err:
-            print(f"cvft explain: error: {err}", file=sys.stderr)
+            print(f"cvft {argv[0]}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
     try:
         task = find_task(argv)

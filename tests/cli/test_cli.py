@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_kit import cvft_args
 from safetensors.torch import load_file
 
 from cvft.cli import CvftCLI
@@ -29,24 +30,7 @@ def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
 
 
 def _fit_args(shapes_folder: Path, weights: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--model.backbone=test_resnet",
-        "--model.pretrained=false",
-        f"--model.weights={weights}",
-        "--model.lr=0.01",
-        "--model.warmup_epochs=0",
-        f"--data.root={shapes_folder / 'train'}",
-        "--data.image_size=32",
-        "--data.batch_size=8",
-        "--data.num_workers=0",
-        "--data.augment=none",
-        "--trainer.max_epochs=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={out}",
-        *extra,
-    ]
+    return cvft_args("fit", shapes_folder, weights, out, *extra, epochs=2)
 
 
 def test_cli_links_data_into_model(shapes_folder, resnet_weights, tmp_path, class_names):
