@@ -36,13 +36,24 @@ __all__ = [
     "load_checkpoint",
     "load_module",
     "download",
+    "is_url",
     "atomic_torch_save",
     "SafeCheckpointIO",
     "weights_from_checkpoint",
     "loadable_hparams",
 ]
 
-_REMOTE_PREFIXES = ("http://", "https://")
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is an ``http(s)://`` URL, which cvft downloads (:func:`download`) before reading.
+
+    Example:
+        >>> is_url("https://example.org/model.ckpt"), is_url("runs/model.ckpt")
+        (True, False)
+    """
+    return isinstance(location, str) and location.startswith(("http://", "https://"))
+
+
 _FIX = (
     "Pass a .ckpt written by `cvft fit` (runs/<name>/version_<n>/checkpoints/), or re-save your weights as a plain "
     "state dict (torch.save(model.state_dict(), path)) or as .safetensors"
@@ -98,7 +109,7 @@ def load_checkpoint(
         True
     """
     text = os.fspath(path)
-    local = download(text) if text.startswith(_REMOTE_PREFIXES) else None
+    local = download(text) if is_url(text) else None
     shown = text if local is None else f"{text} (downloaded to {local})"
     if local is None and "://" not in text:
         local = Path(text).expanduser()

@@ -130,11 +130,11 @@ def resume_point(ckpt_path: str, root: str | os.PathLike[str], name: str) -> Res
     """
     if ckpt_path in _SPECIAL_CKPT_PATHS:
         return None
-    from cvft.checkpoints import download, load_checkpoint
+    from cvft.checkpoints import download, is_url, load_checkpoint
 
     if ckpt_path == "last":
         path = find_last_checkpoint(root, name)
-    elif ckpt_path.startswith(("http://", "https://")):
+    elif is_url(ckpt_path):
         path = download(ckpt_path)
     else:
         path = Path(ckpt_path)

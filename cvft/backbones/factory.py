@@ -231,9 +231,9 @@ def _hub_unavailable_reason(exc: BaseException) -> str | None:
 
 
 def _resolve_weights(name: str, weights: str | Path) -> tuple[Path, str]:
-    if isinstance(weights, str) and weights.startswith(("http://", "https://")):
-        from cvft.checkpoints import download
+    from cvft.checkpoints import download, is_url
 
+    if is_url(weights):
         return download(weights), f"url:{weights}"
     path = Path(weights).expanduser()
     if isinstance(weights, str) and not path.exists() and weights in {s.name for s in list_weights_sources()}:

@@ -71,10 +71,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         >>> ckpt.architecture, len(ckpt.state_dict)  # doctest: +SKIP
         ('resnet50', 320)
     """
-    if str(path).startswith(("http://", "https://")):
-        from cvft.checkpoints import download
+    from cvft.checkpoints import download, is_url
 
-        path = download(str(path))
+    if is_url(path):
+        path = download(path)
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise WeightsError(

@@ -66,11 +66,9 @@ def teacher_kind(teacher: str) -> TeacherKind:
 
 def _local_copy(teacher: str) -> str:
     """A teacher given by ``http(s)://`` URL, downloaded into cvft's cache (read safely like any other file)."""
-    if teacher.startswith(("http://", "https://")):
-        from cvft.checkpoints import download
+    from cvft.checkpoints import download, is_url
 
-        return str(download(teacher))
-    return teacher
+    return str(download(teacher)) if is_url(teacher) else teacher
 
 
 def check_teacher_file(teacher: str) -> int | None:
