@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +22,11 @@ class RunCheckpoint(ModelCheckpoint):
     and whoever takes it as the final model gets the best-on-validation one. Here ``last.ckpt`` is rewritten at
     every check (end of each epoch, or each validation when it saves there) whether or not the metric improved, and
     additionally every ``last_every_n_train_steps`` optimizer steps for long epochs.
+
+    When ``last.ckpt`` is due at the step whose checkpoint (the new best) was just written, it becomes a hard link to
+    that file instead of a second serialisation of the same state. Checkpoints are replaced by renaming a new file
+    over the old one, so a later best leaves the linked ``last.ckpt`` as it was. Where hard links are impossible
+    (remote paths, some file systems) the state is written again.
 
     Args:
         last_every_n_train_steps: Also rewrite ``last.ckpt`` every this many training steps (``None``: only at the
@@ -59,8 +66,34 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_stale(trainer)
 
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Write ``filepath``, or hard-link ``last.ckpt`` to the checkpoint written at this very step."""
+        source = self._last_checkpoint_saved
+        same_step = self._last_global_step_saved == trainer.global_step and source and source != filepath
+        if same_step and filepath == self.last_model_path and _hard_link(trainer, source, filepath):
+            self._last_checkpoint_saved = filepath
+            return
+        super()._save_checkpoint(trainer, filepath)
+
     def _save_last_if_stale(self, trainer: pl.Trainer) -> None:
         # _should_skip_saving_checkpoint is True when a checkpoint (and so last.ckpt) was written at this very step,
         # and in sanity checks, fast_dev_run and outside fitting.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _hard_link(trainer: pl.Trainer, source: str, target: str) -> bool:
+    """Make local ``target`` a hard link to ``source`` on rank zero, replacing it atomically; False if impossible."""
+    if "://" in f"{source}{target}":  # remote storage (s3://, gs://...): Lightning writes the file
+        return False
+    linked = True
+    if trainer.is_global_zero:
+        partial = Path(target).with_name(f".{Path(target).name}.link")
+        try:
+            partial.unlink(missing_ok=True)
+            os.link(source, partial)
+            os.replace(partial, target)
+        except OSError:  # no hard links on this file system, or source and target on different devices
+            partial.unlink(missing_ok=True)
+            linked = False
+    return bool(trainer.strategy.broadcast(linked))

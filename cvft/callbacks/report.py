@@ -180,7 +180,10 @@ class TrainingReport(pl.Callback):
         matrix = getattr(pl_module, "last_val_confusion", None)
         if self.confusion and matrix is not None:
             names = list(getattr(pl_module, "class_names", [str(i) for i in range(len(matrix))]))
-            self.written.append(plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png", self.normalize))
+            if not any(getattr(callback, "draws_confusion_matrix", False) for callback in trainer.callbacks):
+                self.written.append(
+                    plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png", self.normalize)
+                )
             with open(folder / "confusion_matrix.csv", "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["true\\predicted", *names])

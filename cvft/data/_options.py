@@ -55,7 +55,7 @@ def _image_size(name: str, value: Any) -> None:
 _RULES: dict[str, Callable[[str, Any], None]] = {
     "image_size": _image_size,
     "batch_size": _at_least(1),
-    "num_workers": _at_least(0),
+    "num_workers": _at_least(0, optional=True),
     "channels": _at_least(1),
     "context": _at_least(0),
     "batches_per_epoch": _at_least(1, optional=True),
@@ -70,8 +70,8 @@ def validate_options(choices: Mapping[str, tuple[Any, Sequence[Any]]] | None = N
 
     Args:
         choices: Option name -> ``(value, allowed values)`` for named options (``augment``, ``check_images`` ...).
-        **values: Numeric options, each checked by the rule of its name: ``image_size`` (None, ``>= 1`` or a
-            ``(height, width)`` pair), ``batch_size`` (``>= 1``), ``num_workers`` (``>= 0``), ``channels`` (``>= 1``),
+        **values: Numeric options, each checked by the rule of its name: ``image_size`` (None, ``>= 1`` or a ``(height,
+            width)`` pair), ``batch_size`` (``>= 1``), ``num_workers`` (None or ``>= 0``), ``channels`` (``>= 1``),
             ``context`` (``>= 0``), ``batches_per_epoch`` (None or ``>= 1``), ``val_fraction`` / ``test_fraction``
             (``[0, 1)``, summing below 1) and ``min_visibility`` (``[0, 1]``).
 

@@ -72,7 +72,8 @@ class ImageFolderDataModule(SplitDataModule):
         test_fraction: Share of each class held out for testing when no test split is given (0: none).
         seed: Seed of the train / val / test split.
         batch_size: Images per batch.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes (0: load in the main process; None: automatic, see
+            :meth:`~cvft.data.split_module.SplitDataModule.workers_for`).
         augment: Training augmentation preset: ``none``, ``light``, ``default`` or ``strong``.
         multi_label: Images may have several classes (CSV labels ``a|b``); targets become multi-hot vectors.
         channels: 3 for RGB, 1 for grayscale input.
@@ -111,7 +112,7 @@ class ImageFolderDataModule(SplitDataModule):
         test_fraction: float = 0.0,
         seed: int = 0,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         augment: str = "default",
         multi_label: bool = False,
         channels: int = 3,

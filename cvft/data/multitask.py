@@ -226,7 +226,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         ratios: Mapping[str, float] | None = None,
         batches_per_epoch: int | None = None,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
     ) -> None:
         super().__init__()
         validate_options(batch_size=batch_size, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
@@ -247,7 +247,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.batches_per_epoch = batches_per_epoch
         self.seed = int(seed)
-        self.num_workers = int(num_workers)
+        self.num_workers = int(num_workers or 0)
         self.datasets: dict[str, dict[str, Dataset]] = {}
         self.collate = TaskCollate(self.task_names)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,11 @@ class MedicalReport(pl.Callback):
     except for a binary threshold other than 0.5), ``medical_metrics.csv`` and ``medical_metrics.json``; test files
     carry a ``test_`` prefix. Scalars go to the loggers as ``medical_val/...`` and ``medical_test/...``.
 
+    When the module's ``validation_step`` / ``test_step`` return ``{"loss", "logits"}`` (as
+    :class:`~cvft.tasks.ImageClassifier` does), the report reuses the probabilities of the last validation epoch if
+    it ran on the final weights over the whole validation set in one process, and those of the test loop it follows,
+    instead of running the model over the images again. Otherwise it runs the model itself.
+
     A module with two single-label classes is a binary problem whose positive class is index 1. The operating point
     is a threshold, one per label, or a rule chosen on the validation data (``"youden"``, ``"sensitivity@0.9"``,
     ``"specificity@0.95"``) and then applied unchanged to the test data. Multiclass decisions are the argmax.
@@ -151,6 +156,42 @@ class MedicalReport(pl.Callback):
         self.thresholds: list[float] | None = None
         self.results: dict[str, dict[str, Any]] = {}
         self.written: list[Path] = []
+        self._outputs = {"val": _LoopOutputs(), "test": _LoopOutputs()}
+
+    @property
+    def draws_confusion_matrix(self) -> bool:
+        """Whether this report draws ``confusion_matrix.png`` at fit end (``TrainingReport`` then skips it)."""
+        return self.enabled and self.after_fit
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start collecting this validation epoch's probabilities."""
+        self._outputs["val"].start(self.enabled and self.after_fit and not trainer.sanity_checking)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        """Keep the batch's probabilities and targets."""
+        self._outputs["val"].add(outputs, batch, dataloader_idx, _multi_label(pl_module))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note the training step the collected probabilities belong to."""
+        self._outputs["val"].finish(trainer)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start collecting the test probabilities."""
+        self._outputs["test"].start(self.enabled and self.after_test)
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        """Keep the batch's probabilities and targets."""
+        self._outputs["test"].add(outputs, batch, dataloader_idx, _multi_label(pl_module))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note the training step the collected probabilities belong to."""
+        self._outputs["test"].finish(trainer)
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,9 +211,18 @@ class MedicalReport(pl.Callback):
             if loader is not None:
                 self._report(trainer, pl_module, "test", loader)
 
+    def _probabilities(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, loader: Any
+    ) -> tuple[Tensor, Tensor]:
+        """The loop's own probabilities when they are those of the current weights on all of ``loader``."""
+        kept = self._outputs[split].result(trainer, _dataset_size(loader))
+        if kept is not None:
+            return kept
+        return collect_probabilities(pl_module, loader, _multi_label(pl_module))
+
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, loader: Any) -> None:
-        multi_label = bool(getattr(pl_module, "multi_label", False))
-        probs, targets = collect_probabilities(pl_module, loader, multi_label)
+        multi_label = _multi_label(pl_module)
+        probs, targets = self._probabilities(trainer, pl_module, split, loader)
         task = "multilabel" if multi_label else "binary" if probs.shape[1] == 2 else "multiclass"
         names = list(getattr(pl_module, "class_names", None) or [str(i) for i in range(probs.shape[1])])
         threshold = self._threshold(trainer, pl_module, task, split, probs, targets)
@@ -232,6 +282,58 @@ class MedicalReport(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the chosen thresholds."""
         self.thresholds = state_dict.get("thresholds")
+
+
+class _LoopOutputs:
+    """Probabilities and targets of one validation or test epoch, gathered from the step outputs.
+
+    They stand in for a fresh pass over the data only if every batch gave logits, the loop ran in a single process
+    over the whole dataset, and no optimizer step happened since (the weights are those of the epoch).
+    """
+
+    def __init__(self) -> None:
+        self.probs: list[Tensor] = []
+        self.targets: list[Tensor] = []
+        self.complete = False
+        self.step: int | None = None
+
+    def start(self, wanted: bool) -> None:
+        self.probs, self.targets, self.complete, self.step = [], [], wanted, None
+
+    def add(self, outputs: Any, batch: Any, dataloader_idx: int, multi_label: bool) -> None:
+        if not self.complete:
+            return
+        logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
+        targets = batch.get("target") if isinstance(batch, Mapping) else batch[1]
+        if dataloader_idx != 0 or not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
+            self.start(False)
+            return
+        logits = logits.detach().float()
+        self.probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
+        self.targets.append(targets.detach().cpu())
+
+    def finish(self, trainer: pl.Trainer) -> None:
+        if self.complete and self.probs and trainer.world_size == 1:
+            self.step = trainer.global_step
+        else:
+            self.start(False)
+
+    def result(self, trainer: pl.Trainer, dataset_size: int | None) -> tuple[Tensor, Tensor] | None:
+        if self.step is None or self.step != trainer.global_step:
+            return None
+        probs, targets = torch.cat(self.probs), torch.cat(self.targets)
+        return (probs, targets) if dataset_size == len(probs) else None
+
+
+def _multi_label(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "multi_label", False))
+
+
+def _dataset_size(loader: Any) -> int | None:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _loader(trainer: pl.Trainer, split: str) -> Any:

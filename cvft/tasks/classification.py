@@ -339,7 +339,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
 
     def _evaluate(
         self, batch: Sequence[Tensor] | Mapping[str, Tensor], metrics: MetricCollection, stage: str
-    ) -> Tensor:
+    ) -> dict[str, Tensor]:
         if isinstance(batch, Mapping):  # cached features
             images, targets = batch["features"], batch["target"]
             logits = head_logits(self.backbone, images)
@@ -353,14 +353,14 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(images))
         if stage == "val" and self.val_confusion is not None:
             self.val_confusion.update(probs, labels)
-        return loss
+        return {"loss": loss, "logits": logits.detach()}
 
-    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Validation loss and metrics."""
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Validation loss and metrics; returns ``{"loss", "logits"}`` for callbacks (``MedicalReport``)."""
         return self._evaluate(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Test loss and metrics."""
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Test loss and metrics; returns ``{"loss", "logits"}`` for callbacks (``MedicalReport``)."""
         return self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -34,6 +34,28 @@ def test_last_ckpt_holds_the_latest_epoch_not_the_best(tmp_path):
     assert _epoch_and_step(tmp_path / "last.ckpt") == (2, 12)
 
 
+def test_last_ckpt_links_to_the_checkpoint_of_the_same_step_and_survives_its_replacement(tmp_path, monkeypatch):
+    """Epoch 0 is the best: last.ckpt is that very file (one serialisation); epoch 1 rewrites last.ckpt alone."""
+    checkpoint = RunCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best", save_last=True)
+    inodes: list[tuple[int, int]] = []
+    original = RunCheckpoint.on_train_epoch_end
+
+    def record(self, trainer, module):
+        original(self, trainer, module)
+        inodes.append(((tmp_path / "best.ckpt").stat().st_ino, (tmp_path / "last.ckpt").stat().st_ino))
+
+    monkeypatch.setattr(RunCheckpoint, "on_train_epoch_end", record)
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(WorseEachEpoch(), regression_loader(), regression_loader())
+    assert inodes[0][0] == inodes[0][1]  # one file, two names
+    assert inodes[1][0] == inodes[0][0] and inodes[1][1] != inodes[0][1]
+    assert _epoch_and_step(tmp_path / "best.ckpt") == (0, 4)
+    assert _epoch_and_step(tmp_path / "last.ckpt") == (1, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_last_ckpt_every_n_train_steps(tmp_path, monkeypatch):
     checkpoint = RunCheckpoint(
         dirpath=tmp_path, monitor="val/acc", mode="max", filename="best", save_last=True, last_every_n_train_steps=3

@@ -11,11 +11,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from cvft.backbones import create_backbone
 from cvft.data import MedicalImageDataModule
 from cvft.data.medical import MedicalArrayDataset, build_medical_transforms
+from cvft.data.split_module import FILE_WORKERS
 from cvft.tasks import ImageClassifier
 
 pydicom = pytest.importorskip("pydicom")
@@ -121,6 +123,20 @@ def asymmetric_npz(path: Path, count: int = 8) -> Path:
         arrays[f"{split}_labels"] = (np.arange(count) % 2)[:, None]
     np.savez(path, **arrays)
     return path
+
+
+def test_automatic_workers_load_arrays_in_process_and_files_in_workers(tmp_path):
+    npz = asymmetric_npz(tmp_path / "tiny.npz")
+    arrays = MedicalImageDataModule(medmnist=str(npz), image_size=28, channels=1, batch_size=4)
+    assert arrays.num_workers is None
+    assert arrays.train_dataloader().num_workers == 0 and arrays.val_dataloader().num_workers == 0
+    assert MedicalImageDataModule(medmnist=str(npz), num_workers=1).train_dataloader().num_workers == 1
+    for i in range(4):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{i}.png,{'ab'[i % 2]}\n" for i in range(4)))
+    files = MedicalImageDataModule(csv=str(tmp_path / "labels.csv"), image_size=8, val_fraction=0.0, batch_size=2)
+    files.setup("fit")
+    assert files.workers_for(files.datasets["train"]) == FILE_WORKERS
 
 
 @pytest.mark.parametrize("augment", ["medical", "medical_flip"])

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from cvft.callbacks import output_dir
+from cvft.callbacks import TrainingReport, output_dir
 from cvft.medical import medical_metrics
 from cvft.medical.report import CSV_COLUMNS, MedicalReport, collect_probabilities
 from cvft.tasks import ImageClassifier
@@ -92,3 +92,61 @@ def test_disabled_report_writes_nothing(tmp_path):
     targets = torch.arange(8) % 3
     trainer = _fit(tmp_path, model, _loader(targets, 0), _loader(targets, 1), MedicalReport(enabled=False))
     assert not (output_dir(trainer) / "medical_metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("trainer_options", "fresh_passes"),
+    [
+        ({}, 0),  # the last validation epoch covered every image at the final weights: its probabilities are used
+        ({"limit_val_batches": 1}, 1),  # it saw one of two batches
+        ({"check_val_every_n_epoch": 2}, 1),  # no validation epoch ran after training (only the sanity check)
+    ],
+)
+def test_report_reuses_the_validation_loop_only_when_it_saw_every_image_at_the_final_weights(
+    tmp_path, monkeypatch, trainer_options, fresh_passes
+):
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return collect_probabilities(*args, **kwargs)
+
+    monkeypatch.setattr("cvft.medical.report.collect_probabilities", counting)
+    torch.manual_seed(0)
+    model = ImageClassifier("test_resnet", pretrained=False, num_classes=2, warmup_epochs=0)
+    targets = torch.arange(16) % 2
+    val = _loader(targets, 1)
+    report = MedicalReport(operating_point="youden")
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[report],
+        **trainer_options,
+    )  # fmt: skip
+    trainer.fit(model, _loader(targets, 0), val)
+    assert len(calls) == fresh_passes
+    probs, labels = collect_probabilities(model, val, multi_label=False)
+    expected = medical_metrics(probs, labels, "binary", threshold="youden", class_names=["0", "1"])
+    assert report.results["val"]["auroc_macro"] == pytest.approx(expected["auroc_macro"], abs=1e-6)
+    assert report.thresholds[0] == pytest.approx(expected["classes"][0]["threshold"], abs=1e-5)
+
+    calls.clear()
+    trainer.test(model, val, verbose=False)
+    assert calls == []  # the test loop's own probabilities
+    assert report.results["test"]["auroc_macro"] == pytest.approx(expected["auroc_macro"], abs=1e-6)
+
+
+def test_training_report_leaves_the_confusion_picture_to_the_medical_report(tmp_path, monkeypatch):
+    def not_expected(*args, **kwargs):
+        raise AssertionError("TrainingReport drew a confusion matrix that MedicalReport redraws")
+
+    monkeypatch.setattr("cvft.callbacks.report.plot_confusion_matrix", not_expected)
+    model = ImageClassifier("test_resnet", pretrained=False, num_classes=2, warmup_epochs=0)
+    targets = torch.arange(16) % 2
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[TrainingReport(), MedicalReport()],
+    )  # fmt: skip
+    trainer.fit(model, _loader(targets, 0), _loader(targets, 1))
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+    assert (tmp_path / "confusion_matrix.csv").is_file()

@@ -67,7 +67,8 @@ class DetectionDataModule(SplitDataModule):
         test_image_root: Folder of the test images.
         image_size: Side of the square network input in pixels (images are letterboxed to it).
         batch_size: Images per batch.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes (0: load in the main process; None: automatic, see
+            :meth:`~cvft.data.split_module.SplitDataModule.workers_for`).
         augment: Training augmentation: ``"none"``, ``"default"`` or ``"strong"``.
         min_visibility: A box keeps at least this share of its area after a random crop, or it is dropped.
         hflip: Random horizontal flips in training.
@@ -108,7 +109,7 @@ class DetectionDataModule(SplitDataModule):
         test_image_root: str | Path | None = None,
         image_size: int = 512,
         batch_size: int = 8,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         augment: str = "default",
         min_visibility: float = 0.3,
         hflip: bool = True,

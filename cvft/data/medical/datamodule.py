@@ -89,7 +89,8 @@ class MedicalImageDataModule(SplitDataModule):
         sampler: ``"random"`` (shuffle) or ``"weighted"`` (class-balanced draws, see above).
         augment: Training augmentation: ``"medical"``, ``"medical_flip"`` or ``"none"``.
         batch_size: Images per batch.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes (0: load in the main process; None: 0 for data held in
+            memory such as MedMNIST arrays, else 2).
         predict_root: Image file or folder (searched recursively) for ``predict``.
 
     Example:
@@ -138,7 +139,7 @@ class MedicalImageDataModule(SplitDataModule):
         sampler: Literal["random", "weighted"] = "random",
         augment: Literal["medical", "medical_flip", "none"] = "medical",
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         predict_root: str | None = None,
     ) -> None:
         super().__init__()

@@ -173,6 +173,9 @@ class MedicalArrayDataset(MedicalImageDataset):
         (torch.Size([1, 28, 28]), tensor(1))
     """
 
+    in_memory = True
+    """Items are cheap to load: DataModules with automatic ``num_workers`` load them in the training process."""
+
     def __init__(
         self,
         images: np.ndarray,
