@@ -115,6 +115,9 @@ class Strategy:
     #: BatchNorm policy used when ``bn`` is not given (see the module docstring); ``None``: no policy of its own
     #: (the stack's, else ``"frozen"``).
     default_bn: ClassVar[str | None] = None
+    #: Learning rate a task uses for this strategy when none is given (``None``: no opinion; the task's default).
+    #: Set only where measured; the README's "Strategy defaults" table says on which data.
+    default_lr: ClassVar[float | None] = None
 
     def with_bn(self, bn: str) -> Strategy:
         """Set the BatchNorm policy (``"train"``, ``"frozen"`` or ``"adabn"``) and return the strategy.
@@ -259,6 +262,11 @@ class StrategyStack:
 
     def __len__(self) -> int:
         return len(self.strategies)
+
+    @property
+    def default_lr(self) -> float | None:
+        """The smallest :attr:`Strategy.default_lr` of the members (``None`` when none has one)."""
+        return min((s.default_lr for s in self.strategies if s.default_lr is not None), default=None)
 
     @property
     def num_views(self) -> int:

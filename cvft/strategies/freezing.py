@@ -133,6 +133,7 @@ class LinearProbe(FreezingStrategy):
     """
 
     name = "linear_probe"
+    default_lr = 1e-2
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         """The head's parameters."""
@@ -156,6 +157,7 @@ class ClassifierOnly(Strategy):
     """
 
     name = "classifier_only"
+    default_lr = 1e-2
 
     def setup(self, model: nn.Module) -> None:
         """Freeze all but the head and hold every backbone module in eval mode."""
@@ -241,6 +243,7 @@ class BitFit(FreezingStrategy):
     """
 
     name = "bitfit"
+    default_lr = 3e-3
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         """Biases and head."""

@@ -38,6 +38,10 @@ __all__ = ["ImageClassifier"]
 
 _logger = logging.getLogger(__name__)
 
+DEFAULT_LR = 3e-4
+"""Peak learning rate when neither ``lr`` nor a strategy's :attr:`~cvft.strategies.Strategy.default_lr` gives one
+(full fine-tuning)."""
+
 
 class ImageClassifier(StrategyHooks, pl.LightningModule):
     """Fine-tune a timm backbone for image classification.
@@ -61,7 +65,10 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         strategies: Fine-tuning strategies, applied in order: names (``"linear_probe"``, ``"lora,gradual_unfreeze"``)
             or ``{"name": ..., **kwargs}`` mappings. ``None`` trains everything.
         optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum).
-        lr: Peak learning rate (scaled per parameter by strategies such as ``layerwise_lr``).
+        lr: Peak learning rate (scaled per parameter by strategies such as ``layerwise_lr``). ``None``: the
+            strategies' measured default (:attr:`~cvft.strategies.Strategy.default_lr`: ``linear_probe`` 1e-2,
+            ``lora`` and ``bitfit`` 3e-3; the smallest when several have one), else :data:`DEFAULT_LR`. The value
+            used is what ``hparams.lr`` and checkpoints record.
         weight_decay: Decoupled weight decay; never applied to biases, norms or timm's ``no_weight_decay()`` set.
         momentum: SGD momentum.
         warmup_epochs: Linear warmup length in epochs (fractions allowed), then cosine decay to
@@ -108,7 +115,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         in_chans: int = 3,
         strategies: str | list[str | dict[str, Any]] | None = None,
         optimizer: Literal["adamw", "sgd"] = "adamw",
-        lr: float = 3e-4,
+        lr: float | None = None,
         weight_decay: float = 0.05,
         momentum: float = 0.9,
         warmup_epochs: float = 1.0,
@@ -165,6 +172,13 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         self.save_hyperparameters(ignore=["strategies"])
         loadable_hparams(self)
         self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
+        if lr is None:
+            self.hparams["lr"] = stack.default_lr or DEFAULT_LR
+            _logger.info(
+                "Learning rate %g (%s; set lr / --model.lr to choose another)",
+                self.hparams["lr"],
+                "the strategies' default" if stack.default_lr else "the full fine-tuning default",
+            )
 
         self.backbone = create_backbone(
             backbone,

@@ -211,6 +211,7 @@ class LoRA(AdapterStrategy):
     """
 
     name = "lora"
+    default_lr = 3e-3
 
     def __init__(
         self,
