@@ -275,10 +275,12 @@ class MedicalCLI(CvftCLI):
 
     Chosen by ``task: medical`` in a config (``configs/medical/``) or ``--task medical``. The medical report
     (``--medical_report.*``: per-class AUROC, sensitivity/specificity at the operating point, ECE, ROC curves and a
-    reliability diagram) is on by default.
+    reliability diagram) is on by default. ``best.ckpt`` is chosen by validation AUROC (threshold-free; validation
+    accuracy of a small, imbalanced set ties at the majority-class rate, and the first tie wins).
     """
 
     task: ClassVar[str] = "medical"
+    monitor: ClassVar[str] = "val/auroc"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """CvftCLI's arguments, with the medical report enabled."""

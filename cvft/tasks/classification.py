@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassAUROC,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MultilabelAccuracy,
@@ -37,6 +38,9 @@ from cvft.tasks.strategy_hooks import StrategyHooks
 __all__ = ["ImageClassifier"]
 
 _logger = logging.getLogger(__name__)
+
+MAX_AUROC_CLASSES = 100
+"""Single-label validation / test AUROC (macro, one-vs-rest; binary: the AUROC) is logged up to this many classes."""
 
 DEFAULT_LR = 3e-4
 """Peak learning rate when neither ``lr`` nor a strategy's :attr:`~cvft.strategies.Strategy.default_lr` gives one
@@ -275,6 +279,8 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
             metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
             if n > 5:
                 metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+            if prefix != "train/" and n <= MAX_AUROC_CLASSES:  # exact AUROC keeps every probability of the epoch
+                metrics["auroc"] = MulticlassAUROC(n, average="macro")
         # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
         # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
         return MetricCollection(metrics, prefix=prefix, compute_groups=False)

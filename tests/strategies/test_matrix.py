@@ -190,6 +190,7 @@ ROWS = [
         injected=_lora_count,
         specs_for=lambda model_name: [_lora_spec(model_name)],
         merge=merge_lora,
+        bn_fixed="none",  # lora's BatchNorm policy is "train" (measured; see LoRA.default_bn)
         lr=3e-2,
     ),
     Row(
@@ -199,6 +200,7 @@ ROWS = [
         lambda d: d.head,
         injected=_lora_count,
         specs_for=lambda model_name: [_lora_spec(model_name), {"name": "gradual_unfreeze", "milestones": [1, 2]}],
+        bn_fixed="none",
         lr=3e-2,
     ),
     Row(
