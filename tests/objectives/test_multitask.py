@@ -234,7 +234,7 @@ def lora_names(model: MultiTaskClassifier) -> set[str]:
 
 @pytest.mark.parametrize(
     "strategies",
-    [["linear_probe"], [{"name": "lora", "rank": 4, "alpha": 4, "targets": "resnet_blocks"}]],
+    [["linear_probe"], [{"name": "lora", "rank": 4, "alpha": 4, "targets": "resnet_blocks", "bn": "frozen"}]],
     ids=["linear_probe", "lora"],
 )
 def test_two_tasks_train_on_a_shared_backbone(strategies, tmp_path):
