@@ -203,3 +203,49 @@ def test_predict_reads_only_medical_images_from_a_folder(tmp_path):
     assert data.predict_files == [folder / "study" / "slice", folder / "xray.png"]
     images, index = next(iter(data.predict_dataloader()))
     assert images.shape == (2, 3, 32, 32) and index.tolist() == [0, 1]
+
+
+class CountingTransform:
+    """A deterministic transform that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        return {"image": torch.from_numpy(image).permute(2, 0, 1) * 2.0}
+
+
+def test_deterministic_transform_runs_once_per_array_image():
+    images = np.random.default_rng(0).integers(0, 255, (4, 6, 6), dtype=np.uint8)
+    transform = CountingTransform()
+    cached = MedicalArrayDataset(images, [0, 1, 0, 1], transform, 1, deterministic_transform=True, return_index=True)
+    plain = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1, return_index=True)
+    for _ in range(3):
+        for i in range(4):
+            for got, want in zip(cached[i], plain[i], strict=True):
+                assert torch.equal(got, want)
+    assert transform.calls == 4 and plain.transform.calls == 12
+    cached[-1][0].zero_()  # items are copies: changing one leaves the cache intact
+    assert torch.equal(cached[3][0], plain[3][0]) and transform.calls == 4
+
+
+def test_random_or_oversized_transforms_are_never_kept(monkeypatch):
+    import cvft.data.medical.dataset as dataset_module
+
+    images = np.zeros((4, 6, 6), np.uint8)
+    random_views = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1)
+    two_views = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1, num_views=2, deterministic_transform=True)
+    monkeypatch.setattr(dataset_module, "TRANSFORMED_CACHE_BYTES", 4 * 36 * 4 - 1)  # one byte short of the split
+    too_big = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1, deterministic_transform=True)
+    for dataset in (random_views, two_views, too_big):
+        dataset[0], dataset[0]
+    assert [d.transform.calls for d in (random_views, two_views, too_big)] == [2, 4, 2]
+
+
+@pytest.mark.parametrize(("augment", "train_kept"), [("none", True), ("medical", False)])
+def test_datamodule_keeps_transformed_images_of_deterministic_splits(tmp_path, augment, train_kept):
+    data = MedicalImageDataModule(medmnist=str(asymmetric_npz(tmp_path / "tiny.npz")), image_size=28, augment=augment)
+    data.setup("fit")
+    assert data.datasets["train"].deterministic_transform is train_kept
+    assert data.datasets["val"].deterministic_transform is True

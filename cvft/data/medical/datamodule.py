@@ -353,8 +353,15 @@ class MedicalImageDataModule(SplitDataModule):
         if split in self._arrays:
             images, targets = self._arrays[split]
             name = f"{Path(str(self.medmnist)).name}:{split}"
+            train = split == "train"
             return MedicalArrayDataset(
-                images, targets, self._transform(split == "train"), self.channels, name=name, **common
+                images,
+                targets,
+                self._transform(train),
+                self.channels,
+                name=name,
+                deterministic_transform=not train or self.augment == "none",
+                **common,
             )
         return MedicalImageDataset(
             records, self._transform(split == "train"), self.channels, reader_options=self.reader_options, **common

@@ -149,6 +149,10 @@ class MedicalImageDataset(ImageDataset):
         return super()._transformed(array, path)
 
 
+TRANSFORMED_CACHE_BYTES = 1 << 30
+"""Largest split (all its transformed images together) a :class:`MedicalArrayDataset` keeps in memory."""
+
+
 class MedicalArrayDataset(MedicalImageDataset):
     """Medical images held in memory (MedMNIST ``.npz`` arrays), with the items of :class:`MedicalImageDataset`.
 
@@ -165,6 +169,10 @@ class MedicalArrayDataset(MedicalImageDataset):
         num_views: Independently transformed views of each image.
         return_index: Items become ``(image, target, index)``.
         name: Name used in :attr:`paths` and error messages (e.g. ``"pneumoniamnist.npz:train"``).
+        deterministic_transform: The transform maps an image to the same tensor every time (evaluation transforms,
+            training without augmentation). Each transformed image is then kept after its first use and served from
+            memory in later epochs, as long as the whole split fits in :data:`TRANSFORMED_CACHE_BYTES`; items are
+            identical either way.
 
     Example:
         >>> images = np.zeros((4, 28, 28), np.uint8)
@@ -187,6 +195,7 @@ class MedicalArrayDataset(MedicalImageDataset):
         num_views: int = 1,
         return_index: bool = False,
         name: str = "array",
+        deterministic_transform: bool = False,
     ) -> None:
         if images.ndim not in (3, 4):
             raise DatasetError(f"{name}: images must be N x H x W or N x H x W x C, got shape {images.shape}.")
@@ -196,6 +205,27 @@ class MedicalArrayDataset(MedicalImageDataset):
         super().__init__(records, transform, channels, multi_label, num_classes, num_views, return_index)
         self.images = images
         self.name = name
+        self.deterministic_transform = deterministic_transform
+        self._transformed_cache: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if not self._caches_transformed():
+            return super().__getitem__(index)
+        index = range(len(self))[index]  # negative indices share the positive one's entry
+        image = self._transformed_cache.get(index)
+        if image is None:
+            image = self._transformed(self.read(index), self._path(index))
+            if image.numel() * image.element_size() * len(self) <= TRANSFORMED_CACHE_BYTES:
+                self._transformed_cache[index] = image
+        sample = self.samples[index]
+        if not isinstance(sample, Sample):
+            return image.clone(), torch.tensor(index, dtype=torch.int64)
+        item = (image.clone(), self._target(sample.target))
+        return (*item, torch.tensor(index, dtype=torch.int64)) if self.return_index else item
+
+    def _caches_transformed(self) -> bool:
+        """Whether items come from (and go into) the cache of transformed images: deterministic, single view."""
+        return self.deterministic_transform and self.num_views == 1
 
     def read(self, index: int) -> np.ndarray:
         """Return image ``index`` as a float ``H x W x channels`` array in ``[0, 1]``, before the transform.
