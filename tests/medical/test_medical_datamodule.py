@@ -235,7 +235,9 @@ def test_random_or_oversized_transforms_are_never_kept(monkeypatch):
 
     images = np.zeros((4, 6, 6), np.uint8)
     random_views = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1)
-    two_views = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1, num_views=2, deterministic_transform=True)
+    two_views = MedicalArrayDataset(
+        images, [0, 1, 0, 1], CountingTransform(), 1, num_views=2, deterministic_transform=True
+    )
     monkeypatch.setattr(dataset_module, "TRANSFORMED_CACHE_BYTES", 4 * 36 * 4 - 1)  # one byte short of the split
     too_big = MedicalArrayDataset(images, [0, 1, 0, 1], CountingTransform(), 1, deterministic_transform=True)
     for dataset in (random_views, two_views, too_big):
