@@ -34,6 +34,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from cvft.data.normalization import per_channel
 from cvft.detection.features import VITDET_SCALES, MultiScaleFeatures
 from cvft.errors import CvftError
 
@@ -133,6 +134,9 @@ def _anchor_generator(head: str, anchor_sizes: Sequence[int], aspect_ratios: Seq
 def image_normalisation(backbone: nn.Module, in_chans: int = 3) -> tuple[list[float], list[float]]:
     """Mean and std the backbone was pretrained with (timm's data config), one value per input channel.
 
+    Other channel counts than the pretrained one get the average of the pretrained values for every channel
+    (:func:`~cvft.data.normalization.per_channel`).
+
     Example:
         >>> import timm
         >>> image_normalisation(timm.create_model("resnet18"))[0]
@@ -141,9 +145,7 @@ def image_normalisation(backbone: nn.Module, in_chans: int = 3) -> tuple[list[fl
         [0.449]
     """
     config = resolve_data_config({}, model=backbone)
-    mean, std = [float(v) for v in config["mean"]], [float(v) for v in config["std"]]
-    if len(mean) != in_chans:  # timm's channel adaptation: the mean of the pretrained values for every channel
-        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    mean, std = (per_channel(config[name], in_chans, name) for name in ("mean", "std"))
     return [round(v, 6) for v in mean], [round(v, 6) for v in std]
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.callbacks.report import _pyplot, _save_figure
-from cvft.data.image_folder import _per_channel
+from cvft.data.normalization import per_channel
 from cvft.data.transforms import build_transforms, data_config_for
 from cvft.errors import CvftError
 from cvft.medical.explain.gradcam import grad_cam, is_vit, timm_model
@@ -70,8 +70,8 @@ class Preprocessing:
         size = data.get("image_size") or (height if height == width else (height, width))
         return cls(
             image_size=size if isinstance(size, int) else tuple(size),
-            mean=_per_channel(data.get("mean") or config["mean"], channels, "mean"),
-            std=_per_channel(data.get("std") or config["std"], channels, "std"),
+            mean=per_channel(data.get("mean") or config["mean"], channels, "mean"),
+            std=per_channel(data.get("std") or config["std"], channels, "std"),
             channels=channels,
             interpolation=config["interpolation"],
             crop_pct=config["crop_pct"],
