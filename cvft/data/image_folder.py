@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.dataset import ImageDataset
 from cvft.data.image_check import find_unreadable_images
+from cvft.data.labelled_module import LabelledDataModule
 from cvft.data.samples import (
     Sample,
     find_split_roots,
@@ -24,9 +23,8 @@ from cvft.data.samples import (
     scan_unlabelled,
 )
 from cvft.data.split import stratified_split
-from cvft.data.split_module import SplitDataModule
-from cvft.data.transforms import AUGMENT_PRESETS, IMAGENET_DATA_CONFIG, build_transforms, data_config_for
-from cvft.errors import CheckpointMismatchError, DatasetError, ImageLoadError
+from cvft.data.transforms import AUGMENT_PRESETS, build_transforms
+from cvft.errors import DatasetError, ImageLoadError
 
 __all__ = ["ImageFolderDataModule", "CHECK_IMAGES_MODES", "ON_BAD_IMAGE_MODES"]
 
@@ -39,10 +37,9 @@ ON_BAD_IMAGE_MODES: tuple[str, ...] = ("error", "skip")
 """Values of ``ImageFolderDataModule(on_bad_image=...)``."""
 
 _MAX_LISTED = 20
-_SPLITS = ("train", "val", "test")
 
 
-class ImageFolderDataModule(SplitDataModule):
+class ImageFolderDataModule(LabelledDataModule[Sample]):
     """Image classification data from class folders or ``path,label`` CSV files.
 
     Where the labelled images come from (first match wins):
@@ -145,139 +142,57 @@ class ImageFolderDataModule(SplitDataModule):
             )
         self.root = Path(root) if root is not None else None
         self.csv, self.val_csv, self.test_csv = csv, val_csv, test_csv
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.augment, self.multi_label, self.channels = augment, multi_label, channels
-        self.predict_root, self.check_images, self.on_bad_image = predict_root, check_images, on_bad_image
+        self.test_fraction, self.multi_label, self.channels = test_fraction, multi_label, channels
+        self.check_images, self.on_bad_image = check_images, on_bad_image
         self.skipped_images: dict[Path, str] = {}
         """Images left out with ``on_bad_image="skip"``, each with the reason."""
+        self._resolve_data_config(backbone, image_size, mean, std, channels)
+        self._keep_shared_options(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            val_fraction=val_fraction,
+            augment=augment,
+            predict_root=predict_root,
+            class_names=class_names,
+        )
 
-        config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
-        height, width = config["input_size"][1:]
-        default_size = height if height == width else (height, width)
-        self.image_size: int | tuple[int, int] = image_size if image_size is not None else default_size
-        self.mean = _per_channel(mean or config["mean"], channels, "mean")
-        self.std = _per_channel(std or config["std"], channels, "std")
-        self.interpolation: str = config["interpolation"]
-        self.crop_pct: float = config["crop_pct"]
-        config.update(input_size=(channels, *_pair(self.image_size)), mean=self.mean, std=self.std)
-        self.data_config: dict[str, Any] = config
-        """Resolved ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct``."""
+    # --- reading the data ----------------------------------------------------------------------------------
 
-        self._splits: dict[str, list[Sample]] | None = None
-        self._class_names: list[str] | None = _checked_class_names(class_names)
-        self._predict_files: list[Path] | None = None
-        self.datasets: dict[str, ImageDataset] = {}
-
-    # --- what the data is -----------------------------------------------------------------------------------
-
-    @property
-    def class_names(self) -> list[str]:
-        """Class names; index ``i`` is class ``i``."""
-        if self._class_names is None:
-            self._scan()
-        assert self._class_names is not None
-        return list(self._class_names)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    @property
-    def class_counts(self) -> list[int]:
-        """Training images per class (multi-label: images carrying each class), in class order."""
-        counts: Counter[int] = Counter()
-        for sample in self.samples("train"):
-            counts.update([sample.target] if isinstance(sample.target, int) else sample.target)
-        return [counts.get(i, 0) for i in range(self.num_classes)]
-
-    def samples(self, split: str) -> list[Sample]:
-        """Return the samples of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
-
-        Args:
-            split: Split name.
-
-        Returns:
-            The split's samples.
-
-        Example:
-            >>> data.samples("val")[0].path  # doctest: +SKIP
-            PosixPath('digits/0/0003.png')
-        """
-        if split not in _SPLITS:
-            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(_SPLITS)}.")
-        self._scan()
-        assert self._splits is not None
-        return list(self._splits.get(split, []))
-
-    @property
-    def predict_files(self) -> list[Path]:
-        """Images of ``predict_root`` in the order ``predict_dataloader`` yields them (batch indices point here)."""
-        if self._predict_files is None:
-            if self.predict_root is None:
-                raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
-            files = scan_unlabelled(self.predict_root)
-            bad = self._validate_images(files)
-            self._predict_files = [path for path in files if path not in bad]
-            if not self._predict_files:
-                raise DatasetError(f"None of the {len(files)} image(s) in {self.predict_root} can be read.")
-        return list(self._predict_files)
-
-    # --- Lightning hooks ------------------------------------------------------------------------------------
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
-
-        Args:
-            stage: Lightning stage.
-        """
-        if stage == "predict":
-            self.datasets["predict"] = ImageDataset(self.predict_files, self._transform(False), self.channels)
-            return
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", _SPLITS)
-        for split in wanted:
-            self.datasets[split] = ImageDataset(
-                self.samples(split),
-                self._transform(split == "train"),
-                self.channels,
-                multi_label=self.multi_label,
-                num_classes=self.num_classes,
+    def _read_splits(self) -> tuple[dict[str, list[Sample]], list[str]]:
+        splits, class_names = self._read_labelled()
+        if not self.multi_label and len(class_names) < 2:
+            found = f"only the class {class_names[0]!r}" if class_names else "no class"
+            raise DatasetError(
+                f"{self._source()} has {found}; single-label classification needs at least 2 classes. Add a folder "
+                "(or CSV label) per class, or use multi_label=True with a CSV for a one-label yes/no classifier."
             )
+        bad = self._validate_images([s.path for split in splits.values() for s in split])
+        splits = {name: [s for s in samples if s.path not in bad] for name, samples in splits.items()}
+        self._split_missing(splits)
+        if not splits["train"]:
+            raise DatasetError(f"The training split of {self._source()} is empty. Add images.")
+        return splits, class_names
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last incomplete batch is dropped when the set exceeds one batch.
+    def _find_predict_files(self, root: str | Path) -> list[Path]:
+        files = scan_unlabelled(root)
+        bad = self._validate_images(files)
+        readable = [path for path in files if path not in bad]
+        if not readable:
+            raise DatasetError(f"None of the {len(files)} image(s) in {root} can be read.")
+        return readable
 
-        The module being trained may ask for more: ``num_views`` augmented views of each image (contrastive
-        strategies) and sample indices (``needs_indices``, e.g. cached teacher logits), read from its
-        ``strategy_stack``.
-        """
-        dataset = self._dataset("train")
-        self._use_strategy_inputs(dataset)
-        return self._loader(dataset, train=True)
+    def _build_dataset(self, split: str) -> ImageDataset:
+        return ImageDataset(
+            self.samples(split),
+            self._transform(split == "train"),
+            self.channels,
+            multi_label=self.multi_label,
+            num_classes=self.num_classes,
+        )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Return the class names, so a checkpoint records which classes its outputs mean."""
-        has_classes = self._class_names is not None or self._has_labelled_data()
-        return {"class_names": self.class_names} if has_classes else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that a resumed checkpoint was trained on the same classes.
-
-        Args:
-            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
-
-        Raises:
-            CheckpointMismatchError: The checkpoint's classes differ from this data's.
-        """
-        saved = state_dict.get("class_names")
-        if saved is None or (self._class_names is None and not self._has_labelled_data()):
-            return
-        if list(saved) != self.class_names:
-            raise CheckpointMismatchError(
-                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
-                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
-            )
+    def _build_predict_dataset(self) -> ImageDataset:
+        return ImageDataset(self.predict_files, self._transform(False), self.channels)
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -296,25 +211,6 @@ class ImageFolderDataModule(SplitDataModule):
     def missing_split_hint(self, split: str) -> str:
         """How to provide a missing split."""
         return f"Set {split}_fraction > 0, pass {split}_csv=..., or add a root/{split} folder of class folders."
-
-    def _scan(self) -> None:
-        if self._splits is not None:
-            return
-        splits, class_names = self._read_labelled()
-        if not self.multi_label and len(class_names) < 2:
-            found = f"only the class {class_names[0]!r}" if class_names else "no class"
-            raise DatasetError(
-                f"{self._source()} has {found}; single-label classification needs at least 2 classes. Add a folder "
-                "(or CSV label) per class, or use multi_label=True with a CSV for a one-label yes/no classifier."
-            )
-        bad = self._validate_images([s.path for split in splits.values() for s in split])
-        splits = {name: [s for s in samples if s.path not in bad] for name, samples in splits.items()}
-        self._split_missing(splits)
-        if not splits["train"]:
-            raise DatasetError(f"The training split of {self._source()} is empty. Add images.")
-        self._splits, self._class_names = splits, class_names
-        sizes = ", ".join(f"{name} {len(splits[name])}" for name in _SPLITS if splits.get(name))
-        _logger.info("%s: %d classes, %s images", self._source(), len(class_names), sizes)
 
     def _has_labelled_data(self) -> bool:
         return self.root is not None or self.csv is not None
@@ -377,27 +273,3 @@ class ImageFolderDataModule(SplitDataModule):
             f"{len(messages)} of {unique} image(s) cannot be read (check_images={self.check_images!r}):\n"
             f"  {listed}{more}\nRe-export or delete these files, or pass on_bad_image='skip' to leave them out."
         )
-
-
-def _checked_class_names(class_names: Sequence[str] | None) -> list[str] | None:
-    if class_names is None:
-        return None
-    names = [str(name) for name in class_names]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if not names or duplicates:
-        problem = f"duplicates {duplicates}" if duplicates else "no names"
-        raise DatasetError(f"class_names has {problem}; give each class exactly once.")
-    return names
-
-
-def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if channels == 1 and len(values) == 3:
-        return (sum(values) / 3,)  # timm's convention for single-channel input
-    raise ValueError(f"{name} needs {channels} value(s) (one per channel), got {values}.")
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

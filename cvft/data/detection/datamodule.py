@@ -24,19 +24,17 @@ from cvft.data.detection.annotations import (
 )
 from cvft.data.detection.dataset import DetectionDataset, detection_collate
 from cvft.data.detection.transforms import DETECTION_AUGMENT_PRESETS, build_detection_transforms
-from cvft.data.samples import scan_unlabelled
-from cvft.data.split_module import SplitDataModule
-from cvft.errors import CheckpointMismatchError, DatasetError
+from cvft.data.labelled_module import SPLITS, LabelledDataModule
+from cvft.errors import DatasetError
 
 __all__ = ["DetectionDataModule"]
 
 _logger = logging.getLogger(__name__)
 
-_SPLITS = ("train", "val", "test")
 _YAML_NAMES = ("data.yaml", "dataset.yaml", "config.yaml")
 
 
-class DetectionDataModule(SplitDataModule):
+class DetectionDataModule(LabelledDataModule[DetectionRecord]):
     """Object detection data from a COCO json or a YOLO (ultralytics) dataset.
 
     Where the labelled images come from (first match wins):
@@ -139,78 +137,47 @@ class DetectionDataModule(SplitDataModule):
         self.data_yaml, self.yolo_root = data_yaml, yolo_root
         self.val_coco_json, self.val_image_root = val_coco_json, val_image_root
         self.test_coco_json, self.test_image_root = test_coco_json, test_image_root
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.augment, self.min_visibility, self.hflip = augment, min_visibility, hflip
+        self.image_size = image_size
+        self.min_visibility, self.hflip = min_visibility, hflip
         self.out_of_bounds, self.skip_crowd = out_of_bounds, skip_crowd
-        self.val_fraction, self.seed, self.predict_root = val_fraction, seed, predict_root
-        self._given_names = list(class_names) if class_names is not None else None
+        self._keep_shared_options(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            val_fraction=val_fraction,
+            augment=augment,
+            predict_root=predict_root,
+            class_names=class_names,
+        )
+        self._given_names = self._class_names  # checked against the labelled data's classes when it is read
         self._given_ids = list(category_ids) if category_ids is not None else None
         if self._given_ids is not None and self._given_names is None:
             raise DatasetError("category_ids needs class_names too (one name per id).")
-        self._splits: dict[str, list[DetectionRecord]] | None = None
-        self._classes: tuple[list[str], list[int]] | None = None
-        self._predict_files: list[Path] | None = None
-        self.datasets: dict[str, DetectionDataset] = {}
+        self._category_ids: list[int] | None = None
+        if self._has_labelled_data():
+            self._class_names = None  # the labelled data defines the classes
+        elif self._given_names is not None:
+            self._category_ids = self._given_ids or list(range(len(self._given_names)))
 
     # --- what the data is -----------------------------------------------------------------------------------
 
     @property
     def class_names(self) -> list[str]:
         """Class names; index ``i`` is class ``i``."""
-        return list(self._resolved_classes()[0])
+        if self._class_names is None and not self._has_labelled_data():
+            raise DatasetError(
+                "No classes: set coco_json, data_yaml or yolo_root (labelled data), or class_names=[...]."
+            )
+        return super().class_names
 
     @property
     def category_ids(self) -> list[int]:
         """Original (e.g. COCO) category id of each class index."""
-        return list(self._resolved_classes()[1])
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    def records(self, split: str) -> list[DetectionRecord]:
-        """Return the records of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
-
-        Args:
-            split: Split name.
-
-        Returns:
-            The split's records.
-
-        Example:
-            >>> len(data.records("val"))  # doctest: +SKIP
-            13
-        """
-        if split not in _SPLITS:
-            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(_SPLITS)}.")
-        self._read()
-        assert self._splits is not None
-        return list(self._splits.get(split, []))
-
-    @property
-    def predict_files(self) -> list[Path]:
-        """Images of ``predict_root`` in ``predict_dataloader`` order (``meta["index"]`` points here)."""
-        if self._predict_files is None:
-            if self.predict_root is None:
-                raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
-            self._predict_files = scan_unlabelled(self.predict_root)
-        return list(self._predict_files)
+        _ = self.class_names  # reads the labelled data when needed
+        assert self._category_ids is not None
+        return list(self._category_ids)
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
-
-        Args:
-            stage: Lightning stage.
-        """
-        if stage == "predict":
-            self.datasets["predict"] = DetectionDataset(self.predict_files, self._transform(False), predict=True)
-            return
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", _SPLITS)
-        for split in wanted:
-            self.datasets[split] = DetectionDataset(self.records(split), self._transform(split == "train"))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches ``(images, targets)``; the last incomplete batch is dropped."""
@@ -218,27 +185,36 @@ class DetectionDataModule(SplitDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Return the class names and category ids, so a checkpoint records what its outputs mean."""
-        if not self._has_labelled_data() and self._given_names is None:
-            return {}
-        return {"class_names": self.class_names, "category_ids": self.category_ids}
+        state = super().state_dict()
+        return {**state, "category_ids": self.category_ids} if state else state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that a resumed checkpoint was trained on the same classes.
+    # --- reading the data ----------------------------------------------------------------------------------
 
-        Args:
-            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
+    def _read_splits(self) -> tuple[dict[str, list[DetectionRecord]], list[str]]:
+        splits = self._read_sources()
+        train = splits.get("train")
+        if train is None or not train.records:
+            raise DatasetError(f"The training split of {self._source()} has no images. Add images.")
+        for split, other in splits.items():
+            if split != "train":
+                _check_same_classes(train, other, split, self._source())
+        if self._given_names is not None:
+            given = DetectionAnnotations([], self._given_names, self._given_ids or [])
+            _check_same_classes(train, given, "class_names=", self._source())
+        records = {split: a.records for split, a in splits.items()}
+        if "val" not in records and self.val_fraction > 0:
+            records["train"], records["val"] = _split_by_image(train.records, self.val_fraction, self.seed)
+        self._category_ids = train.category_ids
+        return records, train.class_names
 
-        Raises:
-            CheckpointMismatchError: The checkpoint's classes differ from this data's.
-        """
-        saved = state_dict.get("class_names")
-        if saved is None or (not self._has_labelled_data() and self._given_names is None):
-            return
-        if list(saved) != self.class_names:
-            raise CheckpointMismatchError(
-                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
-                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
-            )
+    def _classes_of(self, item: DetectionRecord) -> set[int]:
+        return set(item.labels.tolist())
+
+    def _build_dataset(self, split: str) -> DetectionDataset:
+        return DetectionDataset(self.records(split), self._transform(split == "train"))
+
+    def _build_predict_dataset(self) -> DetectionDataset:
+        return DetectionDataset(self.predict_files, self._transform(False), predict=True)
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -260,39 +236,6 @@ class DetectionDataModule(SplitDataModule):
 
     def _has_labelled_data(self) -> bool:
         return any(s is not None for s in (self.coco_json, self.data_yaml, self.yolo_root))
-
-    def _resolved_classes(self) -> tuple[list[str], list[int]]:
-        if self._classes is None:
-            if self._has_labelled_data():
-                self._read()
-            elif self._given_names is not None:
-                self._classes = (self._given_names, self._given_ids or list(range(len(self._given_names))))
-            else:
-                raise DatasetError(
-                    "No classes: set coco_json, data_yaml or yolo_root (labelled data), or class_names=[...]."
-                )
-        assert self._classes is not None
-        return self._classes
-
-    def _read(self) -> None:
-        if self._splits is not None:
-            return
-        splits = self._read_sources()
-        train = splits.get("train")
-        if train is None or not train.records:
-            raise DatasetError(f"The training split of {self._source()} has no images. Add images.")
-        for split, other in splits.items():
-            if split != "train":
-                _check_same_classes(train, other, split, self._source())
-        if self._given_names is not None:
-            given = DetectionAnnotations([], self._given_names, self._given_ids or [])
-            _check_same_classes(train, given, "class_names=", self._source())
-        records = {split: a.records for split, a in splits.items()}
-        if "val" not in records and self.val_fraction > 0:
-            records["train"], records["val"] = _split_by_image(train.records, self.val_fraction, self.seed)
-        self._splits, self._classes = records, (train.class_names, train.category_ids)
-        sizes = ", ".join(f"{s} {len(r)}" for s, r in records.items())
-        _logger.info("%s: %d classes, %s images", self._source(), train.num_classes, sizes)
 
     def _read_sources(self) -> dict[str, DetectionAnnotations]:
         oob = self.out_of_bounds
@@ -324,7 +267,7 @@ def _read_yolo_dataset(
             raise DatasetError(f"YOLO dataset folder {root} does not exist. Check the path.")
         found = [root / name for name in _YAML_NAMES if (root / name).is_file()]
         if not found:
-            split_folders = {s: root / "images" / s for s in _SPLITS if (root / "images" / s).is_dir()}
+            split_folders = {s: root / "images" / s for s in SPLITS if (root / "images" / s).is_dir()}
             if "train" in split_folders:
                 return {s: read_yolo(folder, out_of_bounds=out_of_bounds) for s, folder in split_folders.items()}
             return {"train": read_yolo(root / "images", out_of_bounds=out_of_bounds)}
@@ -343,7 +286,7 @@ def _read_yolo_dataset(
         base = data_yaml.parent / base if not base.is_absolute() else data_yaml.parent
     names = yaml_names(data_yaml) or []
     splits = {}
-    for split in _SPLITS:
+    for split in SPLITS:
         entries = config.get(split)
         if not entries:
             continue

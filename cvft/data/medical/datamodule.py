@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import WeightedRandomSampler
 
 from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
+from cvft.data.labelled_module import SPLITS, LabelledDataModule
 from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_transforms
 from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
 from cvft.data.medical.labels import MedicalRecord, read_medical_csv
@@ -21,9 +21,7 @@ from cvft.data.medical.patient_split import check_no_patient_leak, patient_split
 from cvft.data.medical.read import is_medical_image_file
 from cvft.data.samples import is_ignored_file
 from cvft.data.split import stratum_of
-from cvft.data.split_module import SplitDataModule
-from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
-from cvft.errors import CheckpointMismatchError, DatasetError
+from cvft.errors import DatasetError
 
 __all__ = ["MedicalImageDataModule", "SAMPLERS"]
 
@@ -32,10 +30,8 @@ _logger = logging.getLogger(__name__)
 SAMPLERS: tuple[str, ...] = ("random", "weighted")
 """Values of ``MedicalImageDataModule(sampler=...)``."""
 
-_SPLITS = ("train", "val", "test")
 
-
-class MedicalImageDataModule(SplitDataModule):
+class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
     r"""Medical image classification data: a label CSV of DICOM / NIfTI / PNG / TIFF files, or a MedMNIST set.
 
     Sources (exactly one):
@@ -165,49 +161,24 @@ class MedicalImageDataModule(SplitDataModule):
         self.csv, self.val_csv, self.test_csv, self.root = csv, val_csv, test_csv, root
         self.medmnist, self.medmnist_root, self.download = medmnist, medmnist_root, download
         self.multi_label, self.none_label, self.channels = multi_label, none_label, channels
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
-        self.sampler, self.augment = sampler, augment
-        self.batch_size, self.num_workers, self.predict_root = batch_size, num_workers, predict_root
+        self.test_fraction, self.sampler = test_fraction, sampler
         options = {"window": window, "slice_index": slice_index, "axis": axis, "context": context or None}
         options["frame"] = frame
         self.reader_options: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
         """Keyword arguments passed to ``read_medical_image``."""
-
-        config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
-        height, width = config["input_size"][1:]
-        default_size = height if height == width else (height, width)
-        self.image_size: int | tuple[int, int] = image_size if image_size is not None else default_size
-        self.mean = _per_channel(mean or config["mean"], channels, "mean")
-        self.std = _per_channel(std or config["std"], channels, "std")
-        self.interpolation: str = config["interpolation"]
-
-        self._class_names: list[str] | None = [str(n) for n in class_names] if class_names is not None else None
-        self._splits: dict[str, list[MedicalRecord]] | None = None
+        self._resolve_data_config(backbone, image_size, mean, std, channels)
+        self._keep_shared_options(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            val_fraction=val_fraction,
+            augment=augment,
+            predict_root=predict_root,
+            class_names=class_names,
+        )
         self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
-        self.datasets: dict[str, MedicalImageDataset] = {}
 
     # --- what the data is -----------------------------------------------------------------------------------
-
-    @property
-    def class_names(self) -> list[str]:
-        """Class names; index ``i`` is class ``i``."""
-        if self._class_names is None:
-            self._scan()
-        assert self._class_names is not None
-        return list(self._class_names)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    @property
-    def class_counts(self) -> list[int]:
-        """Training images per class (multi-label: images carrying each class), in class order."""
-        counts: Counter[int] = Counter()
-        for record in self.records("train"):
-            counts.update([record.target] if isinstance(record.target, int) else record.target)
-        return [counts.get(i, 0) for i in range(self.num_classes)]
 
     @property
     def pos_weight(self) -> list[float]:
@@ -225,38 +196,36 @@ class MedicalImageDataModule(SplitDataModule):
                 weights.append((total - positives) / positives)
         return weights
 
-    def records(self, split: str) -> list[MedicalRecord]:
-        """Return the records of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
-
-        Args:
-            split: Split name.
+    def weighted_sampler(self) -> WeightedRandomSampler:
+        """Class-balanced sampler over the training split (see the class docstring), seeded by ``seed``.
 
         Returns:
-            The split's records (MedMNIST records point at the ``.npz`` file; ``metadata["index"]`` is the row).
+            A ``WeightedRandomSampler`` drawing ``len(train)`` indices per epoch with replacement.
         """
-        if split not in _SPLITS:
-            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(_SPLITS)}.")
-        self._scan()
-        assert self._splits is not None
-        return list(self._splits.get(split, []))
+        targets = [record.target for record in self.records("train")]
+        frequency = Counter(dict(enumerate(self.class_counts)))
+        groups = [stratum_of(target, frequency) for target in targets]
+        sizes = Counter(groups)
+        weights = torch.tensor([1.0 / sizes[group] for group in groups], dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
 
-    def samples(self, split: str) -> list[MedicalRecord]:
-        """Alias of :meth:`records` (the name :class:`~cvft.data.ImageFolderDataModule` uses).
+    # --- reading the data ----------------------------------------------------------------------------------
 
-        Args:
-            split: Split name.
+    def _read_splits(self) -> tuple[dict[str, list[MedicalRecord]], list[str]]:
+        splits, names = self._read_medmnist() if self.medmnist is not None else self._read_csvs()
+        if not splits["train"]:
+            raise DatasetError(f"The training split of {self._source()} is empty. Add images.")
+        if not self.multi_label and len(names) < 2:
+            found = f"only the class {names[0]!r}" if names else "no class"
+            raise DatasetError(
+                f"{self._source()} has {found}; single-label classification needs at least 2 classes. "
+                "Add rows of the other class(es), or use multi_label=True for a one-label yes/no classifier."
+            )
+        return splits, names
 
-        Returns:
-            The split's records.
-        """
-        return self.records(split)
-
-    @property
-    def predict_files(self) -> list[Path]:
-        """Files of ``predict_root`` in the order ``predict_dataloader`` yields them."""
-        if self.predict_root is None:
-            raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
-        root = Path(self.predict_root)
+    def _find_predict_files(self, root: str | Path) -> list[Path]:
+        root = Path(root)
         if root.is_file():
             return [root]
         if not root.is_dir():
@@ -270,69 +239,19 @@ class MedicalImageDataModule(SplitDataModule):
             )
         return files
 
-    # --- Lightning hooks ------------------------------------------------------------------------------------
+    def _build_predict_dataset(self) -> MedicalImageDataset:
+        return MedicalImageDataset(
+            self.predict_files, self._transform(False), self.channels, reader_options=self.reader_options
+        )
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
+    def _has_labelled_data(self) -> bool:
+        return True  # the constructor requires csv or medmnist
 
-        Args:
-            stage: Lightning stage.
-        """
-        if stage == "predict":
-            self.datasets["predict"] = MedicalImageDataset(
-                self.predict_files, self._transform(False), self.channels, reader_options=self.reader_options
-            )
-            return
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", _SPLITS)
-        for split in wanted:
-            self.datasets[split] = self._build_dataset(split)
+    def _source(self) -> str:
+        return str(self.csv or self.medmnist)
 
-    def train_dataloader(self) -> DataLoader:
-        """Training batches: shuffled, or class-balanced draws with ``sampler="weighted"``.
-
-        Like :class:`~cvft.data.ImageFolderDataModule`, it reads ``num_views`` and ``needs_indices`` from the
-        trained module's ``strategy_stack``.
-        """
-        dataset = self._dataset("train")
-        self._use_strategy_inputs(dataset)
-        sampler = self.weighted_sampler() if self.sampler == "weighted" else None
-        return self._loader(dataset, train=True, sampler=sampler)
-
-    def weighted_sampler(self) -> WeightedRandomSampler:
-        """Class-balanced sampler over the training split (see the class docstring), seeded by ``seed``.
-
-        Returns:
-            A ``WeightedRandomSampler`` drawing ``len(train)`` indices per epoch with replacement.
-        """
-        targets = [record.target for record in self.records("train")]
-        frequency: Counter[int] = Counter()
-        for target in targets:
-            frequency.update([target] if isinstance(target, int) else target)
-        groups = [stratum_of(target, frequency) for target in targets]
-        sizes = Counter(groups)
-        weights = torch.tensor([1.0 / sizes[group] for group in groups], dtype=torch.double)
-        generator = torch.Generator().manual_seed(self.seed)
-        return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the class names, so a checkpoint records which classes its outputs mean."""
-        return {"class_names": self.class_names}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that a resumed checkpoint was trained on the same classes.
-
-        Args:
-            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
-
-        Raises:
-            CheckpointMismatchError: The checkpoint's classes differ from this data's.
-        """
-        saved = state_dict.get("class_names")
-        if saved is not None and list(saved) != self.class_names:
-            raise CheckpointMismatchError(
-                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
-                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
-            )
+    def _train_sampler(self) -> WeightedRandomSampler | None:
+        return self.weighted_sampler() if self.sampler == "weighted" else None
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -371,22 +290,6 @@ class MedicalImageDataModule(SplitDataModule):
         """How to provide a missing split."""
         return f"Set {split}_fraction > 0, pass {split}_csv=..., or mark rows '{split}' in the CSV's split column."
 
-    def _scan(self) -> None:
-        if self._splits is not None:
-            return
-        splits, names = self._read_medmnist() if self.medmnist is not None else self._read_csvs()
-        if not splits["train"]:
-            raise DatasetError(f"The training split of {self.csv or self.medmnist} is empty. Add images.")
-        if not self.multi_label and len(names) < 2:
-            found = f"only the class {names[0]!r}" if names else "no class"
-            raise DatasetError(
-                f"{self.csv or self.medmnist} has {found}; single-label classification needs at least 2 classes. "
-                "Add rows of the other class(es), or use multi_label=True for a one-label yes/no classifier."
-            )
-        self._splits, self._class_names = splits, names
-        sizes = ", ".join(f"{name} {len(splits[name])}" for name in _SPLITS if splits.get(name))
-        _logger.info("%s: %d classes, %s images", self.csv or self.medmnist, len(names), sizes)
-
     def _read_csvs(self) -> tuple[dict[str, list[MedicalRecord]], list[str]]:
         assert self.csv is not None
         options = {"root": self.root, "multi_label": self.multi_label, "none_label": self.none_label}
@@ -394,13 +297,13 @@ class MedicalImageDataModule(SplitDataModule):
         supplied = [r for r in records if r.split is not None]
         if supplied and len(supplied) != len(records):
             raise DatasetError(f"{self.csv}: the split column is filled for some rows only; fill it for every row.")
-        splits: dict[str, list[MedicalRecord]] = {name: [] for name in _SPLITS}
+        splits: dict[str, list[MedicalRecord]] = {name: [] for name in SPLITS}
         if supplied:
             for record in records:
                 splits[str(record.split)].append(record)
         else:
             splits["train"] = records
-        given = {split for split in _SPLITS if splits[split]} | ({"train"} if not supplied else set())
+        given = {split for split in SPLITS if splits[split]} | ({"train"} if not supplied else set())
         for split, path in (("val", self.val_csv), ("test", self.test_csv)):
             if path is not None:
                 if splits[split]:
@@ -436,7 +339,7 @@ class MedicalImageDataModule(SplitDataModule):
         from cvft.data.medical.medmnist import load_medmnist_npz, medmnist_path, medmnist_task
 
         path = medmnist_path(str(self.medmnist), root=self.medmnist_root, download=self.download)
-        arrays = {split: load_medmnist_npz(path, split) for split in _SPLITS}
+        arrays = {split: load_medmnist_npz(path, split) for split in SPLITS}
         task = medmnist_task(str(self.medmnist), labels=arrays["train"][1])
         if self.multi_label != task.multi_label:
             raise DatasetError(
@@ -475,12 +378,3 @@ def _validate(sampler: str, augment: str, channels: int, context: int) -> None:
             f"context={context} stacks {2 * context + 1} slices as channels, but channels={channels}. Set "
             f"channels={2 * context + 1} (the CLI passes it to the model's in_chans)."
         )
-
-
-def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) in (1, 3):  # one value for all, or RGB statistics averaged (timm's single-channel convention)
-        return (sum(values) / len(values),) * channels
-    raise ValueError(f"{name} needs one value, or {channels} (one per channel), got {values}.")

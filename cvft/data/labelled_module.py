@@ -1,0 +1,322 @@
+"""``LabelledDataModule``: what cvft's labelled DataModules share, around one abstract "read the splits" step.
+
+A labelled DataModule reads its source once, on the first question about the data, into items per split (samples,
+records) and the list of class names. Everything else follows from those two and is written here once: the class
+names, count and frequencies, the items of a split, the datasets of a Lightning stage, the files to predict on, the
+class list a checkpoint records (and the check of it on resume), and the image size and normalisation resolved from
+the backbone's pretrained data config. A subclass says where its data comes from and how it becomes datasets:
+
+* :meth:`~LabelledDataModule._read_splits`: read the source into ``({split: items}, class names)``, holding out the
+  splits the source does not supply (the one step every subclass must write);
+* :meth:`~LabelledDataModule._build_dataset` and :meth:`~LabelledDataModule._build_predict_dataset`: the datasets;
+* :meth:`~LabelledDataModule._has_labelled_data` and :meth:`~LabelledDataModule._source`: whether a source is set,
+  and its name for messages.
+
+Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), validates them, and
+hands the shared ones to :meth:`~LabelledDataModule._keep_shared_options` and
+:meth:`~LabelledDataModule._resolve_data_config`. The DataLoaders come from
+:class:`~cvft.data.split_module.SplitDataModule`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cvft.data.normalization import per_channel
+from cvft.data.samples import scan_unlabelled
+from cvft.data.split_module import SplitDataModule
+from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
+from cvft.errors import CheckpointMismatchError, DatasetError
+
+__all__ = ["LabelledDataModule", "SPLITS"]
+
+_logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""The labelled splits, in order."""
+
+_SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+ItemT = TypeVar("ItemT")
+"""What a split holds: :class:`~cvft.data.samples.Sample`, ``MedicalRecord``, ``DetectionRecord`` ..."""
+
+
+class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
+    """A DataModule of labelled splits read lazily from one source; subclasses write :meth:`_read_splits`.
+
+    ``class_names``, ``num_classes``, ``class_counts`` and :meth:`samples` work right after construction (the source
+    is read on first use), so a CLI can link them into the model before ``setup``. Class names given to the
+    constructor are used without reading the source (e.g. predicting with a checkpoint's classes).
+
+    Example:
+        >>> class Toy(LabelledDataModule):
+        ...     def __init__(self, class_names=None):
+        ...         super().__init__()
+        ...         self._keep_shared_options(
+        ...             batch_size=2, num_workers=0, seed=0, val_fraction=0.0, augment="none", predict_root=None,
+        ...             class_names=class_names,
+        ...         )
+        ...     def _read_splits(self):
+        ...         return {"train": [0, 1, 1], "val": [1]}, ["cat", "dog"]
+        ...     def _classes_of(self, item):
+        ...         return [item]
+        ...     def _build_dataset(self, split):
+        ...         return self.samples(split)
+        ...     def _build_predict_dataset(self):
+        ...         return []
+        ...     def _has_labelled_data(self):
+        ...         return True
+        ...     def _source(self):
+        ...         return "toy"
+        >>> data = Toy()
+        >>> data.class_names, data.class_counts, data.samples("val"), data.state_dict()
+        (['cat', 'dog'], [1, 2], [1], {'class_names': ['cat', 'dog']})
+        >>> data.load_state_dict({"class_names": ["dog", "cat"]})
+        Traceback (most recent call last):
+        ...
+        cvft.errors.CheckpointMismatchError: The checkpoint was trained on classes ['dog', 'cat'], ...
+    """
+
+    batch_size: int
+    num_workers: int | None
+    seed: int
+    val_fraction: float
+    augment: str
+    predict_root: str | Path | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._splits: dict[str, list[ItemT]] | None = None
+        self._class_names: list[str] | None = None
+        self._predict_files: list[Path] | None = None
+        self.datasets: dict[str, Any] = {}
+
+    # --- construction helpers -------------------------------------------------------------------------------
+
+    def _keep_shared_options(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int | None,
+        seed: int,
+        val_fraction: float,
+        augment: str,
+        predict_root: str | Path | None,
+        class_names: Sequence[str] | None,
+    ) -> None:
+        """Keep the options every labelled DataModule takes (validated by the subclass's ``__init__``).
+
+        Raises:
+            DatasetError: ``class_names`` is empty or names a class twice.
+        """
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.val_fraction, self.augment, self.predict_root = val_fraction, augment, predict_root
+        self._class_names = _checked_class_names(class_names)
+
+    def _resolve_data_config(
+        self,
+        backbone: str | None,
+        image_size: int | tuple[int, int] | None,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        channels: int,
+    ) -> None:
+        """Set ``image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``data_config``.
+
+        Given values win; the others come from the backbone's pretrained data config (ImageNet's at 224 px without
+        a backbone). ``mean`` / ``std`` are fitted to ``channels`` by :func:`~cvft.data.normalization.per_channel`.
+        """
+        config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
+        height, width = config["input_size"][1:]
+        default_size = height if height == width else (height, width)
+        self.image_size: int | tuple[int, int] = image_size if image_size is not None else default_size
+        self.mean = per_channel(mean or config["mean"], channels, "mean")
+        self.std = per_channel(std or config["std"], channels, "std")
+        self.interpolation: str = config["interpolation"]
+        self.crop_pct: float = config["crop_pct"]
+        config.update(input_size=(channels, *_pair(self.image_size)), mean=self.mean, std=self.std)
+        self.data_config: dict[str, Any] = config
+        """Resolved ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct``."""
+
+    # --- what the data is -----------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; index ``i`` is class ``i``."""
+        if self._class_names is None:
+            self._scan()
+        assert self._class_names is not None
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (multi-label, detection: images carrying each class), in class order."""
+        counts: Counter[int] = Counter()
+        for item in self.samples("train"):
+            counts.update(self._classes_of(item))
+        return [counts.get(i, 0) for i in range(self.num_classes)]
+
+    def samples(self, split: str) -> list[ItemT]:
+        """Return the items of ``"train"``, ``"val"`` or ``"test"`` (empty when the split does not exist).
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The split's samples (records).
+
+        Example:
+            >>> data.samples("val")[0].path  # doctest: +SKIP
+            PosixPath('digits/0/0003.png')
+        """
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+        self._scan()
+        assert self._splits is not None
+        return list(self._splits.get(split, []))
+
+    def records(self, split: str) -> list[ItemT]:
+        """Alias of :meth:`samples` (the name the medical and detection DataModules use).
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The split's records.
+        """
+        return self.samples(split)
+
+    @property
+    def predict_files(self) -> list[Path]:
+        """Files of ``predict_root`` in the order ``predict_dataloader`` yields them (batch indices point here)."""
+        if self._predict_files is None:
+            if self.predict_root is None:
+                raise DatasetError("No images to predict on: set predict_root (an image file or a folder).")
+            self._predict_files = self._find_predict_files(self.predict_root)
+        return list(self._predict_files)
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all labelled).
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage == "predict":
+            self.datasets["predict"] = self._build_predict_dataset()
+            return
+        for split in _SPLITS_OF_STAGE.get(stage or "", SPLITS):
+            self.datasets[split] = self._build_dataset(split)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (or drawn by :meth:`_train_sampler`); the last incomplete batch is dropped.
+
+        The module being trained may ask for more: ``num_views`` augmented views of each image (contrastive
+        strategies) and sample indices (``needs_indices``, e.g. cached teacher logits), read from its
+        ``strategy_stack``.
+        """
+        dataset = self._dataset("train")
+        self._use_strategy_inputs(dataset)
+        return self._loader(dataset, train=True, sampler=self._train_sampler())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the class names, so a checkpoint records which classes its outputs mean."""
+        return {"class_names": self.class_names} if self._knows_classes() else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a resumed checkpoint was trained on the same classes.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
+
+        Raises:
+            CheckpointMismatchError: The checkpoint's classes differ from this data's.
+        """
+        saved = state_dict.get("class_names")
+        if saved is None or not self._knows_classes():
+            return
+        if list(saved) != self.class_names:
+            raise CheckpointMismatchError(
+                f"The checkpoint was trained on classes {saved}, but this data has {self.class_names}. "
+                "Resume with the same data, or start a new run (fine-tune from the checkpoint's weights)."
+            )
+
+    # --- what a subclass writes -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _read_splits(self) -> tuple[dict[str, list[ItemT]], list[str]]:
+        """Read the source: ``({"train": items, "val": ..., "test": ...}, class names)``, checked and complete.
+
+        Splits the source does not supply are held out of the training items here (by class, patient or image);
+        a split left out or empty does not exist. Runs once, on the first question about the data.
+        """
+
+    @abstractmethod
+    def _build_dataset(self, split: str) -> Dataset:
+        """The dataset of labelled ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+
+    @abstractmethod
+    def _build_predict_dataset(self) -> Dataset:
+        """The dataset of :attr:`predict_files`."""
+
+    @abstractmethod
+    def _has_labelled_data(self) -> bool:
+        """Whether a labelled source is set (without it, only given class names and predicting are possible)."""
+
+    @abstractmethod
+    def _source(self) -> str:
+        """The labelled source, as messages name it."""
+
+    def _find_predict_files(self, root: str | Path) -> list[Path]:
+        """The files under ``root`` (a file or a folder) to predict on; default: its images."""
+        return scan_unlabelled(root)
+
+    def _classes_of(self, item: ItemT) -> Iterable[int]:
+        """The class indices ``item`` carries (counted by :attr:`class_counts`); default: its ``target``."""
+        target = item.target  # type: ignore[attr-defined]
+        return [target] if isinstance(target, int) else target
+
+    def _train_sampler(self) -> Sampler | None:
+        """Sampler of the training DataLoader; ``None``: shuffled."""
+        return None
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _knows_classes(self) -> bool:
+        return self._class_names is not None or self._has_labelled_data()
+
+    def _scan(self) -> None:
+        if self._splits is not None:
+            return
+        splits, class_names = self._read_splits()
+        self._splits, self._class_names = splits, class_names
+        sizes = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS if splits.get(name))
+        _logger.info("%s: %d classes, %s images", self._source(), len(class_names), sizes)
+
+
+def _checked_class_names(class_names: Sequence[str] | None) -> list[str] | None:
+    if class_names is None:
+        return None
+    names = [str(name) for name in class_names]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if not names or duplicates:
+        problem = f"duplicates {duplicates}" if duplicates else "no names"
+        raise DatasetError(f"class_names has {problem}; give each class exactly once.")
+    return names
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
