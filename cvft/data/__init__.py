@@ -11,8 +11,10 @@ from cvft.data.demo import DEMO_SOURCES, write_demo_image_folder
 from cvft.data.detection import DetectionDataModule, write_shapes_detection
 from cvft.data.image_folder import CHECK_IMAGES_MODES, ImageFolderDataModule
 from cvft.data.io import IMAGE_SUFFIXES, check_image, is_image_file, load_image
+from cvft.data.labelled_module import LabelledDataModule
 from cvft.data.medical import MedicalImageDataModule
 from cvft.data.multitask import MultiTaskDataModule, TaskBatchSampler
+from cvft.data.normalization import per_channel
 from cvft.data.samples import (
     Sample,
     SplitRoots,
@@ -44,6 +46,7 @@ __all__ = [
     "MedicalImageDataModule",
     "ImageDataset",
     "ImageFolderDataModule",
+    "LabelledDataModule",
     "MultiTaskDataModule",
     "Sample",
     "SplitRoots",
@@ -56,6 +59,7 @@ __all__ = [
     "is_ignored_file",
     "is_image_file",
     "load_image",
+    "per_channel",
     "read_label_csv",
     "scan_class_folders",
     "scan_split_folders",

@@ -90,20 +90,36 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        sample = self.samples[index]
-        path = sample.path if isinstance(sample, Sample) else sample
-        if not isinstance(sample, Sample):
-            return self._image(path), torch.tensor(index, dtype=torch.int64)
-        if self.num_views > 1:
-            array = load_image(path, channels=self.channels)
+        array, path = self.read(index), self._path(index)
+        if self.num_views > 1 and isinstance(self.samples[index], Sample):
             image = torch.stack([self._transformed(array, path) for _ in range(self.num_views)])
         else:
-            image = self._image(path)
-        item = (image, self._target(sample.target))
-        return (*item, torch.tensor(index, dtype=torch.int64)) if self.return_index else item
+            image = self._transformed(array, path)
+        return self._item(index, image)
 
-    def _image(self, path: Path) -> torch.Tensor:
-        return self._transformed(load_image(path, channels=self.channels), path)
+    def read(self, index: int) -> np.ndarray:
+        """Return item ``index`` as an ``H x W x channels`` ``uint8`` array, before the transform.
+
+        Args:
+            index: Item index.
+
+        Returns:
+            The decoded image (see :func:`~cvft.data.io.load_image`).
+        """
+        return load_image(self._path(index), channels=self.channels)
+
+    def _path(self, index: int) -> Path:
+        sample = self.samples[index]
+        return sample.path if isinstance(sample, Sample) else sample
+
+    def _item(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The item of ``index`` around its transformed ``image``: with its target (and index), or its index."""
+        sample = self.samples[index]
+        position = torch.tensor(index, dtype=torch.int64)
+        if not isinstance(sample, Sample):
+            return image, position
+        item = (image, self._target(sample.target))
+        return (*item, position) if self.return_index else item
 
     def _transformed(self, array: np.ndarray, path: Path) -> torch.Tensor:
         if self.transform is None:

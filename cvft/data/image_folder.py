@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.dataset import ImageDataset
@@ -147,15 +145,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         self.skipped_images: dict[Path, str] = {}
         """Images left out with ``on_bad_image="skip"``, each with the reason."""
         self._resolve_data_config(backbone, image_size, mean, std, channels)
-        self._keep_shared_options(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            augment=augment,
-            predict_root=predict_root,
-            class_names=class_names,
-        )
+        self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
 
     # --- reading the data ----------------------------------------------------------------------------------
 
@@ -197,16 +187,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
     # --- internals ------------------------------------------------------------------------------------------
 
     def _transform(self, train: bool) -> Any:
-        return build_transforms(
-            self.image_size,
-            self.mean,
-            self.std,
-            train=train,
-            preset=self.augment,
-            interpolation=self.interpolation,
-            crop_pct=self.crop_pct,
-            seed=torch.initial_seed() % 2**32 if train else None,
-        )
+        return build_transforms(**self._pipeline_options(train), crop_pct=self.crop_pct)
 
     def missing_split_hint(self, split: str) -> str:
         """How to provide a missing split."""

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cvft.data.normalization import per_channel
@@ -59,10 +60,8 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         >>> class Toy(LabelledDataModule):
         ...     def __init__(self, class_names=None):
         ...         super().__init__()
-        ...         self._keep_shared_options(
-        ...             batch_size=2, num_workers=0, seed=0, val_fraction=0.0, augment="none", predict_root=None,
-        ...             class_names=class_names,
-        ...         )
+        ...         self._keep_shared_options(2, 0, seed=0, val_fraction=0.0, augment="none", predict_root=None,
+        ...                                   class_names=class_names)
         ...     def _read_splits(self):
         ...         return {"train": [0, 1, 1], "val": [1]}, ["cat", "dog"]
         ...     def _classes_of(self, item):
@@ -102,7 +101,6 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
 
     def _keep_shared_options(
         self,
-        *,
         batch_size: int,
         num_workers: int | None,
         seed: int,
@@ -144,6 +142,22 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         config.update(input_size=(channels, *_pair(self.image_size)), mean=self.mean, std=self.std)
         self.data_config: dict[str, Any] = config
         """Resolved ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct``."""
+
+    def _pipeline_options(self, train: bool) -> dict[str, Any]:
+        """Keyword arguments of the image pipeline of a split (after :meth:`_resolve_data_config`).
+
+        The training pipeline's own random generator is seeded from torch's seed, so a run repeats under
+        ``lightning.seed_everything``; evaluation pipelines are deterministic.
+        """
+        return {
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "train": train,
+            "preset": self.augment,
+            "interpolation": self.interpolation,
+            "seed": torch.initial_seed() % 2**32 if train else None,
+        }
 
     # --- what the data is -----------------------------------------------------------------------------------
 

@@ -140,15 +140,7 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         self.image_size = image_size
         self.min_visibility, self.hflip = min_visibility, hflip
         self.out_of_bounds, self.skip_crowd = out_of_bounds, skip_crowd
-        self._keep_shared_options(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            augment=augment,
-            predict_root=predict_root,
-            class_names=class_names,
-        )
+        self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
         self._given_names = self._class_names  # checked against the labelled data's classes when it is read
         self._given_ids = list(category_ids) if category_ids is not None else None
         if self._given_ids is not None and self._given_names is None:

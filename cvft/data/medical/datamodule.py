@@ -167,15 +167,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         self.reader_options: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
         """Keyword arguments passed to ``read_medical_image``."""
         self._resolve_data_config(backbone, image_size, mean, std, channels)
-        self._keep_shared_options(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            augment=augment,
-            predict_root=predict_root,
-            class_names=class_names,
-        )
+        self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
         self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
 
     # --- what the data is -----------------------------------------------------------------------------------
@@ -256,15 +248,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
     # --- internals ------------------------------------------------------------------------------------------
 
     def _transform(self, train: bool) -> Any:
-        return build_medical_transforms(
-            self.image_size,
-            self.mean,
-            self.std,
-            train=train,
-            preset=self.augment,
-            interpolation=self.interpolation,
-            seed=torch.initial_seed() % 2**32 if train else None,
-        )
+        return build_medical_transforms(**self._pipeline_options(train))
 
     def _build_dataset(self, split: str) -> MedicalImageDataset:
         records = self.records(split)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from cvft.data.dataset import ImageDataset
-from cvft.data.samples import Sample
 from cvft.errors import DatasetError
 
 __all__ = ["MedicalImageDataset", "MedicalArrayDataset", "fit_channels"]
@@ -126,23 +125,6 @@ class MedicalImageDataset(ImageDataset):
         path = self._path(index)
         return fit_channels(read_medical_image(path, **self.reader_options), self.channels, path)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        sample = self.samples[index]
-        path = self._path(index)
-        array = self.read(index)
-        if not isinstance(sample, Sample):
-            return self._transformed(array, path), torch.tensor(index, dtype=torch.int64)
-        if self.num_views > 1:
-            image = torch.stack([self._transformed(array, path) for _ in range(self.num_views)])
-        else:
-            image = self._transformed(array, path)
-        item = (image, self._target(sample.target))
-        return (*item, torch.tensor(index, dtype=torch.int64)) if self.return_index else item
-
-    def _path(self, index: int) -> Path:
-        sample = self.samples[index]
-        return sample.path if isinstance(sample, Sample) else sample
-
     def _transformed(self, array: np.ndarray, path: Path) -> torch.Tensor:
         if self.transform is None:
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
@@ -217,11 +199,7 @@ class MedicalArrayDataset(MedicalImageDataset):
             image = self._transformed(self.read(index), self._path(index))
             if image.numel() * image.element_size() * len(self) <= TRANSFORMED_CACHE_BYTES:
                 self._transformed_cache[index] = image
-        sample = self.samples[index]
-        if not isinstance(sample, Sample):
-            return image.clone(), torch.tensor(index, dtype=torch.int64)
-        item = (image.clone(), self._target(sample.target))
-        return (*item, torch.tensor(index, dtype=torch.int64)) if self.return_index else item
+        return self._item(index, image.clone())
 
     def _caches_transformed(self) -> bool:
         """Whether items come from (and go into) the cache of transformed images: deterministic, single view."""
