@@ -8,12 +8,14 @@ Example:
 
 from cvft.callbacks.checkpoint import RunCheckpoint
 from cvft.callbacks.detection_predictions import DetectionPredictionWriter
+from cvft.callbacks.prediction_file import PredictionFileWriter
 from cvft.callbacks.predictions import PredictionWriter
 from cvft.callbacks.report import TrainingReport, output_dir, plot_confusion_matrix, plot_learning_curves
 
 __all__ = [
     "RunCheckpoint",
     "TrainingReport",
+    "PredictionFileWriter",
     "PredictionWriter",
     "DetectionPredictionWriter",
     "output_dir",

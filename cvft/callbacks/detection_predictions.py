@@ -9,11 +9,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from cvft.atomic import atomic_path, write_text_atomic
-from cvft.callbacks.report import output_dir
+from cvft.callbacks.prediction_file import PredictionFileWriter
 
 __all__ = ["DetectionPredictionWriter", "boxes_to_original", "box_colour", "draw_detections"]
 
@@ -77,7 +76,7 @@ def boxes_to_original(boxes: Tensor, size: Sequence[int], orig_size: Sequence[in
     return torch.minimum(scaled.clamp_min(0.0), limits)
 
 
-class DetectionPredictionWriter(BasePredictionWriter):
+class DetectionPredictionWriter(PredictionFileWriter):
     """Write ``predictions.json`` after ``trainer.predict``: one entry per image, boxes in original pixels.
 
     Each entry is ``{"file", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", "label",
@@ -104,17 +103,17 @@ class DetectionPredictionWriter(BasePredictionWriter):
         [{'box': [16.0, 16.0, 48.0, 48.0], 'score': 0.9, 'label': 1, 'class_name': 'dog', 'category_id': 7}]
     """
 
+    default_name = "predictions.json"
+
     def __init__(
         self, output: str | None = None, score_threshold: float = 0.3, draw: bool = False, line_width: int = 2
     ) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(output)
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}.")
-        self.output = output
         self.score_threshold = score_threshold
         self.draw = draw
         self.line_width = line_width
-        self.path: Path | None = None
         self.drawings: list[Path] = []
 
     def entries(
@@ -178,26 +177,16 @@ class DetectionPredictionWriter(BasePredictionWriter):
         entries.sort(key=lambda entry: entry["index"])
         return [{k: v for k, v in entry.items() if k != "index"} for entry in entries]
 
-    def write_on_epoch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        predictions: Sequence[Any],
-        batch_indices: Sequence[Any] | None,
-    ) -> None:
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
         """Write the JSON (and the drawings) of this rank's images."""
-        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         datamodule = getattr(trainer, "datamodule", None)
         class_names = _first_attribute("class_names", pl_module, datamodule)
         category_ids = _first_attribute("category_ids", pl_module, datamodule)
         keep_ratio = bool(
             _first_attribute("keep_ratio", datamodule, getattr(datamodule, "hparams", None), default=True)
         )
-        entries = self.entries(batches or [], class_names, category_ids, keep_ratio)
-
-        path = Path(self.output) if self.output else output_dir(trainer) / "predictions.json"
-        if trainer.world_size > 1:
-            path = path.with_suffix(f".rank{trainer.global_rank}.json")
+        entries = self.entries(batches, class_names, category_ids, keep_ratio)
+        path = self.output_path(trainer)
         lines = ",\n".join(json.dumps(entry) for entry in entries)  # a line per image
         write_text_atomic(path, "[\n" + lines + "\n]\n")
         self.path = path

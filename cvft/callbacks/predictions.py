@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cvft.atomic import atomic_path
-from cvft.callbacks.report import output_dir
+from cvft.callbacks.prediction_file import PredictionFileWriter
 
 __all__ = ["PredictionWriter"]
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(PredictionFileWriter):
     """Write ``predictions.csv`` after ``trainer.predict``: one row per image.
 
     Columns: ``file``, ``class_name`` (for multi-label, every class above ``threshold`` joined by ``|``),
@@ -30,21 +27,14 @@ class PredictionWriter(BasePredictionWriter):
         threshold: Multi-label decision threshold.
     """
 
-    def __init__(self, output: str | None = None, threshold: float = 0.5) -> None:
-        super().__init__(write_interval="epoch")
-        self.output = output
-        self.threshold = threshold
-        self.path: Path | None = None
+    default_name = "predictions.csv"
 
-    def write_on_epoch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        predictions: Sequence[Any],
-        batch_indices: Sequence[Any] | None,
-    ) -> None:
+    def __init__(self, output: str | None = None, threshold: float = 0.5) -> None:
+        super().__init__(output)
+        self.threshold = threshold
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
         """Gather the probabilities and write the CSV."""
-        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         if not batches:
             return
         probs = torch.cat([b["probs"].float().cpu() for b in batches])
@@ -53,9 +43,7 @@ class PredictionWriter(BasePredictionWriter):
         files = list(getattr(trainer.datamodule, "predict_files", []) or [])
         multi_label = bool(getattr(pl_module, "multi_label", False))
 
-        path = Path(self.output) if self.output else output_dir(trainer) / "predictions.csv"
-        if trainer.world_size > 1:
-            path = path.with_suffix(f".rank{trainer.global_rank}.csv")
+        path = self.output_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as partial, open(partial, "w", newline="") as handle:
             writer = csv.writer(handle)

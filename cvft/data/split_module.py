@@ -83,7 +83,7 @@ class SplitDataModule(L.LightningDataModule):
         stack = getattr(module, "strategy_stack", None)
         if stack is not None:
             dataset.num_views = stack.num_views
-            dataset.return_index = any(getattr(s, "needs_indices", False) for s in stack)
+            dataset.return_index = stack.needs_indices
 
     def workers_for(self, dataset: Any) -> int:
         """DataLoader worker processes for ``dataset``: ``num_workers``, or when it is ``None`` an automatic choice.

@@ -1,17 +1,39 @@
-"""Checks and construction steps of :class:`~cvft.tasks.ObjectDetector`: classes, numbers, strategies, backbone."""
+"""Checks and construction steps of :class:`~cvft.tasks.ObjectDetector`: classes, numbers, head, backbone, network."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
 
 from cvft.backbones import create_backbone
+from cvft.detection.features import FeatureLevels, MultiScaleFeatures, build_neck, neck_strides
+from cvft.detection.heads import (
+    build_detection_model,
+    extra_block,
+    extra_levels,
+    image_normalisation,
+    vit_scale_factors,
+)
 from cvft.errors import CvftError, StrategyError
 from cvft.strategies.base import Strategy
+from cvft.strategies.support import check_supported
 
-__all__ = ["check_classes", "check_numbers", "refuse_strategies", "create_detection_backbone"]
+__all__ = [
+    "NMS_DEFAULTS",
+    "build_detector_network",
+    "check_classes",
+    "check_head",
+    "check_numbers",
+    "create_detection_backbone",
+    "refuse_replaced_feature_maps",
+    "refuse_strategies",
+]
+
+#: Default per-class NMS IoU threshold of each detection head.
+NMS_DEFAULTS: dict[str, float] = {"fcos": 0.6, "retinanet": 0.5, "faster_rcnn": 0.5}
 
 
 def check_classes(
@@ -70,45 +92,114 @@ def check_numbers(
             raise CvftError(message + ".")
 
 
-def refuse_strategies(strategies: Iterable[Strategy]) -> None:
-    """Refuse strategies a detector cannot run: data calibration, loss terms, several views, prompt tokens (vpt).
+def check_head(head: str) -> None:
+    """Refuse a detection head cvft does not build.
+
+    Raises:
+        CvftError: ``head`` is not one of :data:`NMS_DEFAULTS`' keys (``fcos``, ``retinanet``, ``faster_rcnn``).
 
     Example:
-        >>> from cvft.strategies import build_strategies
-        >>> refuse_strategies(build_strategies(["lora"]))
-        >>> refuse_strategies(build_strategies(["vpt"]))
+        >>> check_head("fcos")
+        >>> check_head("yolo")
         Traceback (most recent call last):
         ...
-        cvft.errors.StrategyError: Strategy 'vpt' puts prompt tokens into the ViT's block outputs, which breaks forward_intermediates, the feature maps ObjectDetector reads; use lora or vit_adapter instead.
-    """  # noqa: E501
-    for strategy in strategies:
-        if strategy.needs_data or strategy.objective or strategy.num_views > 1:
-            raise StrategyError(
-                f"Strategy {strategy.name!r} calibrates on data, adds loss terms or needs several views, which "
-                "assume a classifier; ObjectDetector supports parameter strategies only (linear_probe, lora, "
-                "loha, lokr, adapters, ssf, bitfit, freeze_layers, gradual_unfreeze, layerwise_lr ...)."
-            )
-        if strategy.name == "vpt":
-            raise StrategyError(
-                "Strategy 'vpt' puts prompt tokens into the ViT's block outputs, which breaks "
-                "forward_intermediates, the feature maps ObjectDetector reads; use lora or vit_adapter instead."
-            )
+        cvft.errors.CvftError: Unknown detection head 'yolo'; choose one of ['fcos', 'retinanet', 'faster_rcnn'].
+    """
+    if head not in NMS_DEFAULTS:
+        raise CvftError(f"Unknown detection head {head!r}; choose one of {list(NMS_DEFAULTS)}.")
 
 
-def create_detection_backbone(
-    name: str, pretrained: bool, weights: str | None, in_chans: int, kwargs: dict[str, Any]
-) -> nn.Module:
-    """The timm backbone without classifier; ViTs get ``dynamic_img_size=True`` so that any input size works.
+def refuse_strategies(strategies: Iterable[Strategy]) -> None:
+    """Refuse strategies a detector cannot run (deprecated: use :func:`cvft.strategies.support.check_supported`).
+
+    Raises:
+        StrategyError: See :func:`~cvft.strategies.support.check_supported`.
+    """
+    from cvft.tasks.detection import ObjectDetector
+
+    warnings.warn(
+        "cvft.detection.setup.refuse_strategies is deprecated; use "
+        "cvft.strategies.support.check_supported(strategies, ObjectDetector.strategy_support).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    check_supported(strategies, ObjectDetector.strategy_support)
+
+
+def refuse_replaced_feature_maps(backbone: nn.Module, strategies: Iterable[Strategy]) -> None:
+    """Refuse a backbone whose strategies replaced its ``forward_intermediates`` (run after their set-up).
+
+    The strategies' :attr:`~cvft.strategies.Strategy.keeps_feature_maps` flags are checked before anything is
+    built; this catches a strategy that replaces the method without declaring it.
+
+    Raises:
+        StrategyError: ``forward_intermediates`` is an instance attribute of ``backbone`` (a strategy patched it).
+    """
+    if "forward_intermediates" in vars(backbone):
+        raise StrategyError(
+            f"Strategies {[s.name for s in strategies]} replace the backbone's forward_intermediates (vpt adds prompt "
+            "tokens to the block outputs), which ObjectDetector reads its feature maps from. Leave that strategy "
+            "out; lora, adapters, ssf or bitfit fine-tune a detection backbone."
+        )
+
+
+def create_detection_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """:func:`~cvft.backbones.create_backbone` for a detector: ViTs get ``dynamic_img_size=True`` (any input size).
 
     Example:
-        >>> create_detection_backbone("test_vit", False, None, 3, {}).dynamic_img_size
+        >>> create_detection_backbone("test_vit", pretrained=False, num_classes=0).dynamic_img_size
         True
     """
-    common = {"pretrained": pretrained, "weights": weights, "num_classes": 0, "in_chans": in_chans}
     if "dynamic_img_size" not in kwargs:
         try:
-            return create_backbone(name, **common, **kwargs, dynamic_img_size=True)
+            return create_backbone(name, **kwargs, dynamic_img_size=True)
         except TypeError as exc:  # not a ViT: its constructor has no such argument
             if "dynamic_img_size" not in str(exc):
                 raise
-    return create_backbone(name, **common, **kwargs)
+    return create_backbone(name, **kwargs)
+
+
+def build_detector_network(
+    backbone: nn.Module,
+    levels: FeatureLevels,
+    head: str,
+    num_classes: int,
+    in_chans: int,
+    fpn_channels: int,
+    image_size: int,
+    anchor_sizes: Sequence[int] | None,
+    aspect_ratios: Sequence[float] | None,
+    score_thresh: float,
+    nms_thresh: float | None,
+    detections_per_img: int,
+) -> tuple[nn.Module, nn.Module]:
+    """The neck (FPN for CNNs, ViTDet simple pyramid for ViTs) and the torchvision detector reading ``backbone``.
+
+    Args:
+        backbone: The timm backbone (strategies already set up).
+        levels: Its feature levels read (:func:`~cvft.detection.features.feature_levels`).
+        head: ``"fcos"``, ``"retinanet"`` or ``"faster_rcnn"``.
+        num_classes: Object classes, without background.
+        in_chans: Input channels (for the normalisation constants).
+        fpn_channels: Channels of the neck's outputs and the heads.
+        image_size: Side images are resized to.
+        anchor_sizes: One base anchor size per output level (``None``: scaled to ``image_size``).
+        aspect_ratios: Anchor height/width ratios (``None``: ``[0.5, 1, 2]``).
+        score_thresh: Minimum score of returned detections.
+        nms_thresh: Per-class NMS IoU threshold (``None``: :data:`NMS_DEFAULTS` of ``head``).
+        detections_per_img: Most detections per image.
+
+    Returns:
+        ``(neck, detector)``; the detector's ``backbone`` is a :class:`~cvft.detection.features.MultiScaleFeatures`
+        over ``backbone`` and ``neck`` (which it does not register again).
+    """
+    scales = vit_scale_factors(head)
+    neck = build_neck(levels, fpn_channels, extra_block(head, fpn_channels), scales)
+    strides = neck_strides(levels, scales, extra_levels(head))
+    features = MultiScaleFeatures(backbone, neck, levels, fpn_channels, strides, register=False)
+    mean, std = image_normalisation(backbone, in_chans)
+    detector = build_detection_model(
+        head, features, num_classes, image_size, mean, std, anchor_sizes, aspect_ratios,
+        score_thresh, nms_thresh if nms_thresh is not None else NMS_DEFAULTS[head], detections_per_img,
+    )  # fmt: skip
+    return neck, detector

@@ -45,6 +45,7 @@ from cvft.strategies.shared_lora import SharedLoRA
 from cvft.strategies.side import SideTuning
 from cvft.strategies.sparse import SparseFineTune, merge_sparse
 from cvft.strategies.ssf import SSF, fold_ssf
+from cvft.strategies.support import TaskSupport, check_supported
 
 __all__ = [
     "setup_headless",
@@ -68,6 +69,8 @@ __all__ = [
     "StrategyStack",
     "StrategySpec",
     "StrategyCallback",
+    "TaskSupport",
+    "check_supported",
     "apply_strategies",
     "register_strategy",
     "get_strategy",

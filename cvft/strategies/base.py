@@ -20,6 +20,14 @@ batches, under :func:`calibration_mode` (eval mode; modes, ``requires_grad`` fla
 
 Strategies compose in the order given: each one sees the model as the previous ones left it.
 
+Capability flags. What a strategy needs from the task that trains it is declared on its class (or as a property
+of its arguments), never inferred from its name: :attr:`Strategy.needs_data` (calibration batches),
+:attr:`Strategy.objective` (loss terms), :attr:`Strategy.num_views` (augmented views), :attr:`Strategy.needs_indices`
+(dataset indices in the batches), :attr:`Strategy.needs_features` (pooled features in the step outputs),
+:attr:`Strategy.keeps_feature_maps` (``forward_intermediates`` still works after set-up) and
+:attr:`Strategy.trains_head_only` (the backbone's features stay fixed). Tasks check them with
+:func:`cvft.strategies.support.check_supported`.
+
 BatchNorm policy. Every parameter strategy (one that decides which parameters train: ``lora``, ``bitfit``,
 ``linear_probe`` ...) takes a ``bn`` option, handled here once: ``"train"`` (running statistics follow the new data;
 affine weights train only where the strategy trains them), ``"frozen"`` (eval mode, pretrained statistics) or
@@ -110,6 +118,15 @@ class Strategy:
     task_loss_weight: float = 1.0
     #: Whether :meth:`calibrate` needs training batches (a subclass may make it a property of its arguments).
     needs_data: ClassVar[bool] = False
+    #: Whether training batches must carry each sample's dataset index, ``(images, targets, indices)`` (e.g. to cache
+    #: a teacher's outputs per sample; a subclass may make it a property of its arguments).
+    needs_indices: ClassVar[bool] = False
+    #: Whether the backbone's ``forward_intermediates`` (the multi-scale feature maps detection reads) still works
+    #: after :meth:`setup`; ``False`` for strategies that change the blocks' token sequence (``vpt``).
+    keeps_feature_maps: ClassVar[bool] = True
+    #: Whether only the classifier head trains and the backbone's features stay fixed (``linear_probe``,
+    #: ``classifier_only``), so that a classifier may train its head on cached features.
+    trains_head_only: ClassVar[bool] = False
     #: Whether the strategy takes the ``bn`` option (parameter strategies and schedules that freeze).
     takes_bn: ClassVar[bool] = False
     #: BatchNorm policy used when ``bn`` is not given (see the module docstring); ``None``: no policy of its own
@@ -277,6 +294,11 @@ class StrategyStack:
     def needs_data(self) -> bool:
         """Whether any strategy needs calibration batches (``bn="adabn"`` does)."""
         return self.bn_policy == "adabn" or any(s.needs_data for s in self.strategies)
+
+    @property
+    def needs_indices(self) -> bool:
+        """Whether any strategy needs the dataset index of each training sample in its batches."""
+        return any(s.needs_indices for s in self.strategies)
 
     def setup(self, model: nn.Module) -> None:
         """Run every strategy's :meth:`Strategy.setup`, in order."""

@@ -133,6 +133,7 @@ class LinearProbe(FreezingStrategy):
     """
 
     name = "linear_probe"
+    trains_head_only = True
     default_lr = 1e-2
 
     def trainable_names(self, model: nn.Module) -> set[str]:
@@ -157,6 +158,7 @@ class ClassifierOnly(Strategy):
     """
 
     name = "classifier_only"
+    trains_head_only = True
     default_lr = 1e-2
 
     def setup(self, model: nn.Module) -> None:

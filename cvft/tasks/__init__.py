@@ -1,4 +1,4 @@
-"""Lightning task modules.
+"""Lightning task modules, each a :class:`FineTuningModule` with its own head, loss, steps and metrics.
 
 Example:
     >>> from cvft.tasks import ImageClassifier
@@ -6,9 +6,10 @@ Example:
     2
 """
 
+from cvft.tasks.base import FineTuningModule
 from cvft.tasks.classification import ImageClassifier
 from cvft.tasks.detection import ObjectDetector
 from cvft.tasks.multitask import MultiTaskClassifier
 from cvft.tasks.schedules import WarmupCosine
 
-__all__ = ["ImageClassifier", "MultiTaskClassifier", "ObjectDetector", "WarmupCosine"]
+__all__ = ["FineTuningModule", "ImageClassifier", "MultiTaskClassifier", "ObjectDetector", "WarmupCosine"]

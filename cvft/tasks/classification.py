@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -21,33 +19,24 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from cvft.backbones import create_backbone, is_pretrained, weights_source
-from cvft.checkpoints import loadable_hparams
 from cvft.errors import ConfigError, CvftError
-from cvft.strategies.base import StrategyStack
 from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
-from cvft.strategies.param_groups import build_param_groups
-from cvft.strategies.registry import build_strategies
+from cvft.strategies.support import TaskSupport
+from cvft.tasks.base import DEFAULT_LR, FineTuningModule
 from cvft.tasks.feature_cache import FEATURE_CACHE_MODES, ActiveFeatureCache, activate_feature_cache, head_logits
-from cvft.tasks.hparams import check_hparams
 from cvft.tasks.losses import LOSSES, focal_loss
-from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
-from cvft.tasks.strategy_hooks import StrategyHooks
 
-__all__ = ["ImageClassifier"]
+if TYPE_CHECKING:
+    from cvft.adapters import AdapterInfo
 
-_logger = logging.getLogger(__name__)
+__all__ = ["DEFAULT_LR", "ImageClassifier"]
 
 MAX_AUROC_CLASSES = 100
 """Single-label validation / test AUROC (macro, one-vs-rest; binary: the AUROC) is logged up to this many classes."""
 
-DEFAULT_LR = 3e-4
-"""Peak learning rate when neither ``lr`` nor a strategy's :attr:`~cvft.strategies.Strategy.default_lr` gives one
-(full fine-tuning)."""
 
-
-class ImageClassifier(StrategyHooks, pl.LightningModule):
+class ImageClassifier(FineTuningModule):
     """Fine-tune a timm backbone for image classification.
 
     The backbone keeps its own classifier head (``num_classes`` outputs), so strategies see a plain timm model
@@ -106,6 +95,8 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         2
     """
 
+    strategy_support = TaskSupport("ImageClassifier", calibration=True, loss_terms=True, views=True, indices=True)
+
     def __init__(
         self,
         backbone: str = "vit_small_patch16_224.augreg_in21k",
@@ -148,22 +139,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
                 "ImageClassifier needs num_classes >= 2 (or class_names). On the command line the data module "
                 "provides it; in Python pass num_classes=... ."
             )
-        check_hparams(
-            "ImageClassifier",
-            {
-                "num_classes": num_classes,
-                "label_smoothing": label_smoothing,
-                "pos_weight": pos_weight,
-                "in_chans": in_chans,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "momentum": momentum,
-                "warmup_epochs": warmup_epochs,
-                "min_lr_ratio": min_lr_ratio,
-                "drop_path_rate": drop_path_rate,
-                "focal_gamma": focal_gamma,
-            },
-        )
+        self.save_task_hparams(check=("num_classes", "label_smoothing", "pos_weight", "focal_gamma"))
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
             raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
         if feature_cache not in FEATURE_CACHE_MODES:
@@ -172,44 +148,14 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
             )
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
 
-        stack = StrategyStack(build_strategies(strategies))
-        self.save_hyperparameters(ignore=["strategies"])
-        loadable_hparams(self)
-        self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
-        if lr is None:
-            self.hparams["lr"] = stack.default_lr or DEFAULT_LR
-            _logger.info(
-                "Learning rate %g (%s; set lr / --model.lr to choose another)",
-                self.hparams["lr"],
-                "the strategies' default" if stack.default_lr else "the full fine-tuning default",
-            )
-
-        self.backbone = create_backbone(
-            backbone,
-            pretrained=pretrained and weights is None,  # weights win over the default pretrained=True
-            weights=weights,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            **timm_kwargs(backbone_kwargs, drop_path_rate),
-        )
-        if not is_pretrained(self.backbone):
-            _logger.warning(
-                "%s starts from random initialisation (no pretrained weights): this trains from scratch, it is "
-                "not fine-tuning. Pass pretrained=True or weights=<file or source>.",
-                backbone,
-            )
-        if grad_checkpointing:
-            self.backbone.set_grad_checkpointing(True)
-
+        self.build_strategy_stack(strategies)
+        self.backbone = self.create_task_backbone(num_classes)
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.multi_label = multi_label
-        self.strategy_stack = stack
-        stack.setup(self.backbone)
+        self.setup_strategies()
         if adapter is not None:
-            from cvft.adapters import load_adapter
-
-            load_adapter(self.backbone, adapter, backbone=backbone)
+            self.load_adapter(adapter)
 
         if multi_label:
             weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight is not None else None
@@ -224,40 +170,17 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         self.feature_cache: ActiveFeatureCache | None = None
         """The cached features of the running (or last) fit; ``None``: that fit decoded images."""
 
-    # ------------------------------------------------------------------ construction helpers
+    # ------------------------------------------------------------------ adapter files
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> ImageClassifier:
-        """Load a trained classifier without fetching pretrained weights again (the checkpoint holds them all).
-
-        The file is read with ``torch.load(weights_only=True)``.
-        """
-        overrides = {"pretrained": False, "weights": None, **overrides}
-        from cvft.checkpoints import load_module
-
-        return load_module(cls, path, map_location=map_location, **overrides)
-
-    @classmethod
-    def from_adapter(
-        cls, path: str | Path, pretrained: bool = True, weights: str | None = None, **overrides: Any
-    ) -> ImageClassifier:
-        """Rebuild a classifier from an adapter file: backbone, strategies and classes come from its metadata.
-
-        The base weights must be the ones the adapter was trained on: ``pretrained=True`` (hub) or ``weights``
-        (which takes precedence over ``pretrained``).
-        """
+    def adapter_arguments(cls, path: str | Path) -> dict[str, Any]:
+        """Backbone, strategies and class names stored in a classifier adapter file."""
         from cvft.adapters import read_adapter
 
         _, info = read_adapter(path)
-        kwargs: dict[str, Any] = {
-            "backbone": info.backbone,
-            "pretrained": pretrained,
-            "weights": weights,
-            "strategies": info.strategies,
-            "adapter": str(path),
-        }
+        kwargs: dict[str, Any] = {"backbone": info.backbone, "strategies": info.strategies}
         if info.class_names:
             kwargs["class_names"] = info.class_names
-        return cls(**{**kwargs, **overrides})
+        return kwargs
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (adapter, head, updating BatchNorm statistics) and metadata to ``path``."""
@@ -266,6 +189,12 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         return save_adapter(
             self.backbone, path, self.hparams.backbone, self.strategy_stack.config(), class_names=self.class_names
         )
+
+    def load_adapter(self, path: str | Path) -> AdapterInfo:
+        """Copy an adapter file's tensors onto the backbone (same backbone and strategies); return its metadata."""
+        from cvft.adapters import load_adapter
+
+        return load_adapter(self.backbone, path, backbone=self.hparams.backbone)
 
     def _metrics(self, prefix: str) -> MetricCollection:
         n = self.num_classes
@@ -284,11 +213,6 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
         # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
         return MetricCollection(metrics, prefix=prefix, compute_groups=False)
-
-    @property
-    def weights_source(self) -> str:
-        """Where the backbone's initial weights came from (``hub:...``, ``file:...``, ``builtin:...``, or none)."""
-        return weights_source(self.backbone)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, images: Tensor) -> Tensor:
@@ -429,10 +353,8 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
             self.feature_cache.restore()
 
     def on_train_epoch_start(self) -> None:
-        """Run the strategies' epoch schedules (gradual unfreezing)."""
-        unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
-        if unfrozen:
-            _logger.info("epoch %d: %d parameter tensors became trainable", self.current_epoch, len(unfrozen))
+        """Run the strategies' epoch schedules (gradual unfreezing); log ``trainable_params``."""
+        super().on_train_epoch_start()
         trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         self.log("trainable_params", float(trainable), on_epoch=True, on_step=False, sync_dist=False)
 
@@ -441,11 +363,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         if self.feature_cache is not None and self._trainer is not None:
             # the last hook before Lightning builds the DataLoaders, with the model on its device and weights restored
             self.feature_cache.fill(self.trainer, self)
-        hp = self.hparams
-        groups = build_param_groups(
-            self.backbone, hp.lr, hp.weight_decay, self.strategy_stack.lr_scales(self.backbone), prefix="backbone."
-        )
-        return optimizer_with_schedule(groups, self.trainer, hp)
+        return super().configure_optimizers()
 
 
 def _focal_alpha(

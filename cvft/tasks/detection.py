@@ -12,41 +12,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
-from cvft.backbones import is_pretrained, weights_source
-from cvft.checkpoints import loadable_hparams
-from cvft.detection.features import MultiScaleFeatures, build_neck, feature_levels, neck_strides
-from cvft.detection.heads import (
-    build_detection_model,
-    detection_losses,
-    extra_block,
-    extra_levels,
-    head_mode,
-    image_normalisation,
-    label_offset,
-    shift_labels,
-    vit_scale_factors,
-)
+from cvft.detection.features import MultiScaleFeatures, feature_levels
+from cvft.detection.heads import detection_losses, head_mode, label_offset, shift_labels
 from cvft.detection.metrics import detection_map, map_scalars, resolve_map_backend
-from cvft.detection.setup import check_classes, check_numbers, create_detection_backbone, refuse_strategies
-from cvft.errors import CvftError, StrategyError
+from cvft.detection.setup import (
+    build_detector_network,
+    check_classes,
+    check_head,
+    check_numbers,
+    create_detection_backbone,
+    refuse_replaced_feature_maps,
+)
 from cvft.strategies._freeze import freeze_batchnorm_stats, is_batchnorm
-from cvft.strategies.base import StrategyStack
-from cvft.strategies.headless import setup_headless
-from cvft.strategies.param_groups import build_param_groups, no_weight_decay_names
-from cvft.strategies.registry import build_strategies
-from cvft.tasks.hparams import check_hparams
-from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
-from cvft.tasks.strategy_hooks import StrategyHooks
+from cvft.strategies.param_groups import no_weight_decay_names
+from cvft.strategies.support import TaskSupport
+from cvft.tasks.base import FineTuningModule, head_param_groups
+from cvft.tasks.schedules import check_optimizer
 
 __all__ = ["ObjectDetector"]
 
 _logger = logging.getLogger(__name__)
-_NMS_DEFAULT = {"fcos": 0.6, "retinanet": 0.5, "faster_rcnn": 0.5}
 #: Keys of the hyperparameters that shape the network (kept in adapter metadata to rebuild it).
 _ARCHITECTURE_KEYS = (
     "num_classes", "class_names", "category_ids", "backbone", "in_chans", "head", "out_indices", "fpn_channels",
@@ -54,7 +43,7 @@ _ARCHITECTURE_KEYS = (
 )  # fmt: skip
 
 
-class ObjectDetector(StrategyHooks, pl.LightningModule):
+class ObjectDetector(FineTuningModule):
     """Fine-tune a timm backbone for object detection with a torchvision FCOS, RetinaNet or Faster R-CNN head.
 
     The backbone is the whole timm model (``num_classes=0``), kept as ``self.backbone`` under its own parameter
@@ -116,6 +105,9 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         ['boxes', 'labels', 'scores']
     """
 
+    strategy_support = TaskSupport("ObjectDetector", reads_feature_maps=True)
+    checkpoint_overrides = {"adapter": None}
+
     def __init__(
         self,
         num_classes: int | None = None,
@@ -152,62 +144,23 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         super().__init__()
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)
         check_numbers(fpn_channels, image_size, score_thresh, nms_thresh, detections_per_img, backbone_lr_scale)
-        check_hparams(
-            "ObjectDetector",
-            {
-                "in_chans": in_chans,
-                "anchor_sizes": anchor_sizes,
-                "aspect_ratios": aspect_ratios,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "momentum": momentum,
-                "warmup_epochs": warmup_epochs,
-                "min_lr_ratio": min_lr_ratio,
-                "drop_path_rate": drop_path_rate,
-            },
-        )
-        if optimizer not in ("adamw", "sgd"):
-            raise CvftError(f"Unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'.")
-        if head not in _NMS_DEFAULT:
-            raise CvftError(f"Unknown detection head {head!r}; choose one of {list(_NMS_DEFAULT)}.")
+        self.save_task_hparams(check=("anchor_sizes", "aspect_ratios"))
+        self.hparams.update(class_names=class_names, category_ids=category_ids, num_classes=len(class_names))
+        check_optimizer(optimizer)
+        check_head(head)
         resolve_map_backend(map_backend)  # fail early when no backend is installed
-        stack = StrategyStack(build_strategies(strategies))
-        refuse_strategies(stack)
-        self.save_hyperparameters(ignore=["strategies"])
-        loadable_hparams(self)
-        self.hparams.update(
-            strategies=stack.config(), class_names=class_names, category_ids=category_ids, num_classes=len(class_names)
-        )  # primitives only, so checkpoints load with weights_only
+        self.build_strategy_stack(strategies)
 
-        body = create_detection_backbone(  # weights win over the default pretrained=True
-            backbone, pretrained and weights is None, weights, in_chans, timm_kwargs(backbone_kwargs, drop_path_rate)
-        )
-        if not is_pretrained(body):
-            _logger.warning("%s starts from random initialisation (no pretrained weights).", backbone)
-        levels = feature_levels(body, out_indices)
-        if callable(getattr(body, "prune_intermediate_layers", None)):
-            body.prune_intermediate_layers(levels.indices, prune_norm=True, prune_head=True)
-        if grad_checkpointing:
-            body.set_grad_checkpointing(True)
-        self.strategy_stack = stack
-        self._lr_scales = setup_headless(body, stack)
-        if "forward_intermediates" in vars(body):
-            raise StrategyError(
-                f"Strategies {[s.name for s in stack]} replace the backbone's forward_intermediates (vpt adds prompt "
-                "tokens to the block outputs), which ObjectDetector reads its feature maps from. Leave that strategy "
-                "out; lora, adapters, ssf or bitfit fine-tune a detection backbone."
-            )
-        self.backbone = body
+        self.backbone = self.create_task_backbone(0, factory=create_detection_backbone)
+        levels = feature_levels(self.backbone, out_indices)
+        if callable(getattr(self.backbone, "prune_intermediate_layers", None)):
+            self.backbone.prune_intermediate_layers(levels.indices, prune_norm=True, prune_head=True)
+        self.setup_strategies(headless=True)
+        refuse_replaced_feature_maps(self.backbone, self.strategy_stack)
         self._freeze_bn_stats()
-
-        scales = vit_scale_factors(head)
-        self.neck = build_neck(levels, fpn_channels, extra_block(head, fpn_channels), scales)
-        strides = neck_strides(levels, scales, extra_levels(head))
-        features = MultiScaleFeatures(body, self.neck, levels, fpn_channels, strides, register=False)
-        mean, std = image_normalisation(body, in_chans)
-        self.detector = build_detection_model(
-            head, features, len(class_names), image_size, mean, std, anchor_sizes, aspect_ratios,
-            score_thresh, nms_thresh if nms_thresh is not None else _NMS_DEFAULT[head], detections_per_img,
+        self.neck, self.detector = build_detector_network(
+            self.backbone, levels, head, len(class_names), in_chans, fpn_channels, image_size, anchor_sizes,
+            aspect_ratios, score_thresh, nms_thresh, detections_per_img,
         )  # fmt: skip
         self.num_classes = len(class_names)
         self.class_names = class_names
@@ -225,23 +178,10 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
                 if is_batchnorm(module):
                     freeze_batchnorm_stats(module)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> ObjectDetector:
-        """Load a trained detector with ``torch.load(weights_only=True)``, without fetching pretrained weights."""
-        overrides = {"pretrained": False, "weights": None, "adapter": None, **overrides}
-        from cvft.checkpoints import load_module
-
-        return load_module(cls, path, map_location=map_location, **overrides)
-
     @property
     def features(self) -> MultiScaleFeatures:
         """The backbone + neck as the torchvision detector calls them (``images -> OrderedDict`` of maps)."""
         return self.detector.backbone
-
-    @property
-    def weights_source(self) -> str:
-        """Where the backbone's initial weights came from (``hub:...``, ``file:...``, ``builtin:...``, or none)."""
-        return weights_source(self.backbone)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None) -> Any:
@@ -327,10 +267,13 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
     # ------------------------------------------------------------------ strategies during fit
     def on_train_epoch_start(self) -> None:
         """Run the strategies' epoch schedules (gradual unfreezing); BatchNorm statistics stay fixed if asked."""
-        unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
-        if unfrozen:
-            _logger.info("epoch %d: %d backbone tensors became trainable", self.current_epoch, len(unfrozen))
+        super().on_train_epoch_start()
         self._freeze_bn_stats()
+
+    def backbone_lr_scales(self) -> dict[str, float]:
+        """The strategies' learning-rate scales times ``backbone_lr_scale``, for every backbone parameter."""
+        scales, factor = super().backbone_lr_scales(), self.hparams.backbone_lr_scale
+        return {name: scales.get(name, 1.0) * factor for name, _ in self.backbone.named_parameters()}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Named optimizer groups: the backbone's, then ``neck/...`` and ``head/...`` at ``lr``.
@@ -339,32 +282,22 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         are registered too (they cost nothing and can unfreeze later without changing the optimizer's layout).
         """
         hp = self.hparams
-        scales = {n: self._lr_scales.get(n, 1.0) * hp.backbone_lr_scale for n, _ in self.backbone.named_parameters()}
-        groups = build_param_groups(self.backbone, hp.lr, hp.weight_decay, scales, prefix="backbone.")
+        groups = super().param_groups()
         for label, module, prefix in (("neck", self.neck, "neck."), ("head", self.detector, "detector.")):
-            skip = no_weight_decay_names(module)
-            named = list(module.named_parameters())
-            for suffix, wd in (("decay", hp.weight_decay), ("no_decay", 0.0)):
-                chosen = [(n, p) for n, p in named if (n in skip) == (suffix == "no_decay")]
-                if chosen:
-                    groups.append(
-                        {
-                            "name": f"{label}/{suffix}",
-                            "params": [p for _, p in chosen],
-                            "param_names": [prefix + n for n, _ in chosen],
-                            "lr": hp.lr,
-                            "initial_lr": hp.lr,
-                            "lr_scale": 1.0,
-                            "weight_decay": wd,
-                        }
-                    )
+            named = [(prefix + name, p) for name, p in module.named_parameters()]
+            no_decay = {prefix + name for name in no_weight_decay_names(module)}
+            groups += head_param_groups(label, named, no_decay, hp.lr, hp.weight_decay)
         return groups
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""
-        return optimizer_with_schedule(self.param_groups(), self.trainer, self.hparams)
+    # ------------------------------------------------------------------ adapter files
+    @classmethod
+    def adapter_arguments(cls, path: str | Path) -> dict[str, Any]:
+        """The architecture (head, classes, pyramid, anchors, image size) and strategies of a detector adapter."""
+        from cvft.detection.adapter import read_detector_metadata
 
-    # ------------------------------------------------------------------ adapters
+        architecture, strategies = read_detector_metadata(path)
+        return {**architecture, "strategies": strategies}
+
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (backbone strategy tensors, neck, heads) and the architecture to ``path``."""
         from cvft.detection.adapter import save_detector_adapter
@@ -379,14 +312,3 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         from cvft.detection.adapter import load_detector_adapter
 
         return load_detector_adapter(self, path, self.hparams.backbone)
-
-    @classmethod
-    def from_adapter(
-        cls, path: str | Path, pretrained: bool = True, weights: str | None = None, **overrides: Any
-    ) -> ObjectDetector:
-        """Rebuild a detector from an adapter file on the same pretrained backbone (``pretrained`` or ``weights``)."""
-        from cvft.detection.adapter import read_detector_metadata
-
-        architecture, strategies = read_detector_metadata(path)
-        kwargs = {**architecture, "strategies": strategies, "pretrained": pretrained, "weights": weights}
-        return cls(**{**kwargs, "adapter": str(path), **overrides})

@@ -56,7 +56,6 @@ _logger = logging.getLogger(__name__)
 FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "memory", "disk", "off")
 """Values of ``ImageClassifier(feature_cache=...)``."""
 
-CACHEABLE_STRATEGIES = frozenset({"linear_probe", "classifier_only"})
 _FORMAT = "cvft-features-v1"
 _MEMORY_ENTRIES = 8
 _CACHED_SPLITS = ("train", "val")
@@ -197,11 +196,12 @@ class FeatureStore:
 def check_cacheable(module: Any, datamodule: Any) -> CacheDecision:
     """Whether the backbone's features on the training images stay the same at every epoch of this fit.
 
-    They do when every strategy is ``linear_probe`` (without ``train_bn``) or ``classifier_only``, only the
-    classifier trains, every BatchNorm layer outside it holds its statistics, the training preprocessing is not
-    random (``augment="none"``), and the frozen network gives the same output in training and evaluation mode on
-    real training images. Dropout applied by the head to the pooled features (timm's ``drop_rate``) is allowed:
-    it is replayed on the cached features, with the same random draws.
+    They do when every strategy trains the head only (:attr:`~cvft.strategies.Strategy.trains_head_only`:
+    ``linear_probe`` without ``train_bn``, ``classifier_only``), only the classifier trains, every BatchNorm layer
+    outside it holds its statistics, the training preprocessing is not random (``augment="none"``), and the frozen
+    network gives the same output in training and evaluation mode on real training images. Dropout applied by the
+    head to the pooled features (timm's ``drop_rate``) is allowed: it is replayed on the cached features, with the
+    same random draws.
 
     Args:
         module: The :class:`~cvft.tasks.ImageClassifier` (``backbone`` and ``strategy_stack``).
@@ -215,7 +215,7 @@ def check_cacheable(module: Any, datamodule: Any) -> CacheDecision:
     if not isinstance(datamodule, SplitDataModule):
         return CacheDecision(False, "the training data does not come from a cvft DataModule")
     names = [strategy.name for strategy in module.strategy_stack]
-    if not names or any(name not in CACHEABLE_STRATEGIES for name in names):
+    if not names or not all(strategy.trains_head_only for strategy in module.strategy_stack):
         listed = ",".join(names) if names else "none (full fine-tuning)"
         return CacheDecision(
             False, f"strategies={listed} train the backbone; only linear_probe or classifier_only keep it fixed"

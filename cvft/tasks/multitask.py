@@ -9,12 +9,9 @@ self-describing, and the dict keeps the third place of a tuple batch free for da
 
 from __future__ import annotations
 
-import logging
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
@@ -26,21 +23,14 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from cvft.backbones import create_backbone, is_pretrained, weights_source
-from cvft.checkpoints import loadable_hparams
 from cvft.errors import ConfigError, CvftError
-from cvft.strategies.base import StrategyStack
-from cvft.strategies.headless import setup_headless
-from cvft.strategies.param_groups import build_param_groups
-from cvft.strategies.registry import build_strategies
-from cvft.tasks.hparams import check_hparams
-from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
-from cvft.tasks.strategy_hooks import StrategyHooks
+from cvft.strategies.support import TaskSupport
+from cvft.tasks.base import FineTuningModule, head_param_groups
+from cvft.tasks.schedules import check_optimizer
 from cvft.tasks.task_weighting import build_task_weighting
 
 __all__ = ["MultiTaskClassifier", "check_tasks"]
 
-_logger = logging.getLogger(__name__)
 _TASK_KEYS = ("num_classes", "multi_label", "label_smoothing", "class_names")
 _TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -114,7 +104,7 @@ def _task_metrics(spec: dict[str, Any], prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
-class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
+class MultiTaskClassifier(FineTuningModule):
     """Fine-tune one timm backbone for several classification tasks at once, one linear head per task.
 
     The backbone is created with ``num_classes=0`` and returns pooled features; ``heads[task]`` maps them to the
@@ -164,6 +154,8 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
         ['heads.colours.bias', 'heads.colours.weight', 'heads.shape.bias', 'heads.shape.weight']
     """
 
+    strategy_support = TaskSupport("MultiTaskClassifier")
+
     def __init__(
         self,
         tasks: dict[str, dict[str, Any]],
@@ -187,49 +179,14 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
     ) -> None:
         super().__init__()
         tasks = check_tasks(tasks)
-        check_hparams(
-            "MultiTaskClassifier",
-            {
-                "in_chans": in_chans,
-                "lr": lr,
-                "head_lr_scale": head_lr_scale,
-                "weight_decay": weight_decay,
-                "momentum": momentum,
-                "warmup_epochs": warmup_epochs,
-                "min_lr_ratio": min_lr_ratio,
-                "drop_path_rate": drop_path_rate,
-            },
-        )
-        if optimizer not in ("adamw", "sgd"):
-            raise CvftError(f"Unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'.")
-        stack = StrategyStack(build_strategies(strategies))
-        for strategy in stack:
-            if strategy.needs_data or strategy.objective or strategy.num_views > 1:
-                raise CvftError(
-                    f"Strategy {strategy.name!r} calibrates on data or adds loss terms for a single task; "
-                    "MultiTaskClassifier supports parameter strategies only (linear_probe, lora, adapters, ...). "
-                    "Use ImageClassifier for it, or leave it out."
-                )
-        self.weighting = build_task_weighting(list(tasks), weighting, loss_weights)
-        self.save_hyperparameters(ignore=["tasks", "strategies"])
-        loadable_hparams(self)
+        self.save_task_hparams(ignore=["tasks"], check=("head_lr_scale",))
         self.hparams["tasks"] = tasks  # primitives only, so checkpoints load with weights_only
-        self.hparams["strategies"] = stack.config()
+        check_optimizer(optimizer)
+        self.build_strategy_stack(strategies)
+        self.weighting = build_task_weighting(list(tasks), weighting, loss_weights)
 
-        self.backbone = create_backbone(
-            backbone,
-            pretrained=pretrained and weights is None,  # weights win over the default pretrained=True
-            weights=weights,
-            num_classes=0,
-            in_chans=in_chans,
-            **timm_kwargs(backbone_kwargs, drop_path_rate),
-        )
-        if not is_pretrained(self.backbone):
-            _logger.warning("%s starts from random initialisation (no pretrained weights).", backbone)
-        if grad_checkpointing:
-            self.backbone.set_grad_checkpointing(True)
-        self.strategy_stack = stack
-        self._lr_scales = setup_headless(self.backbone, stack)
+        self.backbone = self.create_task_backbone(0)
+        self.setup_strategies(headless=True)
         self.num_features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
 
         self.tasks = tasks
@@ -241,19 +198,6 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
         self.test_metrics = nn.ModuleDict({t: _task_metrics(s, f"test/{t}/") for t, s in tasks.items()})
         self.val_losses = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.test_losses = nn.ModuleDict({t: MeanMetric() for t in tasks})
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> MultiTaskClassifier:
-        """Load a trained model with ``torch.load(weights_only=True)``, without fetching pretrained weights."""
-        overrides = {"pretrained": False, "weights": None, **overrides}
-        from cvft.checkpoints import load_module
-
-        return load_module(cls, path, map_location=map_location, **overrides)
-
-    @property
-    def weights_source(self) -> str:
-        """Where the backbone's initial weights came from."""
-        return weights_source(self.backbone)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, images: Tensor, task: str | None = None) -> Tensor | dict[str, Tensor]:
@@ -354,35 +298,12 @@ class MultiTaskClassifier(StrategyHooks, pl.LightningModule):
             for task, logits in self(images).items()
         }
 
-    # ------------------------------------------------------------------ strategies during fit
-    def on_train_epoch_start(self) -> None:
-        """Run the strategies' epoch schedules (gradual unfreezing)."""
-        self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
-
+    # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
         """Named optimizer groups: the backbone's (layer group x decay x strategy scale), heads, weighting."""
         hp = self.hparams
-        groups = build_param_groups(self.backbone, hp.lr, hp.weight_decay, self._lr_scales, prefix="backbone.")
-        head_lr = hp.lr * hp.head_lr_scale
-        decay = [(f"heads.{n}", p) for n, p in self.heads.named_parameters() if p.ndim > 1]
-        no_decay = [(f"heads.{n}", p) for n, p in self.heads.named_parameters() if p.ndim <= 1]
-        no_decay += [(f"weighting.{n}", p) for n, p in self.weighting.named_parameters()]
-        for suffix, named, wd in (("decay", decay, hp.weight_decay), ("no_decay", no_decay, 0.0)):
-            if named:
-                groups.append(
-                    {
-                        "name": f"heads/{suffix}",
-                        "params": [p for _, p in named],
-                        "param_names": [n for n, _ in named],
-                        "lr": head_lr,
-                        "initial_lr": head_lr,
-                        "lr_scale": hp.head_lr_scale,
-                        "weight_decay": wd,
-                    }
-                )
-        return groups
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""
-        hp = self.hparams
-        return optimizer_with_schedule(self.param_groups(), self.trainer, hp)
+        heads = [(f"heads.{name}", p) for name, p in self.heads.named_parameters()]
+        weighting = [(f"weighting.{name}", p) for name, p in self.weighting.named_parameters()]
+        no_decay = {name for name, p in heads if p.ndim <= 1} | {name for name, _ in weighting}
+        head_groups = head_param_groups("heads", heads + weighting, no_decay, hp.lr, hp.weight_decay, hp.head_lr_scale)
+        return super().param_groups() + head_groups

@@ -10,7 +10,10 @@ import torch
 
 from cvft.errors import CvftError
 
-__all__ = ["WarmupCosine", "optimizer_with_schedule", "timm_kwargs"]
+__all__ = ["OPTIMIZERS", "WarmupCosine", "check_optimizer", "optimizer_with_schedule", "timm_kwargs"]
+
+#: Optimizer names the tasks take.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 
 
 class WarmupCosine:
@@ -45,6 +48,23 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer name the tasks do not build.
+
+    Raises:
+        CvftError: ``name`` is not one of :data:`OPTIMIZERS`.
+
+    Example:
+        >>> check_optimizer("sgd")
+        >>> check_optimizer("lamb")
+        Traceback (most recent call last):
+        ...
+        cvft.errors.CvftError: Unknown optimizer 'lamb'; choose 'adamw' or 'sgd'.
+    """
+    if name not in OPTIMIZERS:
+        raise CvftError(f"Unknown optimizer {name!r}; choose 'adamw' or 'sgd'.")
+
+
 def optimizer_with_schedule(groups: list[dict[str, Any]], trainer: Any, hparams: Mapping[str, Any]) -> dict[str, Any]:
     """AdamW or SGD over ``groups`` plus a per-step warmup + cosine schedule, as ``configure_optimizers`` returns.
 
@@ -55,13 +75,12 @@ def optimizer_with_schedule(groups: list[dict[str, Any]], trainer: Any, hparams:
         CvftError: An unknown optimizer name.
     """
     name = hparams["optimizer"]
+    check_optimizer(name)
     lr, weight_decay, momentum = hparams["lr"], hparams["weight_decay"], hparams["momentum"]
     if name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    elif name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     else:
-        raise CvftError(f"Unknown optimizer {name!r}; choose 'adamw' or 'sgd'.")
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     total = max(1, int(trainer.estimated_stepping_batches))
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
     warmup = int(round(hparams["warmup_epochs"] * total / epochs))

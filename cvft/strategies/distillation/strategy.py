@@ -144,7 +144,7 @@ class Distillation(Strategy):
         return self.feature_weight > 0
 
     @property
-    def needs_indices(self) -> bool:
+    def needs_indices(self) -> bool:  # type: ignore[override]
         """Whether the data should return dataset indices (to cache the teacher's outputs per sample)."""
         return self.cache_logits
 

@@ -197,6 +197,7 @@ class VPT(Strategy):
     """
 
     name = "vpt"
+    keeps_feature_maps = False  # prompt tokens in the block outputs; forward_intermediates is refused
     takes_bn = True
     default_bn = "frozen"  # not yet measured: the long-standing behaviour
 

@@ -1,0 +1,308 @@
+"""The base of every cvft task: a timm backbone fine-tuned by strategies, with one optimiser and schedule recipe.
+
+A task (:class:`~cvft.tasks.ImageClassifier`, :class:`~cvft.tasks.ObjectDetector`,
+:class:`~cvft.tasks.MultiTaskClassifier`) is a :class:`FineTuningModule` that adds its head, loss, steps and
+metrics. The base owns what they share:
+
+* hyper-parameters: the constructor's arguments saved loadable with ``weights_only``, the numeric ones checked
+  (:meth:`FineTuningModule.save_task_hparams`);
+* strategies: built from names, checked against what the task provides (:attr:`FineTuningModule.strategy_support`,
+  :func:`~cvft.strategies.support.check_supported`), ``lr`` resolved from their measured defaults
+  (:meth:`FineTuningModule.build_strategy_stack`), set up on the backbone (:meth:`FineTuningModule.setup_strategies`),
+  run at every epoch start, their state kept in checkpoints and their late-unfrozen gradients synchronised under DDP
+  (:class:`~cvft.tasks.strategy_hooks.StrategyHooks`);
+* the backbone, from the shared arguments ``backbone``, ``pretrained``, ``weights``, ``in_chans``,
+  ``drop_path_rate``, ``backbone_kwargs`` and ``grad_checkpointing`` (:meth:`FineTuningModule.create_task_backbone`);
+* the optimiser: AdamW or SGD over named :meth:`FineTuningModule.param_groups`, with warmup and cosine decay;
+* loading: :meth:`FineTuningModule.from_checkpoint`, and adapter files (:meth:`FineTuningModule.from_adapter`,
+  :meth:`FineTuningModule.save_adapter`, :meth:`FineTuningModule.load_adapter`) for tasks that write them.
+
+A new task is one module with one subclass. It sets :attr:`~FineTuningModule.strategy_support`, lists every
+constructor argument explicitly (LightningCLI builds the task from the signature; checkpoints reload it by argument
+name), and in ``__init__`` calls, in this order: ``super().__init__()``, its own argument checks,
+:meth:`~FineTuningModule.save_task_hparams`, :meth:`~FineTuningModule.build_strategy_stack`,
+:meth:`~FineTuningModule.create_task_backbone` (assigned to ``self.backbone``),
+:meth:`~FineTuningModule.setup_strategies`, then builds its head and metrics. It implements ``forward``,
+``training_step``, ``validation_step`` (``test_step``, ``predict_step``), adds its head's optimizer groups to
+:meth:`~FineTuningModule.param_groups` (:func:`head_param_groups`), and, if it writes adapter files,
+:meth:`~FineTuningModule.save_adapter`, :meth:`~FineTuningModule.load_adapter` and
+:meth:`~FineTuningModule.adapter_arguments`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Regressor(FineTuningModule):
+    ...     def __init__(self, backbone: str = "test_resnet", pretrained: bool = False, weights: str | None = None,
+    ...                  in_chans: int = 3, strategies: str | None = None, optimizer: str = "adamw",
+    ...                  lr: float | None = None, weight_decay: float = 0.05, momentum: float = 0.9,
+    ...                  warmup_epochs: float = 1.0, min_lr_ratio: float = 0.01, drop_path_rate: float | None = None,
+    ...                  grad_checkpointing: bool = False, backbone_kwargs: dict | None = None) -> None:
+    ...         super().__init__()
+    ...         self.save_task_hparams()
+    ...         self.build_strategy_stack(strategies)
+    ...         self.backbone = self.create_task_backbone(num_classes=1)
+    ...         self.setup_strategies()
+    ...     def forward(self, images):
+    ...         return self.backbone(images).squeeze(1)
+    >>> model = Regressor(strategies="linear_probe")
+    >>> model(torch.randn(2, 3, 32, 32)).shape, model.hparams.lr
+    (torch.Size([2]), 0.01)
+    >>> [group["name"] for group in model.param_groups()][-2:]
+    ['fc/decay', 'fc/no_decay']
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import lightning.pytorch as pl
+from torch import nn
+
+from cvft.backbones import create_backbone, is_pretrained, weights_source
+from cvft.checkpoints import loadable_hparams
+from cvft.errors import CvftError
+from cvft.strategies.base import StrategyStack
+from cvft.strategies.headless import setup_headless
+from cvft.strategies.param_groups import build_param_groups
+from cvft.strategies.registry import StrategySpec, build_strategies
+from cvft.strategies.support import TaskSupport, check_supported
+from cvft.tasks.hparams import Interval, check_hparams
+from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
+from cvft.tasks.strategy_hooks import StrategyHooks
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["DEFAULT_LR", "SHARED_NUMERIC_OPTIONS", "FineTuningModule", "head_param_groups"]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_LR = 3e-4
+"""Peak learning rate when neither ``lr`` nor a strategy's :attr:`~cvft.strategies.Strategy.default_lr` gives one
+(full fine-tuning)."""
+
+#: Numeric constructor arguments every task takes; :meth:`FineTuningModule.save_task_hparams` checks their ranges.
+SHARED_NUMERIC_OPTIONS: tuple[str, ...] = (
+    "in_chans", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio", "drop_path_rate",
+)  # fmt: skip
+
+
+class FineTuningModule(StrategyHooks, pl.LightningModule):
+    """A LightningModule that fine-tunes a timm backbone with strategies (see the module docstring for the recipe).
+
+    Attributes:
+        backbone: The timm model the strategies act on.
+        strategy_stack: The task's strategies, set up on :attr:`backbone`.
+    """
+
+    #: What the task gives the strategies it trains; :meth:`build_strategy_stack` refuses those needing more.
+    strategy_support: ClassVar[TaskSupport] = TaskSupport("FineTuningModule")
+    #: Constructor arguments :meth:`from_checkpoint` replaces besides ``pretrained`` and ``weights``.
+    checkpoint_overrides: ClassVar[Mapping[str, Any]] = {}
+
+    backbone: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._headless_lr_scales: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ construction steps, in order
+    def save_task_hparams(
+        self, ignore: Sequence[str] = (), check: Sequence[str] = (), ranges: Mapping[str, Interval] | None = None
+    ) -> None:
+        """Save the calling constructor's arguments as ``hparams`` and refuse numeric values out of range.
+
+        ``strategies`` (and ``ignore``) are left out: :meth:`build_strategy_stack` stores the strategies'
+        configurations instead, so that checkpoints hold primitives only and load with ``weights_only``.
+
+        Args:
+            ignore: Further arguments to leave out (the task stores its own normalised form).
+            check: The task's own numeric options to check first, before :data:`SHARED_NUMERIC_OPTIONS`.
+            ranges: Ranges replacing :data:`~cvft.tasks.hparams.RANGES` entries for this task.
+
+        Raises:
+            ConfigError: A value is out of range (the message names the task, the option and the range).
+        """
+        frame = inspect.currentframe()
+        self.save_hyperparameters(ignore=["strategies", *ignore], frame=frame.f_back if frame else None)
+        loadable_hparams(self)
+        names = dict.fromkeys([*check, *SHARED_NUMERIC_OPTIONS])
+        check_hparams(type(self).__name__, {name: self.hparams.get(name) for name in names}, ranges)
+
+    def build_strategy_stack(self, strategies: StrategySpec | Iterable[StrategySpec] | None) -> StrategyStack:
+        """Build the strategies, refuse those the task cannot train, and record them in ``hparams``.
+
+        With ``lr=None`` the learning rate becomes the strategies' measured default
+        (:attr:`~cvft.strategies.StrategyStack.default_lr`), else :data:`DEFAULT_LR`; ``hparams.lr`` records it.
+
+        Raises:
+            StrategyError: An unknown strategy, or one needing what :attr:`strategy_support` does not provide.
+        """
+        stack = StrategyStack(build_strategies(strategies))
+        check_supported(stack, self.strategy_support)
+        self.strategy_stack = stack
+        self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
+        if self.hparams.get("lr", DEFAULT_LR) is None:
+            self.hparams["lr"] = stack.default_lr or DEFAULT_LR
+            _logger.info(
+                "Learning rate %g (%s; set lr / --model.lr to choose another)",
+                self.hparams["lr"],
+                "the strategies' default" if stack.default_lr else "the full fine-tuning default",
+            )
+        return stack
+
+    def create_task_backbone(self, num_classes: int, factory: Callable[..., nn.Module] = create_backbone) -> nn.Module:
+        """The timm backbone the saved ``hparams`` name, with gradient checkpointing when asked.
+
+        ``weights`` wins over ``pretrained`` (nothing is downloaded then). A backbone without pretrained weights
+        is logged as a warning: that trains from scratch.
+
+        Args:
+            num_classes: Classifier outputs; 0 for a backbone whose heads live in the task.
+            factory: Called like :func:`~cvft.backbones.create_backbone` (detection asks for dynamic image sizes).
+        """
+        hp = self.hparams
+        backbone = factory(
+            hp.backbone,
+            pretrained=hp.pretrained and hp.weights is None,  # weights win over the default pretrained=True
+            weights=hp.weights,
+            num_classes=num_classes,
+            in_chans=hp.in_chans,
+            **timm_kwargs(hp.backbone_kwargs, hp.drop_path_rate),
+        )
+        if not is_pretrained(backbone):
+            _logger.warning(
+                "%s starts from random initialisation (no pretrained weights): this trains from scratch, it is "
+                "not fine-tuning. Pass pretrained=True or weights=<file or source>.",
+                hp.backbone,
+            )
+        if hp.grad_checkpointing:
+            backbone.set_grad_checkpointing(True)
+        return backbone
+
+    def setup_strategies(self, headless: bool = False) -> None:
+        """Set the strategies up on :attr:`backbone`.
+
+        Args:
+            headless: The backbone has no classifier (``num_classes=0``; the task's heads live elsewhere): set up
+                with :func:`~cvft.strategies.headless.setup_headless`, which also fixes the learning-rate scales.
+        """
+        if headless:
+            self._headless_lr_scales = setup_headless(self.backbone, self.strategy_stack)
+        else:
+            self.strategy_stack.setup(self.backbone)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> Self:
+        """Load a trained task without fetching pretrained weights again (the checkpoint holds them all).
+
+        The file is read with ``torch.load(weights_only=True)``; ``overrides`` replace saved constructor arguments.
+        """
+        overrides = {"pretrained": False, "weights": None, **cls.checkpoint_overrides, **overrides}
+        from cvft.checkpoints import load_module
+
+        return load_module(cls, path, map_location=map_location, **overrides)
+
+    @classmethod
+    def from_adapter(
+        cls, path: str | Path, pretrained: bool = True, weights: str | None = None, **overrides: Any
+    ) -> Self:
+        """Rebuild the task from an adapter file (:meth:`save_adapter`) on the same pretrained backbone.
+
+        Backbone, strategies and the task's architecture come from the file's metadata. The base weights must be
+        the ones the adapter was trained on: ``pretrained=True`` (hub) or ``weights`` (which takes precedence).
+        """
+        kwargs = {**cls.adapter_arguments(path), "pretrained": pretrained, "weights": weights, "adapter": str(path)}
+        return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def adapter_arguments(cls, path: str | Path) -> dict[str, Any]:
+        """Constructor arguments stored in an adapter file's metadata (backbone, strategies, architecture)."""
+        raise CvftError(f"{cls.__name__} writes no adapter files; save and load a checkpoint instead.")
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the trained tensors and the metadata that rebuilds the task to ``path`` (``.safetensors``)."""
+        raise CvftError(f"{type(self).__name__} writes no adapter files; save and load a checkpoint instead.")
+
+    def load_adapter(self, path: str | Path) -> Mapping[str, Any]:
+        """Copy an adapter file's tensors into this task (same backbone and strategies); return its metadata."""
+        raise CvftError(f"{type(self).__name__} reads no adapter files; load a checkpoint instead.")
+
+    @property
+    def weights_source(self) -> str:
+        """Where the backbone's initial weights came from (``hub:...``, ``file:...``, ``builtin:...``, or none)."""
+        return weights_source(self.backbone)
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        """Run the strategies' epoch schedules (gradual unfreezing)."""
+        unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)
+        if unfrozen:
+            _logger.info("epoch %d: %d backbone tensors became trainable", self.current_epoch, len(unfrozen))
+
+    def backbone_lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers of the backbone's parameters by name (the strategies' scales)."""
+        if self._headless_lr_scales is not None:
+            return self._headless_lr_scales
+        return self.strategy_stack.lr_scales(self.backbone)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Named optimizer groups of the backbone (layer group x weight decay x learning-rate scale).
+
+        Frozen parameters are registered too: they cost nothing and can unfreeze later without changing the
+        optimizer's layout. Tasks append their heads' groups (:func:`head_param_groups`).
+        """
+        hp = self.hparams
+        return build_param_groups(self.backbone, hp.lr, hp.weight_decay, self.backbone_lr_scales(), prefix="backbone.")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""
+        return optimizer_with_schedule(self.param_groups(), self.trainer, self.hparams)
+
+
+def head_param_groups(
+    label: str,
+    named: Iterable[tuple[str, nn.Parameter]],
+    no_decay: set[str],
+    lr: float,
+    weight_decay: float,
+    lr_scale: float = 1.0,
+) -> list[dict[str, Any]]:
+    """The ``<label>/decay`` and ``<label>/no_decay`` optimizer groups of a task's own modules (heads, neck).
+
+    Args:
+        label: Group name prefix (``"heads"``, ``"neck"``).
+        named: ``(name, parameter)`` pairs, names as the module has them (``"heads.shape.weight"``).
+        no_decay: Names among ``named`` exempt from weight decay.
+        lr: The task's base learning rate.
+        weight_decay: Weight decay of the ``decay`` group.
+        lr_scale: Multiplier of ``lr`` for these groups.
+
+    Example:
+        >>> head = nn.Linear(4, 2)
+        >>> groups = head_param_groups("head", head.named_parameters(), {"bias"}, lr=0.1, weight_decay=0.05)
+        >>> [(g["name"], g["param_names"], g["weight_decay"]) for g in groups]
+        [('head/decay', ['weight'], 0.05), ('head/no_decay', ['bias'], 0.0)]
+    """
+    named = list(named)
+    groups = []
+    for suffix, decay in (("decay", weight_decay), ("no_decay", 0.0)):
+        chosen = [(name, p) for name, p in named if (name in no_decay) == (suffix == "no_decay")]
+        if chosen:
+            groups.append(
+                {
+                    "name": f"{label}/{suffix}",
+                    "params": [p for _, p in chosen],
+                    "param_names": [name for name, _ in chosen],
+                    "lr": lr * lr_scale,
+                    "initial_lr": lr * lr_scale,
+                    "lr_scale": lr_scale,
+                    "weight_decay": decay,
+                }
+            )
+    return groups
