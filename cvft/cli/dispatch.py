@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from cvft.cli import classification, detection
+import cvft.cli.classification as classification
+import cvft.cli.detection as detection
 from cvft.errors import CvftError
 
 __all__ = ["TASKS", "TOOLS", "find_task", "main"]
