@@ -33,7 +33,21 @@ from cvft.errors import ConfigError, CvftError
 from cvft.runs import ResumePoint, resume_point, run_loggers
 from cvft.tasks.hparams import Interval, check_hparams
 
-__all__ = ["RunCLI", "read_checkpoint_hparams", "run_summary", "print_fit_results"]
+__all__ = ["RunCLI", "cli_defaults", "read_checkpoint_hparams", "run_summary", "print_fit_results"]
+
+
+def cli_defaults(description: str) -> dict[str, Any]:
+    """The keyword arguments every ``cvft`` CLI is built with: runs under ``runs/``, ``config.yaml`` rewritten.
+
+    Example:
+        >>> cli_defaults("cvft: fine-tune.")["trainer_defaults"]
+        {'default_root_dir': 'runs'}
+    """
+    return {
+        "trainer_defaults": {"default_root_dir": "runs"},
+        "save_config_kwargs": {"overwrite": True},
+        "parser_kwargs": {"description": description},
+    }
 
 
 def read_checkpoint_hparams(path: str) -> dict[str, Any]:

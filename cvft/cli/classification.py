@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cvft.callbacks import PredictionWriter, TrainingReport
-from cvft.cli.base import RunCLI, print_fit_results, run_summary
+from cvft.cli.base import RunCLI, cli_defaults, print_fit_results, run_summary
 from cvft.data import ImageFolderDataModule
 from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
@@ -189,12 +189,5 @@ def run_classification_cli(
         cli_class, data_class = MedicalCLI, MedicalImageDataModule
     else:
         cli_class, data_class = CvftCLI, ImageFolderDataModule
-    return cli_class(
-        ImageClassifier,
-        data_class,
-        args=args,
-        run=run,
-        trainer_defaults={"default_root_dir": "runs"},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "cvft: fine-tune timm backbones on your images."},
-    )
+    description = "cvft: fine-tune timm backbones on your images."
+    return cli_class(ImageClassifier, data_class, args=args, run=run, **cli_defaults(description))

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cvft.callbacks import DetectionPredictionWriter, TrainingReport
-from cvft.cli.base import RunCLI, print_fit_results, run_summary
+from cvft.cli.base import RunCLI, cli_defaults, print_fit_results, run_summary
 
 __all__ = ["DetectionCLI", "run_detection_cli"]
 
@@ -108,12 +108,5 @@ def run_detection_cli(args: list[str] | None = None, run: bool = True) -> Detect
 
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # its INFO prints every COCO summary table
 
-    return DetectionCLI(
-        ObjectDetector,
-        DetectionDataModule,
-        args=args,
-        run=run,
-        trainer_defaults={"default_root_dir": "runs"},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "cvft: fine-tune timm backbones as object detectors."},
-    )
+    description = "cvft: fine-tune timm backbones as object detectors."
+    return DetectionCLI(ObjectDetector, DetectionDataModule, args=args, run=run, **cli_defaults(description))
