@@ -149,7 +149,7 @@ def distillation(args: argparse.Namespace) -> list[dict[str, Any]]:
 @benchmark
 def contrastive(args: argparse.Namespace) -> list[dict[str, Any]]:
     """SupCon (alone, LoRA on the backbone) then a linear probe, against a direct linear probe; same total epochs."""
-    from cvft.strategies.contrastive import linear_probe_after_contrastive
+    from cvft.workflows import linear_probe_after_contrastive
 
     data = medmnist("pneumoniamnist", args.size, args.train_size, args.seed)
     direct = classifier(LITE0, 2, ["linear_probe"], lr=1e-2)

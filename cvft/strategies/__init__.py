@@ -6,12 +6,13 @@ Example:
     True
 """
 
+from cvft._deprecation import moved_names
 from cvft.strategies.adapters import ConvAdapter, SharedAdapter, ViTAdapter, remove_adapters
 from cvft.strategies.apply import apply_strategies
 from cvft.strategies.base import Strategy, StrategyStack
 from cvft.strategies.callback import StrategyCallback
 from cvft.strategies.continual import EWC, L2SP, ContinualStrategy, LwF, MultiHeadNet
-from cvft.strategies.contrastive import SupCon, linear_probe_after_contrastive, supcon_loss
+from cvft.strategies.contrastive import SupCon, supcon_loss
 from cvft.strategies.distillation import Distillation, feature_distillation_loss, kd_loss
 from cvft.strategies.domain import AdaBN, AdaBNCallback, PseudoLabel, adabn
 from cvft.strategies.freezing import (
@@ -105,8 +106,10 @@ __all__ = [
     "remove_adapters",
     "SupCon",
     "supcon_loss",
-    "linear_probe_after_contrastive",
     "Distillation",
     "kd_loss",
     "feature_distillation_loss",
 ]
+
+#: Moved out of strategies (it builds tasks and exports): deprecated aliases.
+__getattr__ = moved_names(__name__, {"linear_probe_after_contrastive": "cvft.workflows"})

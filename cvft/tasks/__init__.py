@@ -11,5 +11,6 @@ from cvft.tasks.classification import ImageClassifier
 from cvft.tasks.detection import ObjectDetector
 from cvft.tasks.multitask import MultiTaskClassifier
 from cvft.tasks.schedules import WarmupCosine
+from cvft.tasks.teachers import load_teacher  # and installs the teacher loader that reads cvft's files
 
-__all__ = ["FineTuningModule", "ImageClassifier", "MultiTaskClassifier", "ObjectDetector", "WarmupCosine"]
+__all__ = ["FineTuningModule", "ImageClassifier", "MultiTaskClassifier", "ObjectDetector", "WarmupCosine", "load_teacher"]

@@ -4,11 +4,6 @@ import torch
 from torch import nn
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CVFT_CACHE", str(tmp_path / "cvft-cache"))
-
-
 @pytest.fixture(scope="session")
 def resnet() -> nn.Module:
     torch.manual_seed(0)

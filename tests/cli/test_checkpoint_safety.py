@@ -159,7 +159,7 @@ def test_python_entry_points_never_unpickle(remote, payload, server):
     with pytest.raises(CvftError):
         ImageClassifier.from_checkpoint(location)
     from cvft.backbones import create_backbone
-    from cvft.strategies.distillation.teacher import load_teacher
+    from cvft.tasks.teachers import load_teacher
 
     with pytest.raises(CvftError):
         create_backbone(

@@ -102,8 +102,7 @@ DETECTION_RECIPES = sorted((CONFIGS / "detection").glob("*.yaml"))
 @pytest.mark.parametrize("recipe", DETECTION_RECIPES, ids=lambda p: p.stem)
 def test_detection_recipe_instantiates_and_detects(recipe, tmp_path):
     """Each detection recipe builds its detector and data; hub weights and absent data get small stand-ins."""
-    from cvft.cli import find_task
-    from cvft.cli_detection import run_detection_cli
+    from cvft.cli import find_task, run_detection_cli
     from cvft.data.detection import write_shapes_detection
 
     assert find_task(["fit", "--config", str(recipe)]) == "detection"

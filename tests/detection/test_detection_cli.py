@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 import cvft.cli
-import cvft.cli_detection
+import cvft.cli.classification
+import cvft.cli.detection
 from cvft.cli import find_task, main
 from cvft.data.detection import write_shapes_detection
 from cvft.errors import CvftError
@@ -42,8 +43,10 @@ def test_find_task_reads_the_flag_then_the_config_files(tmp_path):
 
 def test_classification_config_runs_the_classification_cli(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cvft.cli, "CvftCLI", lambda *args, **kwargs: calls.append(("classification", args, kwargs)))
-    monkeypatch.setattr(cvft.cli_detection, "run_detection_cli", lambda args: calls.append(("detection", args)))
+    monkeypatch.setattr(
+        cvft.cli.classification, "CvftCLI", lambda *args, **kwargs: calls.append(("classification", args, kwargs))
+    )
+    monkeypatch.setattr(cvft.cli.detection, "run_detection_cli", lambda args: calls.append(("detection", args)))
     main(["fit", "--config", str(CONFIGS / "efficientnet_lite0_digits.yaml")])
     assert calls[0][0] == "classification" and calls[0][1][0].__name__ == "ImageClassifier"
     main(["fit", "--config", str(RECIPE)])

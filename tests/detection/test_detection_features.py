@@ -25,13 +25,7 @@ from cvft.detection import (
 from cvft.errors import CvftError
 from cvft.tasks import ObjectDetector
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: oversubscribed threads on a shared machine are many times slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def test_cnn_levels_follow_feature_info():

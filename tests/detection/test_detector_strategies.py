@@ -12,13 +12,7 @@ from cvft.errors import StrategyError
 from cvft.strategies._freeze import has_frozen_stats, is_batchnorm
 from cvft.tasks import ObjectDetector
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: oversubscribed threads on a shared machine are many times slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def tiny_batch(size: int = 64) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

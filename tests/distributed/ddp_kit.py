@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
+from quiet_trainer import make_trainer
 
 WORLD = 2
 
@@ -49,16 +50,6 @@ def run_ranks(fn: Callable[..., Any], out: Path, *args: Any, world: int = WORLD)
 
 def ddp_trainer(root: Path, find_unused_parameters: bool = False, **kwargs: Any) -> pl.Trainer:
     """A quiet 2-process CPU ``ddp`` Trainer (call inside a rank of :func:`run_ranks`)."""
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy=DDPStrategy(find_unused_parameters=find_unused_parameters, process_group_backend="gloo"),
-        default_root_dir=root,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    strategy = DDPStrategy(find_unused_parameters=find_unused_parameters, process_group_backend="gloo")
+    options: dict[str, Any] = dict(devices=WORLD, strategy=strategy, default_root_dir=root, max_epochs=None)
+    return make_trainer(**{**options, **kwargs})

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from quiet_trainer import make_trainer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -140,15 +141,7 @@ def test_classifier_trains_with_focal_loss_and_reloads(tmp_path):
         warmup_epochs=0,
     )
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
+    trainer = make_trainer(None, max_steps=2, default_root_dir=tmp_path)
     trainer.fit(model, DataLoader(TensorDataset(images, targets), batch_size=4))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     path = tmp_path / "focal.ckpt"

@@ -7,11 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import cv2
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from quiet_trainer import make_trainer
 from safetensors.torch import save_file
 
 from cvft.backbones import create_backbone
@@ -66,17 +66,9 @@ def test_trains_image_classifier_on_dicom_and_16bit_png(tmp_path):
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and targets.dtype == torch.int64
     assert torch.equal(images[:, 0], images[:, 1])  # grayscale repeated into the RGB channels
     model = ImageClassifier("test_resnet", pretrained=False, num_classes=data.num_classes, warmup_epochs=0)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
+    trainer = make_trainer(
+        1, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path, num_sanity_val_steps=2
+    )  # with Lightning's sanity check: validation runs once before training
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["val/loss"])
 

@@ -20,11 +20,11 @@ from cvft.strategies.aux import get_aux_module
 from cvft.strategies.contrastive import (
     SupCon,
     distributed_supcon_loss,
-    linear_probe_after_contrastive,
     supcon_loss,
 )
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.tasks import ImageClassifier
+from cvft.workflows import linear_probe_after_contrastive
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "strategies"))
 from strategy_testkit import make_trainer, toy_task  # noqa: E402

@@ -26,11 +26,10 @@ from cvft.strategies.distillation import (  # noqa: E402
     Distillation,
     feature_distillation_loss,
     kd_loss,
-    load_teacher,
-    teacher_kind,
 )
 from cvft.strategies.outputs import StepOutputs  # noqa: E402
 from cvft.tasks import ImageClassifier  # noqa: E402
+from cvft.tasks.teachers import load_teacher, teacher_kind  # noqa: E402
 
 CLASSES = 4
 
@@ -175,6 +174,18 @@ def test_teacher_from_adapter_file(tmp_path, teacher_file):
     x = torch.randn(3, 3, 32, 32)
     assert torch.allclose(teacher(x), classifier.backbone.eval()(x), atol=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_given_as_a_loaded_module(teacher_file):
+    module = make_backbone("test_resnet")
+    module.load_state_dict(load_file(teacher_file))
+    strategy = Distillation(module, feature_weight=1.0)
+    strategy.setup(make_backbone("test_vit"))
+    assert strategy.teacher_model is module
+    assert not module.training and not any(p.requires_grad for p in module.parameters())
+    assert strategy.config()["teacher"] == "module:ResNet"  # primitives only: checkpoints stay weights_only
+    with pytest.raises(StrategyError, match="pass the module again"):
+        Distillation(**strategy.config()).setup(make_backbone("test_vit"))
 
 
 def test_class_count_mismatch_is_a_clear_error(tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import re
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from quiet_trainer import make_trainer
 from torch.utils.data import TensorDataset
 
 from cvft.data.multitask import MultiTaskDataModule, TaskBatchSampler
@@ -39,21 +39,6 @@ def task_datasets(n: int, seed: int) -> dict[str, TensorDataset]:
     images, colour, _ = scenes(n, seed)
     other, _, stripes = scenes(n, seed + 1000)
     return {"colour": TensorDataset(images, colour), "stripes": TensorDataset(other, stripes)}
-
-
-def trainer(max_epochs: int, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=max_epochs,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def model_for(strategies, **kwargs) -> MultiTaskClassifier:
@@ -204,7 +189,7 @@ def test_datamodule_batches_and_val_loaders():
 def test_per_task_metrics_are_logged(tmp_path):
     model = model_for(["linear_probe"], weighting="uncertainty")
     data = MultiTaskDataModule(task_datasets(32, 0), val=task_datasets(16, 1), batch_size=8)
-    run = trainer(1, default_root_dir=tmp_path, limit_train_batches=4)
+    run = make_trainer(1, default_root_dir=tmp_path, limit_train_batches=4)
     run.fit(model, data)
     logged = set(run.callback_metrics)
     for key in ["val/colour/acc", "val/colour/f1_macro", "val/stripes/acc", "val/stripes/auroc", "val/loss"]:
@@ -253,7 +238,7 @@ def test_two_tasks_train_on_a_shared_backbone(strategies, tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b.clone() for n, b in model.backbone.named_buffers()}
     data = MultiTaskDataModule(train, batch_size=16, seed=0)
-    run = trainer(4, default_root_dir=tmp_path, enable_checkpointing=False)
+    run = make_trainer(4, default_root_dir=tmp_path, enable_checkpointing=False)
     run.fit(model, data)
     after = task_losses(model, train)
     for task in TASKS:

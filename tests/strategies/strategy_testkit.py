@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import timm
 import torch
 import torch.nn.functional as F
+from quiet_trainer import make_trainer  # noqa: F401 - the strategy tests take the one trainer factory from here
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,22 +56,6 @@ def toy_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
     """A deterministic, non-shuffled loader over :func:`toy_task`."""
     images, targets = toy_task(n, seed)
     return DataLoader(TensorDataset(images, targets), batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(max_epochs: int, callbacks: Iterable[pl.Callback] = (), **kwargs) -> pl.Trainer:
-    """A quiet CPU Trainer."""
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=max_epochs,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **options)
 
 
 def names_with_prefixes(model: nn.Module, prefixes: Iterable[str]) -> set[str]:

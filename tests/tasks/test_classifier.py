@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from quiet_trainer import make_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from cvft.errors import CvftError
@@ -19,21 +20,6 @@ def make_classifier(backbone="test_resnet", seed=0, **kwargs) -> ImageClassifier
     torch.manual_seed(seed)
     kwargs.setdefault("num_classes", 3)
     return ImageClassifier(backbone, pretrained=False, **kwargs)
-
-
-def make_trainer(max_epochs=1, callbacks=(), **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        max_epochs=max_epochs,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **options)
 
 
 def single_label_loader(n=24, num_classes=3, batch_size=8, seed=0) -> DataLoader:

@@ -9,16 +9,16 @@ Two regimes:
 
 * ``mode="joint"``: cross-entropy on both views plus ``weight`` times SupCon, in one run.
 * ``mode="alone"``: SupCon only (the task loss gets weight 0), the paper's recipe: contrastive fine-tuning of the
-  representation, then a linear probe on it as a second run (:func:`linear_probe_after_contrastive`).
+  representation, then a linear probe on it as a second run (:func:`cvft.workflows.linear_probe_after_contrastive`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from cvft._deprecation import moved_names
 from cvft.errors import StrategyError
 from cvft.strategies.aux import add_aux_module, get_aux_module
 from cvft.strategies.base import Strategy
@@ -26,10 +26,7 @@ from cvft.strategies.contrastive.distributed import distributed_supcon_loss
 from cvft.strategies.outputs import StepOutputs
 from cvft.strategies.registry import register_strategy
 
-if TYPE_CHECKING:
-    from cvft.tasks import ImageClassifier
-
-__all__ = ["SupCon", "projection_head", "linear_probe_after_contrastive", "PROJECTION_NAME"]
+__all__ = ["SupCon", "projection_head", "PROJECTION_NAME"]
 
 #: Name of the projection head under ``model.cvft_aux``.
 PROJECTION_NAME = "supcon_projection"
@@ -65,7 +62,7 @@ class SupCon(Strategy):
     directly: projections of same-class images attract and all others repel, with the negatives taken from the whole
     global batch (all processes under DDP). ``mode="joint"`` keeps the classifier's cross-entropy (on both views)
     and adds ``weight`` times SupCon; ``mode="alone"`` trains on SupCon only and is followed by a linear probe
-    (:func:`linear_probe_after_contrastive`).
+    (:func:`cvft.workflows.linear_probe_after_contrastive`).
 
     This is an objective: it decides *what* the model learns from, not which parameters train. List parameter
     strategies (``linear_probe``, ``lora``, adapters ...) first and ``supcon`` after them; the projection head
@@ -160,59 +157,4 @@ class SupCon(Strategy):
         return {"contrastive": self.weight * loss}
 
 
-def linear_probe_after_contrastive(
-    stage1: ImageClassifier | str | Path, weights_path: str | Path, **classifier_kwargs: Any
-) -> ImageClassifier:
-    """Second stage of "contrastive fine-tuning, then linear probe": a linear-probe classifier on stage 1's backbone.
-
-    Stage 1 is an :class:`~cvft.tasks.ImageClassifier` trained with ``mode="alone"`` (e.g. strategies
-    ``["full", {"name": "supcon", "mode": "alone"}]`` or ``["lora", {"name": "supcon", "mode": "alone"}]``). Its
-    backbone is folded into a plain timm model (LoRA merged, projection head dropped), written to ``weights_path``
-    (safetensors) and loaded as the weights of a new classifier with ``strategies=["linear_probe"]``. The same in
-    two CLI runs::
-
-        cvft fit --config configs/supcon.yaml --model.strategies '[full, {name: supcon, mode: alone}]'
-        cvft export --ckpt runs/.../last.ckpt --output stage1.safetensors
-        cvft fit --config configs/supcon.yaml --model.strategies '[linear_probe]' --model.weights stage1.safetensors
-
-    Args:
-        stage1: The trained stage-1 classifier, or the path of its Lightning checkpoint.
-        weights_path: Where to write the stage-1 backbone (``.safetensors``).
-        **classifier_kwargs: Overrides for the new classifier (``lr``, ``num_classes``, ``strategies`` ...).
-
-    Returns:
-        A fresh classifier, backbone frozen to stage 1's weights, head trainable (the probe). A classifier given as
-        ``stage1`` is folded in place (its projection head removed) on the way.
-
-    Note:
-        Pass stage 1's *last* checkpoint: with ``mode="alone"`` its head never trained, so "best by validation
-        accuracy" means nothing. The ``.ckpt`` itself cannot be given as ``weights=`` to the probe directly: it holds
-        the projection head (and any LoRA factors), which a plain backbone refuses as unexpected keys.
-
-    Example:
-        >>> import tempfile
-        >>> from cvft.tasks import ImageClassifier
-        >>> stage1 = ImageClassifier("test_resnet", pretrained=False, num_classes=3,
-        ...                          strategies=["full", {"name": "supcon", "mode": "alone"}])
-        >>> probe = linear_probe_after_contrastive(stage1, tempfile.mkdtemp() + "/stage1.safetensors")
-        >>> [n for n, p in probe.named_parameters() if p.requires_grad]
-        ['backbone.fc.weight', 'backbone.fc.bias']
-    """
-    from cvft.export import export_classifier
-    from cvft.tasks import ImageClassifier
-
-    if not isinstance(stage1, ImageClassifier):
-        stage1 = ImageClassifier.from_checkpoint(stage1)
-    hp = stage1.hparams
-    path = export_classifier(stage1, weights_path)
-    kwargs: dict[str, Any] = {
-        "backbone": hp.backbone,
-        "pretrained": False,
-        "weights": str(path),
-        "num_classes": stage1.num_classes,
-        "class_names": stage1.class_names,
-        "in_chans": hp.in_chans,
-        "backbone_kwargs": hp.get("backbone_kwargs"),
-        "strategies": ["linear_probe"],
-    }
-    return ImageClassifier(**{**kwargs, **classifier_kwargs})
+__getattr__ = moved_names(__name__, {"linear_probe_after_contrastive": "cvft.workflows"})

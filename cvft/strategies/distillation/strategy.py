@@ -22,7 +22,7 @@ from cvft.errors import StrategyError
 from cvft.strategies.aux import add_aux_module, get_aux_module
 from cvft.strategies.base import Strategy
 from cvft.strategies.distillation.loss import feature_distillation_loss, kd_loss
-from cvft.strategies.distillation.teacher import check_teacher_file, feature_width, load_teacher
+from cvft.strategies.distillation.teacher import feature_width, freeze_teacher, teacher_loader
 from cvft.strategies.outputs import StepOutputs, forward_with_features
 from cvft.strategies.registry import register_strategy
 
@@ -32,6 +32,9 @@ _logger = logging.getLogger(__name__)
 
 #: Name of the student-to-teacher feature projection under ``model.cvft_aux``.
 PROJECTION_NAME = "distill_projection"
+
+#: How the configuration records a teacher given as a loaded module (there is no file or name to record).
+_MODULE_TEACHER = "module:"
 
 
 @register_strategy
@@ -51,8 +54,10 @@ class Distillation(Strategy):
     The teacher is kept *outside* the student's module tree (on this strategy object): it is not optimised, not saved
     in the student's checkpoints or adapter files, not wrapped by DDP, and Lightning's ``model.train()`` cannot
     reach it. It is frozen, always runs in eval mode under ``torch.no_grad``, and follows the images' device and
-    dtype. It is loaded at the first training step (at ``setup`` when features are distilled, since the projection's
-    width depends on it), so a distilled student reloads for inference or export without its teacher.
+    dtype. A teacher named by a string is built by the installed teacher loader
+    (:mod:`cvft.strategies.distillation.teacher`; :mod:`cvft.tasks.teachers` reads cvft's checkpoint and adapter
+    files) at the first training step (at ``setup`` when features are distilled, since the projection's width depends
+    on it), so a distilled student reloads for inference or export without its teacher.
 
     ``cache_logits=True`` computes the teacher's outputs once per dataset sample (by the indices the data module
     returns, see :attr:`needs_indices`) and keeps them on the CPU, outside checkpoints. It is exact only when the
@@ -60,8 +65,10 @@ class Distillation(Strategy):
     *first* augmented version of each image. Without indices in the batch it warns once and runs the teacher.
 
     Args:
-        teacher: A timm model name, the path of a ``.ckpt`` written by ``cvft fit``, or of a cvft adapter
-            ``.safetensors`` file. Its head must have as many classes as the student's when ``alpha > 0``.
+        teacher: The teacher network itself (an ``nn.Module`` with its classifier, frozen here in place; recorded
+            in the configuration as ``"module:<class name>"`` and not saved with the student), or a timm model name,
+            the path of a ``.ckpt`` written by ``cvft fit``, or of a cvft adapter ``.safetensors`` file. Its head must
+            have as many classes as the student's when ``alpha > 0``.
         teacher_weights: Base weights of a timm-name or adapter teacher (a local file or built-in source, as in
             :func:`cvft.backbones.create_backbone`); wins over ``teacher_pretrained``.
         teacher_pretrained: Take the teacher's base weights from the hub when ``teacher_weights`` is not given.
@@ -94,7 +101,7 @@ class Distillation(Strategy):
 
     def __init__(
         self,
-        teacher: str,
+        teacher: str | nn.Module,
         teacher_weights: str | None = None,
         teacher_pretrained: bool = True,
         temperature: float = 4.0,
@@ -102,6 +109,9 @@ class Distillation(Strategy):
         feature_weight: float = 0.0,
         cache_logits: bool = False,
     ) -> None:
+        loaded = teacher if isinstance(teacher, nn.Module) else None
+        if loaded is not None:
+            teacher = f"{_MODULE_TEACHER}{type(loaded).__name__}"
         if not isinstance(teacher, str) or not teacher.strip():
             raise StrategyError(
                 "distillation needs a teacher: a timm model name, a .ckpt from `cvft fit` or an adapter .safetensors "
@@ -127,7 +137,7 @@ class Distillation(Strategy):
         self.alpha = float(alpha)
         self.feature_weight = float(feature_weight)
         self.cache_logits = bool(cache_logits)
-        self._teacher: nn.Module | None = None
+        self._teacher: nn.Module | None = None if loaded is None else freeze_teacher(loaded)
         self._num_classes: int | None = None
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._warned_no_indices = False
@@ -153,7 +163,12 @@ class Distillation(Strategy):
     def teacher_model(self) -> nn.Module:
         """The frozen teacher (loaded on first access)."""
         if self._teacher is None:
-            self._teacher = load_teacher(self.teacher, self.teacher_weights, self.teacher_pretrained)
+            if self.teacher.startswith(_MODULE_TEACHER):
+                raise StrategyError(
+                    f"The distillation teacher was given as a loaded module ({self.teacher!r}), which is not saved "
+                    "with the student: pass the module again as `teacher`, or name a timm model or a cvft file."
+                )
+            self._teacher = teacher_loader().load(self.teacher, self.teacher_weights, self.teacher_pretrained)
             self._check_classes()
         return self._teacher
 
@@ -178,8 +193,8 @@ class Distillation(Strategy):
         A bad teacher file (missing, unreadable, unsafe, another class count) is refused here, before training.
         """
         self._num_classes = getattr(model, "num_classes", None)
-        if self._teacher is None:
-            file_classes = check_teacher_file(self.teacher)
+        if self._teacher is None and not self.teacher.startswith(_MODULE_TEACHER):
+            file_classes = teacher_loader().check(self.teacher)
             if file_classes is not None:
                 self._check_class_count(file_classes)
         self._check_classes()

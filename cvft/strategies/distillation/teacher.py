@@ -1,170 +1,139 @@
-"""Loading a frozen teacher: a timm model name, a ``.ckpt`` written by ``cvft fit``, or a cvft adapter file."""
+"""A distillation teacher as the strategy sees it: a frozen network, given loaded or named for a loader to build.
+
+The strategy reads no files itself. A teacher given as a string is built by the installed :class:`TeacherLoader`:
+
+* by default :class:`TimmTeacherLoader`, for timm model names (base weights from ``teacher_weights``, a built-in
+  source or the hub);
+* :mod:`cvft.tasks.teachers` installs one that also reads what ``cvft fit`` writes (a ``.ckpt``, an adapter
+  ``.safetensors``), files only the task layer can rebuild into a network. Importing :mod:`cvft.tasks` installs it.
+
+Either way the result is frozen (:func:`freeze_teacher`) and kept outside the student.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Protocol
 
 from torch import nn
 
-from cvft.checkpoints import weights_from_checkpoint
+from cvft._deprecation import moved_names
 from cvft.errors import CvftError, StrategyError
 
-__all__ = ["TeacherKind", "teacher_kind", "check_teacher_file", "load_teacher", "freeze_teacher", "feature_width"]
+__all__ = [
+    "TeacherLoader",
+    "TimmTeacherLoader",
+    "register_teacher_loader",
+    "teacher_loader",
+    "load_timm_teacher",
+    "teacher_loading_errors",
+    "is_teacher_file",
+    "freeze_teacher",
+    "feature_width",
+]
 
-TeacherKind = Literal["timm", "checkpoint", "adapter"]
-
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-def teacher_kind(teacher: str) -> TeacherKind:
-    """What ``teacher`` names: ``"checkpoint"``, ``"adapter"`` or ``"timm"``.
-
-    A ``.ckpt`` file is a checkpoint written by ``cvft fit``, anything without a weights-file suffix a timm model name.
-    A ``.safetensors`` file counts as an adapter only if its metadata says so; plain weight files are refused with
-    the way to use them (a timm name plus ``teacher_weights``).
-
-    Raises:
-        StrategyError: ``teacher`` looks like a file (by its suffix) that does not exist, or is a plain weights file.
-
-    Example:
-        >>> teacher_kind("resnet50.a1_in1k"), teacher_kind("test_vit")
-        ('timm', 'timm')
-    """
-    suffix = Path(teacher).suffix.lower()
-    if suffix not in (".ckpt", *_WEIGHT_SUFFIXES):
-        return "timm"
-    path = Path(teacher)
-    if not path.is_file():
-        raise StrategyError(
-            f"Teacher file {str(path)!r} does not exist (looked at {path.resolve()}). Pass a timm model name, the "
-            "path of a .ckpt written by `cvft fit`, or of an adapter .safetensors written by it."
-        )
-    if suffix == ".ckpt":
-        return "checkpoint"
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-
-        from cvft.adapters import ADAPTER_FORMAT
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except Exception as error:  # SafetensorError, OSError: not a safetensors file, truncated
-            raise StrategyError(
-                f"Teacher file {str(path)!r} is not a readable .safetensors file ({type(error).__name__}: {error}). "
-                "Pass the adapter .safetensors written by `cvft fit`, a .ckpt, or a timm model name."
-            ) from None
-        if metadata.get("format") == ADAPTER_FORMAT:
-            return "adapter"
-    raise StrategyError(
-        f"Teacher {str(path)!r} is a plain weights file, not a cvft checkpoint or adapter: pass the timm name of its "
-        f"architecture as `teacher` and the file as `teacher_weights` (CLI: --teacher NAME --teacher_weights "
-        f"{path})."
-    )
+#: Suffixes that make a teacher string a file (a ``.ckpt``, or weights a loader may read) rather than a timm name.
+TEACHER_FILE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
 
 
-def _local_copy(teacher: str) -> str:
-    """A teacher given by ``http(s)://`` URL, downloaded into cvft's cache (read safely like any other file)."""
-    from cvft.checkpoints import download, is_url
+class TeacherLoader(Protocol):
+    """Builds the teacher a string names; :func:`register_teacher_loader` installs one."""
 
-    return str(download(teacher)) if is_url(teacher) else teacher
+    def check(self, teacher: str) -> int | None:
+        """Refuse a bad teacher before training, reading files only (no model built, no hub access).
 
+        Returns:
+            The number of classes the teacher predicts when its file says, else ``None``.
+        """
 
-def check_teacher_file(teacher: str) -> int | None:
-    """Check a teacher file before training: readable, safe, a cvft checkpoint or adapter; return its class count.
-
-    Reads only the file (no hub access, no model is built), so a distillation strategy can refuse a bad teacher
-    when it is set up rather than at the first training step.
-
-    Args:
-        teacher: What :func:`load_teacher` takes.
-
-    Returns:
-        The number of classes the teacher predicts when its file says (``None`` for timm names and when unknown).
-
-    Raises:
-        StrategyError: The file is missing, unreadable, unsafe (pickled objects), or not a cvft checkpoint/adapter.
-    """
-    teacher = _local_copy(teacher)
-    kind = teacher_kind(teacher)
-    try:
-        if kind == "checkpoint":
-            from cvft.checkpoints import load_checkpoint
-
-            hparams = load_checkpoint(teacher, require_lightning=True).get("hyper_parameters") or {}
-            classes = hparams.get("num_classes")
-            return int(classes) if isinstance(classes, int) else None
-        if kind == "adapter":
-            from cvft.adapters import read_adapter
-
-            names = read_adapter(teacher)[1].class_names
-            return len(names) if names else None
-    except CvftError as error:
-        raise StrategyError(f"Cannot use {teacher!r} as the distillation teacher: {error}") from None
-    return None
+    def load(self, teacher: str, weights: str | None, pretrained: bool) -> nn.Module:
+        """The teacher network with its classifier head, frozen and in eval mode (:func:`freeze_teacher`)."""
 
 
-def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = True) -> nn.Module:
-    """Build a teacher network (a timm model with its classifier), frozen and in eval mode, on the CPU.
-
-    Args:
-        teacher: A timm model name (with an optional pretrained tag), the path of a ``.ckpt`` written by
-            ``cvft fit`` (rebuilt with :meth:`ImageClassifier.from_checkpoint
-            <cvft.tasks.ImageClassifier.from_checkpoint>`, every weight from the file), or of a cvft adapter
-            ``.safetensors`` (rebuilt with :meth:`ImageClassifier.from_adapter
-            <cvft.tasks.ImageClassifier.from_adapter>` on the base weights below).
-        weights: Base weights of a timm-name or adapter teacher: a local file or built-in source, as
-            :func:`cvft.backbones.create_backbone` takes; it wins over ``pretrained``. Not used with a ``.ckpt``.
-        pretrained: Take the base weights from the hub (timm's pretrained tag) when ``weights`` is not given.
-
-    Returns:
-        The teacher: a timm model with its classifier head, ``requires_grad=False`` everywhere, in eval mode.
-
-    Raises:
-        StrategyError: The teacher cannot be found or built, would start from random weights, or ``weights`` was
-            given with a ``.ckpt``.
+def is_teacher_file(teacher: str) -> bool:
+    """Whether ``teacher`` names a file (by its suffix) rather than a timm model.
 
     Example:
-        >>> import tempfile, timm, torch
-        >>> from safetensors.torch import save_file
-        >>> path = tempfile.mkdtemp() + "/resnet.safetensors"
-        >>> save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), path)
-        >>> teacher = load_teacher("test_resnet", weights=path)
-        >>> teacher.num_classes, teacher.training, any(p.requires_grad for p in teacher.parameters())
-        (3, False, False)
+        >>> is_teacher_file("resnet50.a1_in1k"), is_teacher_file("runs/cvft/version_0/checkpoints/last.ckpt")
+        (False, True)
     """
-    teacher = _local_copy(teacher)
-    kind = teacher_kind(teacher)
-    pretrained = pretrained and weights is None
+    return Path(teacher).suffix.lower() in TEACHER_FILE_SUFFIXES
+
+
+@contextmanager
+def teacher_loading_errors(teacher: str, kind: str) -> Iterator[None]:
+    """Report any failure to build ``teacher`` (of ``kind``) as a :class:`~cvft.errors.StrategyError` naming it."""
     try:
-        if kind == "timm":
-            from cvft.backbones import create_backbone
-
-            if not pretrained and weights is None:
-                raise StrategyError(
-                    f"Teacher {teacher!r} would start from random weights, which teaches nothing: pass "
-                    "teacher_pretrained=True (hub weights) or teacher_weights=<file or built-in source>."
-                )
-            model = create_backbone(teacher, pretrained=pretrained, weights=weights)
-        else:
-            from cvft.tasks import ImageClassifier
-
-            with weights_from_checkpoint():
-                if kind == "checkpoint":
-                    if weights is not None:
-                        raise StrategyError(
-                            f"teacher_weights={weights!r} does not apply to the checkpoint teacher {teacher!r}: a "
-                            ".ckpt holds every weight. Leave teacher_weights out."
-                        )
-                    model = ImageClassifier.from_checkpoint(teacher).backbone
-                else:
-                    model = ImageClassifier.from_adapter(teacher, pretrained=pretrained, weights=weights).backbone
+        yield
     except StrategyError:
         raise
     except (CvftError, OSError, KeyError, RuntimeError) as err:
         raise StrategyError(f"Cannot load the distillation teacher {teacher!r} ({kind}): {err}") from err
-    return freeze_teacher(model)
+
+
+def load_timm_teacher(name: str, weights: str | None = None, pretrained: bool = True) -> nn.Module:
+    """A timm model with its classifier as a teacher, frozen; refuses one that would start from random weights.
+
+    Args:
+        name: A timm model name, with an optional pretrained tag.
+        weights: Base weights (a local file or built-in source, as :func:`cvft.backbones.create_backbone` takes);
+            wins over ``pretrained``.
+        pretrained: Take the weights from the hub when ``weights`` is not given.
+
+    Raises:
+        StrategyError: Neither ``weights`` nor ``pretrained``: a random teacher teaches nothing.
+    """
+    from cvft.backbones import create_backbone
+
+    pretrained = pretrained and weights is None
+    if not pretrained and weights is None:
+        raise StrategyError(
+            f"Teacher {name!r} would start from random weights, which teaches nothing: pass "
+            "teacher_pretrained=True (hub weights) or teacher_weights=<file or built-in source>."
+        )
+    return freeze_teacher(create_backbone(name, pretrained=pretrained, weights=weights))
+
+
+class TimmTeacherLoader:
+    """The default :class:`TeacherLoader`: timm model names only; files need :mod:`cvft.tasks.teachers`.
+
+    Example:
+        >>> TimmTeacherLoader().check("test_vit") is None
+        True
+    """
+
+    def check(self, teacher: str) -> int | None:
+        """Refuse a file (no loader for cvft's files is installed); a timm name has no class count to read."""
+        if is_teacher_file(teacher):
+            raise StrategyError(
+                f"Teacher {teacher!r} is a file, and cvft's checkpoint and adapter files are read by "
+                "cvft.tasks.teachers: import cvft.tasks first (it installs that loader), or pass the loaded teacher "
+                "nn.Module as `teacher`."
+            )
+        return None
+
+    def load(self, teacher: str, weights: str | None, pretrained: bool) -> nn.Module:
+        """The timm model ``teacher`` names (:func:`load_timm_teacher`)."""
+        self.check(teacher)
+        with teacher_loading_errors(teacher, "timm"):
+            return load_timm_teacher(teacher, weights, pretrained)
+
+
+_loader: TeacherLoader = TimmTeacherLoader()
+
+
+def register_teacher_loader(loader: TeacherLoader) -> TeacherLoader:
+    """Install ``loader`` for every teacher given as a string from now on; returns the one it replaces."""
+    global _loader
+    previous, _loader = _loader, loader
+    return previous
+
+
+def teacher_loader() -> TeacherLoader:
+    """The installed :class:`TeacherLoader`."""
+    return _loader
 
 
 def freeze_teacher(model: nn.Module) -> nn.Module:
@@ -195,3 +164,10 @@ def feature_width(model: nn.Module) -> int:
             f"{type(model).__name__} does not. Use feature_weight=0 (logit distillation only)."
         )
     return int(width)
+
+
+#: Reading cvft's files moved up to the task layer: deprecated aliases.
+__getattr__ = moved_names(
+    __name__,
+    {name: "cvft.tasks.teachers" for name in ("TeacherKind", "teacher_kind", "check_teacher_file", "load_teacher")},
+)

@@ -1,145 +1,27 @@
-"""The ``cvft`` command: LightningCLI with cvft's classifier, image-folder data and sensible run outputs.
+"""``cvft fit|validate|test|predict`` for image classification: :class:`CvftCLI` and its medical form.
 
-Examples::
-
-    cvft fit --config configs/efficientnet_lite0_digits.yaml
-    cvft fit --model.backbone vit_small_patch16_224.augreg_in21k --data.root my_images/ --trainer.max_epochs 5
-    cvft predict --config runs/cvft/version_0/config.yaml --data.predict_root new_images/
-        --ckpt_path runs/cvft/version_0/checkpoints/best.ckpt
+:class:`CvftCLI` is the LightningCLI for :class:`~cvft.tasks.ImageClassifier` on image-folder data;
+:class:`MedicalCLI` the same on :class:`~cvft.data.MedicalImageDataModule` with the medical report on. ``cvft``
+(:mod:`cvft.cli.dispatch`) runs one of them through :func:`run_classification_cli` unless the command line asks for
+another task.
 
 Every fit writes, into ``<trainer.default_root_dir>/<run name>/version_<n>/``: ``checkpoints/`` (best and last),
 ``metrics.csv``, TensorBoard event files, ``learning_curves.png``, ``confusion_matrix.png`` and ``config.yaml``.
-A config with the top-level key ``task: detection`` (or ``--task detection``) runs :mod:`cvft.cli_detection` instead.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-from cvft import __version__
-from cvft.callbacks import PredictionWriter, TrainingReport, output_dir
-from cvft.cli_base import RunCLI, read_checkpoint_hparams
+from cvft.callbacks import PredictionWriter, TrainingReport
+from cvft.cli.base import RunCLI, cli_defaults, print_fit_results, run_summary
 from cvft.data import ImageFolderDataModule
-from cvft.errors import CvftError
 from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
 
-__all__ = [
-    "CvftCLI",
-    "MedicalCLI",
-    "main",
-    "run_summary",
-    "print_fit_results",
-    "read_checkpoint_hparams",
-    "add_teacher",
-    "adapter_into_config",
-    "find_task",
-    "TASKS",
-]
-
-_logger = logging.getLogger("cvft")
-
-TASKS = ("classification", "detection", "medical")
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def _task_in_config(path: str) -> str | None:
-    """The top-level ``task:`` of a YAML config file (or of its subcommand section), None when it names none."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        return None  # LightningCLI reports the missing file (or parses an inline YAML string)
-    try:
-        config = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        return None  # LightningCLI reports the syntax error with its position
-    if not isinstance(config, dict):
-        return None
-    sections = [config] + [config[name] for name in _SUBCOMMANDS if isinstance(config.get(name), dict)]
-    found = [section["task"] for section in sections if "task" in section]
-    return str(found[-1]) if found else None
-
-
-def find_task(argv: list[str]) -> str:
-    """The task a ``cvft`` command line asks for: ``--task``, else the last ``task:`` of its ``--config`` files.
-
-    Args:
-        argv: The arguments after ``cvft`` (``["fit", "--config", "x.yaml", ...]``).
-
-    Returns:
-        One of :data:`TASKS`; ``"classification"`` when nothing names a task.
-
-    Raises:
-        CvftError: The task named is not one of :data:`TASKS`.
-
-    Example:
-        >>> find_task(["fit", "--data.root", "images/"]), find_task(["predict", "--task=detection"])
-        ('classification', 'detection')
-    """
-    task, source = None, None
-    for i, arg in enumerate(argv):
-        name, equals, value = arg.partition("=")
-        if not equals:
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-        if name == "--task":
-            task, source = value, "--task"
-        elif name in ("--config", "-c") and source != "--task":  # --task wins wherever it stands
-            from_file = _task_in_config(value)
-            if from_file is not None:
-                task, source = from_file, value
-    if task is None:
-        return "classification"
-    if task not in TASKS:
-        raise CvftError(
-            f"Unknown task {task!r} (from {source}); choose one of {', '.join(TASKS)} "
-            "(set it with `task: detection` at the top of the config file or with --task)."
-        )
-    return task
-
-
-def run_summary(model: Any, architecture: str) -> str:
-    """One line saying what a fit trains: architecture, weights, classes, strategies, trainable parameters.
-
-    Example:
-        >>> from cvft.tasks import ImageClassifier
-        >>> model = ImageClassifier("test_resnet", pretrained=False, num_classes=3, strategies=["linear_probe"])
-        >>> run_summary(model, "test_resnet").split(" | ")[2:]
-        ['3 classes', 'strategies: linear_probe', 'trainable parameters: 291 of 372,979']
-    """
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    strategies = ", ".join(s.name for s in model.strategy_stack) or "full (default)"
-    return (
-        f"cvft {__version__}: {architecture} | weights: {model.weights_source} | {model.num_classes} classes | "
-        f"strategies: {strategies} | trainable parameters: {trainable:,} of {total:,}"
-    )
-
-
-def print_fit_results(trainer: Trainer, model: Any, metrics: dict[str, float]) -> None:
-    """Print a fit's final validation ``metrics``, its best checkpoint, weights and outputs; save a strategy adapter.
-
-    The adapter (``adapter.safetensors``, the trained tensors only) is written into the run folder when the model
-    has strategies.
-    """
-    folder = output_dir(trainer)
-    summary = " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-    print(f"Final validation: {summary}", flush=True)
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.best_model_score is not None:
-        score = float(checkpoint.best_model_score)
-        print(f"Best {checkpoint.monitor}: {score:.4f} ({checkpoint.best_model_path})", flush=True)
-    print(f"Weights used: {model.weights_source}", flush=True)
-    if len(model.strategy_stack):
-        adapter = model.save_adapter(folder / "adapter.safetensors")
-        print(f"Adapter (trained tensors only): {adapter}", flush=True)
-    print(f"Outputs: {folder}", flush=True)
+__all__ = ["CvftCLI", "MedicalCLI", "add_teacher", "adapter_into_config", "run_classification_cli"]
 
 
 def add_teacher(config: Any) -> None:
@@ -288,48 +170,24 @@ class MedicalCLI(CvftCLI):
         parser.set_defaults({"medical_report.enabled": True})
 
 
-#: Sub-commands that are not LightningCLI runs: name -> module whose ``main(argv)`` runs them.
-_TOOLS = {"export": "cvft.export", "compare": "cvft.compare.cli", "explain": "cvft.medical.explain_cli"}
+def run_classification_cli(
+    args: list[str] | None = None, task: Literal["classification", "medical"] = "classification", run: bool = True
+) -> CvftCLI:
+    """Build (and by default run) the classification CLI of ``task`` with cvft's defaults; ``cvft`` calls this.
 
+    Args:
+        args: Command-line arguments (``sys.argv[1:]`` when None).
+        task: ``"classification"`` (:class:`CvftCLI` on image folders) or ``"medical"`` (:class:`MedicalCLI`).
+        run: Run the subcommand; ``False`` only instantiates (then ``args`` has no subcommand).
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``cvft`` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] and argv[0] in _TOOLS:
-        import importlib
+    Returns:
+        The CLI, with ``model``, ``datamodule`` and ``trainer``.
+    """
+    if task == "medical":
+        from cvft.data import MedicalImageDataModule
 
-        tool = importlib.import_module(_TOOLS[argv[0]])
-        try:
-            raise SystemExit(tool.main(argv[1:]))
-        except CvftError as err:
-            print(f"cvft {argv[0]}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-    try:
-        task = find_task(argv)
-        if task == "detection":
-            from cvft.cli_detection import run_detection_cli
-
-            run_detection_cli(args)
-            return
-        if task == "medical":
-            from cvft.data import MedicalImageDataModule
-
-            cli_class, data_class = MedicalCLI, MedicalImageDataModule
-        else:
-            cli_class, data_class = CvftCLI, ImageFolderDataModule
-        cli_class(
-            ImageClassifier,
-            data_class,
-            args=args,
-            trainer_defaults={"default_root_dir": "runs"},
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": "cvft: fine-tune timm backbones on your images."},
-        )
-    except CvftError as err:
-        print(f"cvft: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+        cli_class, data_class = MedicalCLI, MedicalImageDataModule
+    else:
+        cli_class, data_class = CvftCLI, ImageFolderDataModule
+    description = "cvft: fine-tune timm backbones on your images."
+    return cli_class(ImageClassifier, data_class, args=args, run=run, **cli_defaults(description))

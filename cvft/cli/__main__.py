@@ -1,0 +1,5 @@
+"""``python -m cvft.cli ...``: the ``cvft`` command."""
+
+from cvft.cli.dispatch import main
+
+main()
