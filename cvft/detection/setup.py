@@ -19,7 +19,7 @@ from cvft.detection.heads import (
 )
 from cvft.errors import CvftError, StrategyError
 from cvft.strategies.base import Strategy
-from cvft.strategies.support import check_supported
+from cvft.strategies.support import TaskSupport, check_supported
 
 __all__ = [
     "NMS_DEFAULTS",
@@ -109,21 +109,23 @@ def check_head(head: str) -> None:
         raise CvftError(f"Unknown detection head {head!r}; choose one of {list(NMS_DEFAULTS)}.")
 
 
+DETECTOR_SUPPORT = TaskSupport("ObjectDetector", reads_feature_maps=True)
+"""What a detector gives its strategies: images and boxes, no views or indices; it reads the backbone's feature maps."""
+
+
 def refuse_strategies(strategies: Iterable[Strategy]) -> None:
     """Refuse strategies a detector cannot run (deprecated: use :func:`cvft.strategies.support.check_supported`).
 
     Raises:
         StrategyError: See :func:`~cvft.strategies.support.check_supported`.
     """
-    from cvft.tasks.detection import ObjectDetector
-
     warnings.warn(
         "cvft.detection.setup.refuse_strategies is deprecated; use "
         "cvft.strategies.support.check_supported(strategies, ObjectDetector.strategy_support).",
         DeprecationWarning,
         stacklevel=2,
     )
-    check_supported(strategies, ObjectDetector.strategy_support)
+    check_supported(strategies, DETECTOR_SUPPORT)
 
 
 def refuse_replaced_feature_maps(backbone: nn.Module, strategies: Iterable[Strategy]) -> None:

@@ -13,4 +13,11 @@ from cvft.tasks.multitask import MultiTaskClassifier
 from cvft.tasks.schedules import WarmupCosine
 from cvft.tasks.teachers import load_teacher  # and installs the teacher loader that reads cvft's files
 
-__all__ = ["FineTuningModule", "ImageClassifier", "MultiTaskClassifier", "ObjectDetector", "WarmupCosine", "load_teacher"]
+__all__ = [
+    "FineTuningModule",
+    "ImageClassifier",
+    "MultiTaskClassifier",
+    "ObjectDetector",
+    "WarmupCosine",
+    "load_teacher",
+]

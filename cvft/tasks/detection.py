@@ -20,6 +20,7 @@ from cvft.detection.features import MultiScaleFeatures, feature_levels
 from cvft.detection.heads import detection_losses, head_mode, label_offset, shift_labels
 from cvft.detection.metrics import detection_map, map_scalars, resolve_map_backend
 from cvft.detection.setup import (
+    DETECTOR_SUPPORT,
     build_detector_network,
     check_classes,
     check_head,
@@ -29,7 +30,6 @@ from cvft.detection.setup import (
 )
 from cvft.strategies._freeze import freeze_batchnorm_stats, is_batchnorm
 from cvft.strategies.param_groups import no_weight_decay_names
-from cvft.strategies.support import TaskSupport
 from cvft.tasks.base import FineTuningModule, head_param_groups
 from cvft.tasks.schedules import check_optimizer
 
@@ -105,7 +105,7 @@ class ObjectDetector(FineTuningModule):
         ['boxes', 'labels', 'scores']
     """
 
-    strategy_support = TaskSupport("ObjectDetector", reads_feature_maps=True)
+    strategy_support = DETECTOR_SUPPORT
     checkpoint_overrides = {"adapter": None}
 
     def __init__(
