@@ -207,7 +207,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         self.strategy_stack = stack
         stack.setup(self.backbone)
         if adapter is not None:
-            from cvft.adapters import load_adapter
+            from cvft.adapter_files import load_adapter
 
             load_adapter(self.backbone, adapter, backbone=backbone)
 
@@ -245,7 +245,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
         The base weights must be the ones the adapter was trained on: ``pretrained=True`` (hub) or ``weights``
         (which takes precedence over ``pretrained``).
         """
-        from cvft.adapters import read_adapter
+        from cvft.adapter_files import read_adapter
 
         _, info = read_adapter(path)
         kwargs: dict[str, Any] = {
@@ -261,7 +261,7 @@ class ImageClassifier(StrategyHooks, pl.LightningModule):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (adapter, head, updating BatchNorm statistics) and metadata to ``path``."""
-        from cvft.adapters import save_adapter
+        from cvft.adapter_files import save_adapter
 
         return save_adapter(
             self.backbone, path, self.hparams.backbone, self.strategy_stack.config(), class_names=self.class_names

@@ -367,7 +367,7 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
     # ------------------------------------------------------------------ adapters
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (backbone strategy tensors, neck, heads) and the architecture to ``path``."""
-        from cvft.detection.adapter import save_detector_adapter
+        from cvft.detection.adapter_files import save_detector_adapter
 
         return save_detector_adapter(self, path, {k: self.hparams[k] for k in _ARCHITECTURE_KEYS})
 
@@ -376,7 +376,7 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
 
         The detector must have the adapter's backbone, strategies and head (:meth:`from_adapter` builds one).
         """
-        from cvft.detection.adapter import load_detector_adapter
+        from cvft.detection.adapter_files import load_detector_adapter
 
         return load_detector_adapter(self, path, self.hparams.backbone)
 
@@ -385,7 +385,7 @@ class ObjectDetector(StrategyHooks, pl.LightningModule):
         cls, path: str | Path, pretrained: bool = True, weights: str | None = None, **overrides: Any
     ) -> ObjectDetector:
         """Rebuild a detector from an adapter file on the same pretrained backbone (``pretrained`` or ``weights``)."""
-        from cvft.detection.adapter import read_detector_metadata
+        from cvft.detection.adapter_files import read_detector_metadata
 
         architecture, strategies = read_detector_metadata(path)
         kwargs = {**architecture, "strategies": strategies, "pretrained": pretrained, "weights": weights}

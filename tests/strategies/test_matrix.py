@@ -67,7 +67,7 @@ from strategy_testkit import (
 )
 from torch import nn
 
-from cvft.adapters import load_adapter, save_adapter
+from cvft.adapter_files import load_adapter, save_adapter
 from cvft.errors import StrategyError
 from cvft.strategies import (
     StrategyCallback,

@@ -45,7 +45,7 @@ def teacher_kind(teacher: str) -> TeacherKind:
     if suffix == ".safetensors":
         from safetensors import safe_open
 
-        from cvft.adapters import ADAPTER_FORMAT
+        from cvft.adapter_files import ADAPTER_FORMAT
 
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -96,7 +96,7 @@ def check_teacher_file(teacher: str) -> int | None:
             classes = hparams.get("num_classes")
             return int(classes) if isinstance(classes, int) else None
         if kind == "adapter":
-            from cvft.adapters import read_adapter
+            from cvft.adapter_files import read_adapter
 
             names = read_adapter(teacher)[1].class_names
             return len(names) if names else None
