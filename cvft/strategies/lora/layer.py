@@ -57,12 +57,7 @@ got ['q', 'x'].
 class LoRALayer(LowRankLayer):
     """Common part of the LoRA wrappers: the update ``B @ A``, ``A`` Kaiming-uniform and ``B`` zero at the start.
 
-    Args:
-        base: The layer to adapt; its parameters are frozen.
-        rank: Rank ``r`` of the update.
-        alpha: Scale numerator.
-        dropout: Dropout probability on the input of the update path.
-        use_rslora: Scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    Arguments as for :class:`~cvft.strategies.lowrank.LowRankLayer`.
     """
 
     method = "lora"
