@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cvft.adapters import adapter_state_dict
+from cvft.adapter_files import adapter_state_dict
 from cvft.backbones import create_backbone
 from cvft.errors import StrategyError
 from cvft.strategies.base import Strategy, StrategyStack

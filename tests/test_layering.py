@@ -41,9 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 
 #: ``(importing module, imported module)`` -> why it is still there. Remove an entry when its import goes.
-PENDING: dict[tuple[str, str], str] = {
-    ("cvft.strategies.callback", "cvft.adapters"): "ADAPTER_BUFFERS_ATTR moves to cvft/strategies/base.py (issue 15)",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _layer(module: str) -> int:

@@ -59,7 +59,7 @@ def adapter_into_config(config: Any) -> None:
     adapter = config.model.get("adapter")
     if not adapter:
         return
-    from cvft.adapters import read_adapter
+    from cvft.adapter_files import read_adapter
 
     info = read_adapter(adapter)[1]
     if config.model.get("backbone") != info.backbone:

@@ -144,7 +144,7 @@ def require_head(model: nn.Module, method: str, train_head: bool) -> set[str]:
 #: weights still train only where the strategy trains them); ``frozen``: eval mode, pretrained statistics;
 #: ``adabn``: statistics re-estimated once on the training data before training, then frozen.
 BN_POLICIES: tuple[str, ...] = ("train", "frozen", "adabn")
-#: Same string as :data:`cvft.adapters.ADAPTER_BUFFERS_ATTR` (not imported: cvft.adapters imports this module).
+#: Same string as :data:`cvft.strategies.base.ADAPTER_BUFFERS_ATTR` (not imported: that module imports this one).
 _ADAPTER_BUFFERS_ATTR = "adapter_buffer_names"
 
 

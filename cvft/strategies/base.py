@@ -372,3 +372,9 @@ class StrategyStack:
     def config(self) -> list[dict[str, Any]]:
         """``[{"name": ..., **config}, ...]`` for logs and metadata."""
         return [{"name": s.name, **s.config()} for s in self.strategies]
+
+
+#: A module lists buffer names under this attribute to have them saved in adapter files with the trained parameters
+#: (state a strategy chose from data, such as the indices sparse tuning selected); see :mod:`cvft.adapter_files`.
+ADAPTER_BUFFERS_ATTR = "adapter_buffer_names"
+__all__ += ["ADAPTER_BUFFERS_ATTR"]

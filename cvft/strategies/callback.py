@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies._ddp import LateGradientSync
-from cvft.strategies.base import LossFn, StrategyStack
+from cvft.strategies.base import ADAPTER_BUFFERS_ATTR, LossFn, StrategyStack
 from cvft.strategies.param_groups import add_param_groups, split_param_groups_by_scale
 from cvft.strategies.registry import StrategySpec, build_strategies
 
@@ -116,8 +116,6 @@ def calibrate_before_fit(
 
 
 def _share_choices_of_rank_zero(trainer: pl.Trainer, backbone: nn.Module) -> None:
-    from cvft.adapters import ADAPTER_BUFFERS_ATTR
-
     with torch.no_grad():
         for module in backbone.modules():
             for name in getattr(module, ADAPTER_BUFFERS_ATTR, ()):

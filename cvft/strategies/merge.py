@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from cvft.strategies.aux import remove_aux_modules
-from cvft.strategies.lora import export_plain_model
+from cvft.strategies.lowrank import export_plain_model
 from cvft.strategies.prompts import fold_prefix
 from cvft.strategies.sparse import merge_sparse
 from cvft.strategies.ssf import fold_ssf

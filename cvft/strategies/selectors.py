@@ -30,12 +30,24 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["SELECTORS", "block_of", "resolve_auto", "select_layers"]
+__all__ = ["SELECTORS", "block_of", "block_patterns", "resolve_auto", "select_layers"]
 
 _SQUEEZE_EXCITE = re.compile(r"SqueezeExcit|SEModule|^SE$|EffectiveSE|EcaModule|CecaModule|GatherExcite")
 
 
-def _matcher_block_patterns(model: nn.Module) -> list[re.Pattern[str]] | None:
+def block_patterns(model: nn.Module) -> list[re.Pattern[str]] | None:
+    """The patterns of ``model``'s ``group_matcher(coarse=False)`` that number repeated blocks.
+
+    Rules with a fixed ordinal (``(0,)``, ``(99999,)``) mark transitions or trailing layers and are left out.
+    ``None`` when the model has no usable ``group_matcher`` (or it gives no ``blocks`` rules).
+
+    Example:
+        >>> import timm
+        >>> block_patterns(timm.create_model("test_resnet"))[0].match("layer2.1.conv1").group(0)
+        'layer2.1'
+        >>> block_patterns(nn.Linear(2, 2)) is None
+        True
+    """
     group_matcher = getattr(model, "group_matcher", None)
     if not callable(group_matcher):
         return None
@@ -47,7 +59,6 @@ def _matcher_block_patterns(model: nn.Module) -> list[re.Pattern[str]] | None:
     if blocks is None:
         return None
     entries = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
-    # entries with a fixed ordinal (``(0,)``, ``(99999,)``) are transitions or trailing layers, not repeated blocks
     return [re.compile(pattern) for pattern, ordinal in entries if ordinal is None]
 
 
@@ -60,7 +71,7 @@ def block_of(model: nn.Module) -> dict[str, str]:
         >>> blocks["layer1.0.conv1"], "conv1" in blocks
         ('layer1.0', False)
     """
-    patterns = _matcher_block_patterns(model)
+    patterns = block_patterns(model)
     result: dict[str, str] = {}
     for name, _ in model.named_modules():
         if not name:
@@ -194,9 +205,9 @@ def select_layers(model: nn.Module, selector: str, candidates: dict[str, nn.Modu
 
     Example:
         >>> import timm
-        >>> from cvft.strategies.lora.targets import candidate_modules
+        >>> from cvft.strategies.targets import candidate_layers
         >>> model = timm.create_model("test_vit")
-        >>> select_layers(model, "attention", candidate_modules(model))[:2]
+        >>> select_layers(model, "attention", candidate_layers(model, lambda m: isinstance(m, nn.Linear)))[:2]
         ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
     """
     if selector == "auto":

@@ -28,7 +28,7 @@ from cvft.tasks.feature_cache import FEATURE_CACHE_MODES, ActiveFeatureCache, ac
 from cvft.tasks.losses import LOSSES, focal_loss
 
 if TYPE_CHECKING:
-    from cvft.adapters import AdapterInfo
+    from cvft.adapter_files import AdapterInfo
 
 __all__ = ["DEFAULT_LR", "ImageClassifier"]
 
@@ -174,7 +174,7 @@ class ImageClassifier(FineTuningModule):
     @classmethod
     def adapter_arguments(cls, path: str | Path) -> dict[str, Any]:
         """Backbone, strategies and class names stored in a classifier adapter file."""
-        from cvft.adapters import read_adapter
+        from cvft.adapter_files import read_adapter
 
         _, info = read_adapter(path)
         kwargs: dict[str, Any] = {"backbone": info.backbone, "strategies": info.strategies}
@@ -184,7 +184,7 @@ class ImageClassifier(FineTuningModule):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (adapter, head, updating BatchNorm statistics) and metadata to ``path``."""
-        from cvft.adapters import save_adapter
+        from cvft.adapter_files import save_adapter
 
         return save_adapter(
             self.backbone, path, self.hparams.backbone, self.strategy_stack.config(), class_names=self.class_names
@@ -192,7 +192,7 @@ class ImageClassifier(FineTuningModule):
 
     def load_adapter(self, path: str | Path) -> AdapterInfo:
         """Copy an adapter file's tensors onto the backbone (same backbone and strategies); return its metadata."""
-        from cvft.adapters import load_adapter
+        from cvft.adapter_files import load_adapter
 
         return load_adapter(self.backbone, path, backbone=self.hparams.backbone)
 

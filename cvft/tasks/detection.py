@@ -293,14 +293,14 @@ class ObjectDetector(FineTuningModule):
     @classmethod
     def adapter_arguments(cls, path: str | Path) -> dict[str, Any]:
         """The architecture (head, classes, pyramid, anchors, image size) and strategies of a detector adapter."""
-        from cvft.detection.adapter import read_detector_metadata
+        from cvft.detection.adapter_files import read_detector_metadata
 
         architecture, strategies = read_detector_metadata(path)
         return {**architecture, "strategies": strategies}
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (backbone strategy tensors, neck, heads) and the architecture to ``path``."""
-        from cvft.detection.adapter import save_detector_adapter
+        from cvft.detection.adapter_files import save_detector_adapter
 
         return save_detector_adapter(self, path, {k: self.hparams[k] for k in _ARCHITECTURE_KEYS})
 
@@ -309,6 +309,6 @@ class ObjectDetector(FineTuningModule):
 
         The detector must have the adapter's backbone, strategies and head (:meth:`from_adapter` builds one).
         """
-        from cvft.detection.adapter import load_detector_adapter
+        from cvft.detection.adapter_files import load_detector_adapter
 
         return load_detector_adapter(self, path, self.hparams.backbone)

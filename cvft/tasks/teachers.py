@@ -17,7 +17,7 @@ from typing import Literal
 from safetensors import safe_open
 from torch import nn
 
-from cvft.adapters import ADAPTER_FORMAT, read_adapter
+from cvft.adapter_files import ADAPTER_FORMAT, read_adapter
 from cvft.checkpoints import download, is_url, load_checkpoint, weights_from_checkpoint
 from cvft.errors import CvftError, StrategyError
 from cvft.strategies.distillation.teacher import (

@@ -159,7 +159,7 @@ def test_atomic_save_keeps_the_previous_file_when_a_write_dies(tmp_path, monkeyp
 def test_adapter_file_has_the_usual_permissions(tmp_path):
     import timm
 
-    from cvft.adapters import save_adapter
+    from cvft.adapter_files import save_adapter
     from cvft.strategies import apply_strategies
 
     model = timm.create_model("test_resnet", num_classes=3)

@@ -13,7 +13,7 @@ from matrix_kit import Row, _head, _union
 from strategy_testkit import IMAGE_SIZE
 from torch import nn
 
-from cvft.strategies.lora import merge_lora
+from cvft.strategies.lowrank import merge_low_rank
 from cvft.strategies.ssf import fold_ssf
 
 SIDE_WIDTH, SIDE_STAGES, TOP_REDUCTION = 8, 2, 4
@@ -195,7 +195,7 @@ ROWS = [
         lambda d: d.head + d.injected,
         injected=_shared_count,
         specs_for=_shared_spec,
-        merge=merge_lora,
+        merge=merge_low_rank,
         lr=3e-2,
     ),
 ]

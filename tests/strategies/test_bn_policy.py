@@ -10,7 +10,7 @@ from strategy_testkit import IMAGE_SIZE, make_backbone, toy_task
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cvft.adapters import adapter_state_dict, load_adapter, save_adapter
+from cvft.adapter_files import adapter_state_dict, load_adapter, save_adapter
 from cvft.errors import StrategyError
 from cvft.strategies import StrategyStack, apply_strategies, available_strategies, build_strategy, get_strategy
 from cvft.strategies.lora import LoRA
@@ -186,7 +186,7 @@ def test_adapter_round_trip_reproduces_the_trained_model(tmp_path, bn):
     path = save_adapter(model, tmp_path / "adapter", "test_resnet", stack.config())
 
     fresh = copy.deepcopy(pristine)
-    from cvft.adapters import read_adapter
+    from cvft.adapter_files import read_adapter
 
     _, info = read_adapter(path)
     StrategyStack([build_strategy(s) for s in info.strategies]).setup(fresh)  # no calibration: the file has it all

@@ -17,13 +17,13 @@ from cvft.errors import StrategyError
 from cvft.strategies import build_strategy
 from cvft.strategies.loha import LoHA, LoHALayer
 from cvft.strategies.lokr import LoKr, LoKrLayer, factorize
-from cvft.strategies.lora import (
-    LoRALayer,
+from cvft.strategies.lowrank import (
+    LowRankLayer,
     export_plain_model,
-    lora_layers,
-    lora_parameter_names,
-    merge_lora,
-    unmerge_lora,
+    low_rank_layers,
+    low_rank_parameter_names,
+    merge_low_rank,
+    unmerge_low_rank,
 )
 
 TARGETS = {"test_vit": "vit_all", "test_resnet": "resnet_blocks", "test_convnext": "convnext_blocks"}
@@ -50,7 +50,7 @@ def _randomise(module: nn.Module, seed: int = 0, std: float = 0.2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in module.modules():
-            if isinstance(layer, LoRALayer):
+            if isinstance(layer, LowRankLayer):
                 for _, param in layer.lora_parameters():
                     param.copy_(std * torch.randn(param.shape, generator=generator))
 
@@ -80,31 +80,31 @@ def _lokr_by_blocks(layer: LoKrLayer) -> torch.Tensor:
 def test_output_unchanged_after_setup(method, model_name):
     reference = _backbone(model_name)
     model = _adapted(method, model_name)
-    assert lora_layers(model), "nothing was adapted"
+    assert low_rank_layers(model), "nothing was adapted"
     with torch.no_grad():
         assert torch.equal(model(_images()), reference(_images()))
-    assert all(not layer.delta_weight().any() for layer in lora_layers(model).values())
+    assert all(not layer.delta_weight().any() for layer in low_rank_layers(model).values())
 
 
 @pytest.mark.parametrize(("method", "model_name"), CASES)
 def test_merge_unmerge_and_export_round_trip(method, model_name):
     model = _adapted(method, model_name)
     _randomise(model)
-    bases = {name: layer.base.weight.detach().clone() for name, layer in lora_layers(model).items()}
+    bases = {name: layer.base.weight.detach().clone() for name, layer in low_rank_layers(model).items()}
     with torch.no_grad():
         unmerged = model(_images())
-        merge_lora(model)
-        merge_lora(model)  # merging twice is a no-op
+        merge_low_rank(model)
+        merge_low_rank(model)  # merging twice is a no-op
         merged = model(_images())
     assert (merged - unmerged).abs().max() < 1e-5
-    assert all(not torch.equal(layer.base.weight, bases[n]) for n, layer in lora_layers(model).items())
-    unmerge_lora(model)
-    for name, layer in lora_layers(model).items():
+    assert all(not torch.equal(layer.base.weight, bases[n]) for n, layer in low_rank_layers(model).items())
+    unmerge_low_rank(model)
+    for name, layer in low_rank_layers(model).items():
         assert not layer.merged
         torch.testing.assert_close(layer.base.weight, bases[name], rtol=0, atol=1e-6)
 
     exported = export_plain_model(model)
-    assert not lora_layers(exported)
+    assert not low_rank_layers(exported)
     kwargs = {"img_size": IMAGE_SIZE} if model_name == "test_vit" else {}
     plain = timm.create_model(model_name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
     plain.load_state_dict(exported.state_dict(), strict=True)
@@ -155,7 +155,7 @@ def test_delta_matches_formula_and_forward(wrapper, base):
 def test_lokr_kron_matches_torch_kron_on_a_model():
     model = _adapted("lokr", "test_vit")
     _randomise(model)
-    for layer in lora_layers(model).values():
+    for layer in low_rank_layers(model).values():
         torch.testing.assert_close(layer.delta_weight(), _lokr_formula(layer), rtol=0, atol=0)
 
 
@@ -195,14 +195,14 @@ def test_factor_c_strategy_trains_only_factors():
     model = make_backbone("test_vit")
     LoKr(rank=2, targets="vit_attention", factor_c=True, train_head=False).setup(model)
     trainable = trainable_names(model)
-    assert trainable == lora_parameter_names(model)
+    assert trainable == low_rank_parameter_names(model)
     assert {name.rsplit(".", 1)[-1] for name in trainable} == {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
 
 
 def test_train_bias():
     model = make_backbone("test_vit")
     LoHA(rank=2, targets="vit_mlp", train_bias=True, train_head=False).setup(model)
-    expected = lora_parameter_names(model) | {f"blocks.{i}.mlp.fc{j}.base.bias" for i in range(6) for j in (1, 2)}
+    expected = low_rank_parameter_names(model) | {f"blocks.{i}.mlp.fc{j}.base.bias" for i in range(6) for j in (1, 2)}
     assert trainable_names(model) == expected
 
 

@@ -67,7 +67,7 @@ from strategy_testkit import (
 )
 from torch import nn
 
-from cvft.adapters import load_adapter, save_adapter
+from cvft.adapter_files import load_adapter, save_adapter
 from cvft.errors import StrategyError
 from cvft.strategies import (
     StrategyCallback,
@@ -76,7 +76,7 @@ from cvft.strategies import (
     build_param_groups,
     get_strategy,
 )
-from cvft.strategies.lora import merge_lora
+from cvft.strategies.lowrank import merge_low_rank
 from cvft.tasks import ImageClassifier
 
 # Snapshot at import, before any test registers throw-away strategies.
@@ -189,7 +189,7 @@ ROWS = [
         lambda d: d.head + d.injected,
         injected=_lora_count,
         specs_for=lambda model_name: [_lora_spec(model_name)],
-        merge=merge_lora,
+        merge=merge_low_rank,
         bn_fixed="none",  # lora's BatchNorm policy is "train" (measured; see LoRA.default_bn)
         lr=3e-2,
     ),
@@ -210,7 +210,7 @@ ROWS = [
         lambda d: d.head + d.injected,
         injected=_loha_count,
         specs_for=_adapter_spec("loha"),
-        merge=merge_lora,
+        merge=merge_low_rank,
         lr=3e-2,
     ),
     Row(
@@ -220,7 +220,7 @@ ROWS = [
         lambda d: d.head + d.injected,
         injected=_lokr_count,
         specs_for=_adapter_spec("lokr"),
-        merge=merge_lora,
+        merge=merge_low_rank,
         lr=3e-2,
     ),
     Row(
@@ -229,7 +229,7 @@ ROWS = [
         _union(_head, _lora_params),
         lambda d: d.head + d.injected,
         injected=_lora_count,
-        merge=merge_lora,
+        merge=merge_low_rank,
         lr=3e-2,
         models=("test_vit",),
         # NF4 rounding of the base weights changes the function; test_qlora compares with the dequantised base

@@ -16,7 +16,7 @@ import torch
 from strategy_testkit import NUM_CLASSES, trainable_names
 from torch import nn
 
-from cvft.adapters import load_adapter, save_adapter
+from cvft.adapter_files import load_adapter, save_adapter
 from cvft.errors import CheckpointMismatchError, StrategyError
 from cvft.strategies import apply_strategies, build_strategy
 from cvft.strategies.prompts import (

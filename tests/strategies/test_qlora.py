@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from cvft.adapters import load_adapter, save_adapter
+from cvft.adapter_files import load_adapter, save_adapter
 from cvft.errors import StrategyError
 from cvft.strategies import apply_strategies, export_plain_model, merge_lora, unmerge_lora
 

@@ -8,7 +8,7 @@ import torch
 from strategy_testkit import IMAGE_SIZE, make_backbone, trainable_names
 from torch import nn
 
-from cvft.adapters import adapter_state_dict, load_adapter, save_adapter
+from cvft.adapter_files import adapter_state_dict, load_adapter, save_adapter
 from cvft.errors import StrategyError
 from cvft.strategies import build_strategy
 from cvft.strategies.lora import export_plain_model, lora_layers, merge_lora, unmerge_lora

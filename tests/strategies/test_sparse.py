@@ -23,7 +23,7 @@ from strategy_testkit import (
 )
 from torch import nn
 
-from cvft.adapters import load_adapter, read_adapter, save_adapter
+from cvft.adapter_files import load_adapter, read_adapter, save_adapter
 from cvft.errors import StrategyError
 from cvft.strategies import StrategyCallback, apply_strategies, build_param_groups
 from cvft.strategies.sparse import SparseDeltaLayer, merge_sparse, sparse_layers, sparse_selection

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import cvft
-from cvft.adapters import adapter_state_dict, read_adapter, save_adapter
+from cvft.adapter_files import adapter_state_dict, read_adapter, save_adapter
 from cvft.errors import CheckpointMismatchError, WeightsError
 from cvft.tasks import ImageClassifier
 
@@ -107,7 +107,7 @@ def test_saving_nothing_trainable_is_an_error(tmp_path):
 
 
 def test_adapter_set_switches_between_lora_adapters_by_name(tmp_path, base_weights):
-    from cvft.adapters import AdapterSet
+    from cvft.adapter_files import AdapterSet
 
     def trained(seed: int) -> ImageClassifier:
         torch.manual_seed(seed)
@@ -130,3 +130,20 @@ def test_adapter_set_switches_between_lora_adapters_by_name(tmp_path, base_weigh
             assert torch.equal(serving(images), reference(images)), name
     with pytest.raises(WeightsError, match="No adapter named 'third'"):
         adapters.use("third")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name"),
+    [
+        ("cvft.adapters", "cvft.adapter_files", "save_adapter"),
+        ("cvft.detection.adapter", "cvft.detection.adapter_files", "save_detector_adapter"),
+    ],
+)
+def test_former_adapter_file_modules_still_import_with_a_deprecation_warning(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from cvft.errors import StrategyError
+from cvft.strategies.selectors import block_patterns
 
 __all__ = ["FeatureMap", "conv_blocks", "probe_feature_maps", "spatial_convs", "transformer_blocks"]
 
@@ -51,17 +50,6 @@ def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
     return {name: model.get_submodule(name) for name in _outermost(found)}
 
 
-def _block_patterns(model: nn.Module) -> list[str]:
-    group_matcher = getattr(model, "group_matcher", None)
-    if not callable(group_matcher):
-        return []
-    rules = group_matcher(coarse=False).get("blocks")
-    if isinstance(rules, str):
-        return [rules]
-    # (pattern, None) is a numbered block; (pattern, (ordinal,)) a fixed group such as a downsample or the head conv
-    return [rule[0] for rule in rules or () if isinstance(rule, (tuple, list)) and rule[1] is None]
-
-
 def conv_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """The numbered blocks of a timm CNN, from its fine-grained ``group_matcher`` rules, in model order.
 
@@ -75,7 +63,7 @@ def conv_blocks(model: nn.Module) -> dict[str, nn.Module]:
         >>> list(conv_blocks(timm.create_model("convnext_atto")))[:3]
         ['stages.0.blocks.0', 'stages.0.blocks.1', 'stages.1.blocks.0']
     """
-    patterns = [re.compile(p) for p in _block_patterns(model)]
+    patterns = block_patterns(model) or []
     found = [name for name, _ in model.named_modules() if name and any(p.fullmatch(name) for p in patterns)]
     if not found:
         raise StrategyError(

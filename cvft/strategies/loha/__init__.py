@@ -1,7 +1,7 @@
 """LoHA (low-rank Hadamard product adaptation): the wrapper layer and the registered ``loha`` strategy.
 
-Importing this package registers ``"loha"``. Merging, unmerging and export use the LoRA helpers
-(:func:`cvft.strategies.lora.merge_lora`, :func:`~cvft.strategies.lora.export_plain_model`).
+Importing this package registers ``"loha"``. Merging, unmerging and export are the low-rank family's
+(:func:`cvft.strategies.lowrank.merge_low_rank`, :func:`~cvft.strategies.lowrank.export_plain_model`).
 
 Example:
     >>> from cvft.strategies import build_strategy

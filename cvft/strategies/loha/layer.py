@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cvft.strategies._adapters import DeltaWeightLayer
+from cvft.strategies.lowrank import DeltaWeightLayer
 
 __all__ = ["LoHALayer"]
 
@@ -39,8 +39,10 @@ class LoHALayer(DeltaWeightLayer):
         True
     """
 
+    method = "loha"
+
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
-        super().__init__("loha", base, rank, alpha, dropout)
+        super().__init__(base, rank, alpha, dropout)
         out_features, in_flat = self.matrix_shape
         weight = base.weight
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, rank, device=weight.device, dtype=weight.dtype))

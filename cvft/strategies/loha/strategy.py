@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from cvft.strategies._adapters import AdapterStrategy, inject_adapters
 from cvft.strategies.loha.layer import LoHALayer
+from cvft.strategies.lowrank import LowRankStrategy, inject_low_rank
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["LoHA", "inject_loha"]
@@ -22,16 +22,16 @@ def inject_loha(
         >>> inject_loha(model, "vit_attention", rank=2)[:2]
         ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
     """
-    return inject_adapters(model, targets, lambda base: LoHALayer(base, rank, alpha, dropout))
+    return inject_low_rank(model, targets, lambda base: LoHALayer(base, rank, alpha, dropout))
 
 
 @register_strategy
-class LoHA(AdapterStrategy):
+class LoHA(LowRankStrategy):
     """Low-rank Hadamard adaptation: freeze the backbone and learn ``W + (alpha / r) * (B1 A1) ⊙ (B2 A2)``.
 
     Targets are chosen as for ``lora`` (presets ``"auto"``, ``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``,
-    ``"resnet_blocks"``, ``"convnext_blocks"``, type names, module names or regexes). The wrappers are LoRA layers,
-    so ``merge_lora``, ``unmerge_lora`` and ``export_plain_model`` apply to them unchanged.
+    ``"resnet_blocks"``, ``"convnext_blocks"``, type names, module names or regexes). The wrappers are low-rank
+    layers, so ``merge_low_rank``, ``unmerge_low_rank`` and ``export_plain_model`` apply to them unchanged.
 
     Args:
         rank: Rank ``r`` of each of the two products.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._adapters import DeltaWeightLayer
+from cvft.strategies.lowrank import DeltaWeightLayer
 
 __all__ = ["LoKrLayer", "factorize"]
 
@@ -63,6 +63,8 @@ class LoKrLayer(DeltaWeightLayer):
         True
     """
 
+    method = "lokr"
+
     def __init__(
         self,
         base: nn.Module,
@@ -72,7 +74,7 @@ class LoKrLayer(DeltaWeightLayer):
         factor: int = -1,
         factor_c: bool = False,
     ) -> None:
-        super().__init__("lokr", base, rank, alpha, dropout)
+        super().__init__(base, rank, alpha, dropout)
         out_features, in_flat = self.matrix_shape
         (o1, o2), (i1, i2) = factorize(out_features, factor), factorize(in_flat, factor)
         self.factor = factor

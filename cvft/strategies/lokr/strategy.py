@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from cvft.strategies._adapters import AdapterStrategy, inject_adapters
 from cvft.strategies.lokr.layer import LoKrLayer, factorize
+from cvft.strategies.lowrank import LowRankStrategy, inject_low_rank
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["LoKr", "inject_lokr"]
@@ -28,15 +28,15 @@ def inject_lokr(
         >>> inject_lokr(model, "resnet_blocks", rank=2)[:2]
         ['layer1.0.conv1', 'layer1.0.conv2']
     """
-    return inject_adapters(model, targets, lambda base: LoKrLayer(base, rank, alpha, dropout, factor, factor_c))
+    return inject_low_rank(model, targets, lambda base: LoKrLayer(base, rank, alpha, dropout, factor, factor_c))
 
 
 @register_strategy
-class LoKr(AdapterStrategy):
+class LoKr(LowRankStrategy):
     """Low-rank Kronecker adaptation: freeze the backbone and learn ``W + (alpha / r) * C ⊗ (B A)``.
 
-    Targets are chosen as for ``lora``. The wrappers are LoRA layers, so ``merge_lora``, ``unmerge_lora`` and
-    ``export_plain_model`` apply to them unchanged.
+    Targets are chosen as for ``lora``. The wrappers are low-rank layers, so ``merge_low_rank``,
+    ``unmerge_low_rank`` and ``export_plain_model`` apply to them unchanged.
 
     Args:
         rank: Rank ``r`` of ``B A`` (and of ``C`` with ``factor_c``).

@@ -1,6 +1,8 @@
-"""LoRA (low-rank adaptation): wrappers, target selection and the registered ``lora`` strategy.
+"""LoRA (low-rank adaptation): wrappers and the registered ``lora`` strategy, built on the low-rank base.
 
-Importing this package registers ``"lora"``.
+Importing this package registers ``"lora"``. The family's shared machinery (layer base, strategy template,
+targets, merge) lives in :mod:`cvft.strategies.lowrank`; the LoRA names of its helpers (``merge_lora``,
+``lora_layers``, ``find_targets`` ...) stay importable from here and cover every low-rank method.
 
 Example:
     >>> from cvft.strategies import build_strategy

@@ -1,140 +1,75 @@
 """LoRA wrappers: a frozen base layer plus a trainable low-rank update ``scaling * B @ A``.
 
 ``B`` starts at zero, so a freshly wrapped model computes exactly what the base model did. The update can be folded
-into the base weight (:meth:`LoRALayer.merge`) for inference without extra cost, and taken out again
-(:meth:`LoRALayer.unmerge`).
+into the base weight (:meth:`~cvft.strategies.lowrank.LowRankLayer.merge`) for inference without extra cost, and
+taken out again (:meth:`~cvft.strategies.lowrank.LowRankLayer.unmerge`); both come from the low-rank base.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies.lowrank.layer import LowRankLayer, check_low_rank_hyperparameters, low_rank_scaling
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "QKV_PARTS", "check_adapter_hyperparameters"]
+__all__ = [
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAConv2d",
+    "QKV_PARTS",
+    "check_adapter_hyperparameters",
+    "check_qkv_parts",
+    "lora_scaling",
+]
 
 #: The three thirds of a fused attention projection's output, in timm's order.
 QKV_PARTS = ("q", "k", "v")
 
+#: Former names, kept for compatibility: the checks and the scaling belong to the whole low-rank family.
+check_adapter_hyperparameters = check_low_rank_hyperparameters
+lora_scaling = low_rank_scaling
 
-def check_adapter_hyperparameters(method: str, rank: int, alpha: float, dropout: float) -> None:
-    """Refuse a non-positive or non-integer rank, ``alpha <= 0`` and dropout outside ``[0, 1)``, naming ``method``.
+
+def check_qkv_parts(parts: Sequence[str]) -> tuple[str, ...]:
+    """The parts of a fused qkv projection to adapt, in canonical ``q, k, v`` order; refuse anything else.
 
     Example:
-        >>> check_adapter_hyperparameters("loha", 0, 1.0, 0.0)
+        >>> check_qkv_parts(["v", "q"])
+        ('q', 'v')
+        >>> check_qkv_parts(["q", "x"])
         Traceback (most recent call last):
         ...
-        cvft.errors.StrategyError: loha: rank must be a positive integer, got 0.
+        cvft.errors.StrategyError: lora: qkv_parts must be a non-empty subset of ['q', 'k', 'v'] without repeats, \
+got ['q', 'x'].
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise StrategyError(f"{method}: rank must be a positive integer, got {rank!r}.")
-    if not alpha > 0:
-        raise StrategyError(f"{method}: alpha must be > 0, got {alpha!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise StrategyError(f"{method}: dropout must be in [0, 1), got {dropout!r}.")
+    parts = list(parts)
+    if not parts or any(p not in QKV_PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise StrategyError(
+            f"lora: qkv_parts must be a non-empty subset of {list(QKV_PARTS)} without repeats, got {parts}."
+        )
+    return tuple(p for p in QKV_PARTS if p in parts)
 
 
-def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
-    """``alpha / rank``, or ``alpha / sqrt(rank)`` for rank-stabilised LoRA (rsLoRA).
+class LoRALayer(LowRankLayer):
+    """Common part of the LoRA wrappers: the update ``B @ A``, ``A`` Kaiming-uniform and ``B`` zero at the start.
 
-    Example:
-        >>> lora_scaling(4, 8, use_rslora=False), lora_scaling(4, 8, use_rslora=True)
-        (2.0, 4.0)
-    """
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-class LoRALayer(nn.Module):
-    """Common part of the LoRA wrappers: the frozen ``base`` layer, scaling, dropout and the merged state.
-
-    Subclasses define :meth:`delta_weight` (the update in the base weight's shape, without scaling) and
-    :meth:`lora_forward` (the update applied to an input, without scaling).
-
-    Args:
-        base: The layer to adapt; its parameters are frozen.
-        rank: Rank ``r`` of the update.
-        alpha: Scale numerator.
-        dropout: Dropout probability on the input of the update path.
-        use_rslora: Scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    Arguments as for :class:`~cvft.strategies.lowrank.LowRankLayer`.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool) -> None:
-        super().__init__()
-        check_adapter_hyperparameters("lora", rank, alpha, dropout)
-        self.base = base
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(rank, alpha, use_rslora)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        for param in base.parameters():
-            param.requires_grad_(False)
-
-    def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The update's own parameters (everything outside ``base``), with names relative to this layer."""
-        for name, param in self.named_parameters():
-            if not name.startswith("base."):
-                yield name, param
+    method = "lora"
 
     @staticmethod
     def _reset(a: nn.Module, b: nn.Module) -> None:
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
 
-    def delta_weight(self) -> Tensor:
-        """The unscaled update ``B @ A`` in the shape of ``base.weight``."""
-        raise NotImplementedError
 
-    def lora_forward(self, x: Tensor) -> Tensor:
-        """The unscaled update applied to ``x`` (after dropout)."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``base(x) + scaling * B(A(dropout(x)))``; only ``base(x)`` once merged."""
-        out = self.base(x)
-        if self.merged:
-            return out
-        return out + self.scaling * self.lora_forward(self.lora_dropout(x))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``scaling * delta_weight()`` into ``base.weight``; merging a merged layer does nothing.
-
-        A quantised base (QLoRA's :class:`~cvft.strategies.qlora.NF4Linear`) is first dequantised into a dense
-        layer; the quantised one is kept aside so that :meth:`unmerge` restores it exactly.
-        """
-        if self.merged:
-            return
-        delta = self.scaling * self.delta_weight()
-        dequantize = getattr(self.base, "dequantize", None)
-        if callable(dequantize):
-            object.__setattr__(self, "_quantized_base", self.base)  # not a registered sub-module
-            self.base = dequantize()
-        weight = self.base.weight
-        weight.add_(delta.to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update out of ``base.weight`` again; unmerging an unmerged layer does nothing."""
-        if not self.merged:
-            return
-        quantized = self.__dict__.pop("_quantized_base", None)
-        if quantized is not None:
-            self.base = quantized
-        else:
-            weight = self.base.weight
-            weight.sub_((self.scaling * self.delta_weight()).to(weight.dtype))
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        """Hyper-parameters and merged state, for ``repr(model)``."""
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+def _is_conv2d_same(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv2dSame"
 
 
 class LoRALinear(LoRALayer):
@@ -171,8 +106,6 @@ class LoRALinear(LoRALayer):
         use_rslora: bool = False,
         split: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(base, nn.Linear):
-            raise StrategyError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}.")
         super().__init__(base, rank, alpha, dropout, use_rslora)
         in_features, out_features = base.in_features, base.out_features
         self.split: tuple[str, ...] | None = None
@@ -181,24 +114,23 @@ class LoRALinear(LoRALayer):
             self.lora_B: nn.Module = nn.Linear(rank, out_features, bias=False)
             self._reset(self.lora_A, self.lora_B)
         else:
-            parts = tuple(split)
-            unknown = [p for p in parts if p not in QKV_PARTS]
-            if not parts or unknown or len(set(parts)) != len(parts):
-                raise StrategyError(
-                    f"lora: qkv parts must be a non-empty subset of {list(QKV_PARTS)} without repeats, "
-                    f"got {list(parts)}."
-                )
+            parts = check_qkv_parts(split)
             if out_features % 3:
                 raise StrategyError(
                     f"lora: cannot split a Linear with {out_features} outputs into q, k, v thirds; "
                     "use qkv_parts only on fused qkv projections."
                 )
-            self.split = tuple(p for p in QKV_PARTS if p in parts)  # canonical order
+            self.split = parts
             third = out_features // 3
             self.lora_A = nn.ModuleDict({p: nn.Linear(in_features, rank, bias=False) for p in self.split})
             self.lora_B = nn.ModuleDict({p: nn.Linear(rank, third, bias=False) for p in self.split})
             for p in self.split:
                 self._reset(self.lora_A[p], self.lora_B[p])
+
+    def check_base(self, base: nn.Module) -> None:
+        """Refuse anything but an ``nn.Linear``."""
+        if not isinstance(base, nn.Linear):
+            raise StrategyError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}.")
 
     def delta_weight(self) -> Tensor:
         """``B @ A`` of shape ``(out, in)``; rows of parts left out of ``split`` are zero."""
@@ -261,16 +193,10 @@ class LoRAConv2d(LoRALayer):
     def __init__(
         self, base: nn.Conv2d, rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
     ) -> None:
+        super().__init__(base, rank, alpha, dropout, use_rslora)
         #: timm's Conv2dSame (TF "same" padding, e.g. tf_efficientnet_*) pads the input dynamically before a conv
         #: with padding 0; the update path pads the same way, so it still composes into one conv of the base's shape.
-        same_padding = type(base).__name__ == "Conv2dSame"
-        if type(base) is not nn.Conv2d and not same_padding:
-            raise StrategyError(
-                f"LoRAConv2d wraps nn.Conv2d (and timm's Conv2dSame) layers, got {type(base).__name__}; "
-                "target a different module or leave this one out of `targets`."
-            )
-        super().__init__(base, rank, alpha, dropout, use_rslora)
-        self.same_padding = same_padding
+        self.same_padding = _is_conv2d_same(base)
         groups = base.groups
         self.lora_A = nn.Conv2d(
             base.in_channels,
@@ -285,6 +211,14 @@ class LoRAConv2d(LoRALayer):
         )
         self.lora_B = nn.Conv2d(groups * rank, base.out_channels, 1, groups=groups, bias=False)
         self._reset(self.lora_A, self.lora_B)
+
+    def check_base(self, base: nn.Module) -> None:
+        """Refuse anything but a plain ``nn.Conv2d`` or timm's ``Conv2dSame``."""
+        if type(base) is not nn.Conv2d and not _is_conv2d_same(base):
+            raise StrategyError(
+                f"LoRAConv2d wraps nn.Conv2d (and timm's Conv2dSame) layers, got {type(base).__name__}; "
+                "target a different module or leave this one out of `targets`."
+            )
 
     def delta_weight(self) -> Tensor:
         """The update in the shape of ``base.weight``: ``(out, in / groups, kh, kw)``."""

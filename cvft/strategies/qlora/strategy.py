@@ -7,7 +7,6 @@ from torch import nn
 from cvft.errors import StrategyError
 from cvft.strategies._modules import set_submodule
 from cvft.strategies.lora.strategy import LoRA
-from cvft.strategies.lora.targets import find_targets
 from cvft.strategies.qlora.nf4 import NF4Linear
 from cvft.strategies.registry import register_strategy
 
@@ -78,7 +77,6 @@ class QLoRA(LoRA):
         self.block_size = block_size
         self.scaler_block_size = scaler_block_size
 
-    def setup(self, model: nn.Module) -> None:
-        """Quantise the target Linear layers to NF4, then inject LoRA into them."""
-        quantize_linear_layers(model, find_targets(model, self.targets), self.block_size, self.scaler_block_size)
-        super().setup(model)
+    def prepare_targets(self, model: nn.Module, names: list[str]) -> None:
+        """Quantise the target Linear layers to NF4 before LoRA wraps them."""
+        quantize_linear_layers(model, names, self.block_size, self.scaler_block_size)

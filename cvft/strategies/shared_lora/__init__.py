@@ -1,7 +1,7 @@
 """Shared LoRA: one trainable low-rank pair per weight shape, tied across layers, with a scale per layer.
 
-Importing this package registers ``"shared_lora"``. Merging, unmerging and export use the LoRA helpers
-(:func:`cvft.strategies.lora.merge_lora`, :func:`~cvft.strategies.lora.export_plain_model`).
+Importing this package registers ``"shared_lora"``. Merging, unmerging and export are the low-rank family's
+(:func:`cvft.strategies.lowrank.merge_low_rank`, :func:`~cvft.strategies.lowrank.export_plain_model`).
 
 Example:
     >>> from cvft.strategies import build_strategy
@@ -10,6 +10,13 @@ Example:
 """
 
 from cvft.strategies.shared_lora.layer import SharedLoRALayer, SharedLowRankPair
-from cvft.strategies.shared_lora.strategy import SharedLoRA, inject_shared_lora, shared_pairs
+from cvft.strategies.shared_lora.strategy import SharedLoRA, inject_shared_lora, shared_layer_factory, shared_pairs
 
-__all__ = ["SharedLoRA", "SharedLoRALayer", "SharedLowRankPair", "inject_shared_lora", "shared_pairs"]
+__all__ = [
+    "SharedLoRA",
+    "SharedLoRALayer",
+    "SharedLowRankPair",
+    "inject_shared_lora",
+    "shared_layer_factory",
+    "shared_pairs",
+]

@@ -6,10 +6,11 @@ vectors; VeRA instead freezes random shared factors and trains per-layer vectors
 ``scaling * s_l * B @ A``. ``B`` starts at zero and ``s_l`` at one, so the model is unchanged at the start and every
 factor receives a gradient once ``B`` has moved.
 
-The per-layer wrapper is a :class:`~cvft.strategies.lora.LoRALayer`, so ``merge_lora``, ``unmerge_lora``,
-``export_plain_model`` and adapter files treat it as a LoRA layer. The shared pair is a sub-module of every layer
-that uses it; ``named_parameters()`` yields each shared tensor once, under the name of the *first* layer of its
-shape group in model order (e.g. ``blocks.0.attn.qkv.shared.lora_A``), which is the name adapter files store.
+The per-layer wrapper is a :class:`~cvft.strategies.lowrank.DeltaWeightLayer`, so ``merge_low_rank``,
+``unmerge_low_rank``, ``export_plain_model`` and adapter files treat it as every other low-rank layer. The shared
+pair is a sub-module of every layer that uses it; ``named_parameters()`` yields each shared tensor once, under the
+name of the *first* layer of its shape group in model order (e.g. ``blocks.0.attn.qkv.shared.lora_A``), which is
+the name adapter files store.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._adapters import DeltaWeightLayer
+from cvft.strategies.lowrank import DeltaWeightLayer
 
 __all__ = ["SharedLowRankPair", "SharedLoRALayer"]
 
@@ -80,8 +81,10 @@ class SharedLoRALayer(DeltaWeightLayer):
         True
     """
 
+    method = "shared_lora"
+
     def __init__(self, base: nn.Module, shared: SharedLowRankPair, alpha: float = 16, dropout: float = 0.0) -> None:
-        super().__init__("shared_lora", base, shared.lora_A.shape[0], alpha, dropout)
+        super().__init__(base, shared.lora_A.shape[0], alpha, dropout)
         if (shared.lora_B.shape[0], shared.lora_A.shape[1]) != self.matrix_shape:
             raise StrategyError(
                 f"shared_lora: a pair for {tuple(shared.lora_B.shape[:1]) + tuple(shared.lora_A.shape[1:])} weights "

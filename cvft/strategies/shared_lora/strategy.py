@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from cvft.strategies._adapters import AdapterStrategy, inject_adapters
+from cvft.strategies.lowrank import LayerFactory, LowRankStrategy, inject_low_rank
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.shared_lora.layer import SharedLoRALayer, SharedLowRankPair
 
-__all__ = ["SharedLoRA", "inject_shared_lora", "shared_pairs"]
+__all__ = ["SharedLoRA", "inject_shared_lora", "shared_layer_factory", "shared_pairs"]
 
 
 def shared_pairs(model: nn.Module) -> dict[str, SharedLowRankPair]:
@@ -24,10 +24,26 @@ def shared_pairs(model: nn.Module) -> dict[str, SharedLowRankPair]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SharedLowRankPair)}
 
 
+def shared_layer_factory(rank: int = 8, alpha: float = 16, dropout: float = 0.0) -> LayerFactory:
+    """What builds the wrappers of one injection: layers whose weights have the same shape share one pair."""
+    pairs: dict[tuple[int, ...], SharedLowRankPair] = {}
+
+    def make_layer(base: nn.Module) -> SharedLoRALayer:
+        weight = base.weight
+        key = tuple(weight.shape)
+        if key not in pairs:
+            pairs[key] = SharedLowRankPair(
+                weight.shape[0], weight[0].numel(), rank, device=weight.device, dtype=weight.dtype
+            )
+        return SharedLoRALayer(base, pairs[key], alpha, dropout)
+
+    return make_layer
+
+
 def inject_shared_lora(
     model: nn.Module, targets: str | list[str] = "auto", rank: int = 8, alpha: float = 16, dropout: float = 0.0
 ) -> list[str]:
-    """Wrap the target layers of ``model`` (see :func:`~cvft.strategies.lora.find_targets`), sharing by shape.
+    """Wrap the target layers of ``model`` (see :func:`~cvft.strategies.lowrank.find_low_rank_targets`), by shape.
 
     Layers whose weights have the same shape (a Linear's ``(out, in)``, a conv's ``(out, in / groups, kh, kw)``)
     share one :class:`SharedLowRankPair`. Returns the wrapped layers' names.
@@ -40,27 +56,16 @@ def inject_shared_lora(
         >>> model.blocks[0].mlp.fc1.shared is model.blocks[5].mlp.fc1.shared
         True
     """
-    pairs: dict[tuple[int, ...], SharedLowRankPair] = {}
-
-    def make_layer(base: nn.Module) -> SharedLoRALayer:
-        weight = base.weight
-        key = tuple(weight.shape)
-        if key not in pairs:
-            pairs[key] = SharedLowRankPair(
-                weight.shape[0], weight[0].numel(), rank, device=weight.device, dtype=weight.dtype
-            )
-        return SharedLoRALayer(base, pairs[key], alpha, dropout)
-
-    return inject_adapters(model, targets, make_layer)
+    return inject_low_rank(model, targets, shared_layer_factory(rank, alpha, dropout))
 
 
 @register_strategy
-class SharedLoRA(AdapterStrategy):
+class SharedLoRA(LowRankStrategy):
     """LoRA with the low-rank pair ``(A, B)`` shared by all adapted layers of one weight shape (Tied-LoRA style).
 
     Layer ``l`` learns ``W_l + (alpha / r) * s_l * B @ A`` with ``(A, B)`` shared by its shape group and a scalar
     ``s_l`` of its own: ``r * (in + out)`` parameters per shape group plus one per layer. Targets as for ``lora``.
-    The wrappers are LoRA layers: ``merge_lora``, ``unmerge_lora`` and ``export_plain_model`` apply unchanged.
+    The wrappers are low-rank layers: ``merge_low_rank``, ``unmerge_low_rank`` and ``export_plain_model`` apply.
 
     Args:
         rank: Rank ``r`` of the shared pairs.
@@ -81,6 +86,6 @@ class SharedLoRA(AdapterStrategy):
 
     name = "shared_lora"
 
-    def inject(self, model: nn.Module) -> list[str]:
-        """Wrap the targets, one shared pair per weight shape."""
-        return inject_shared_lora(model, self.targets, self.rank, self.alpha, self.dropout)
+    def layer_factory(self, model: nn.Module) -> LayerFactory:
+        """Wrappers sharing one pair per weight shape."""
+        return shared_layer_factory(self.rank, self.alpha, self.dropout)

@@ -21,11 +21,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
-from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import LossFn
-from cvft.strategies.selectors import SELECTORS, select_layers
+from cvft.strategies.selectors import SELECTORS
+from cvft.strategies.targets import candidate_layers, every_candidate, resolve_targets, selector_shortcuts
 
 __all__ = [
     "CRITERIA",
@@ -42,23 +41,21 @@ CRITERIA = {"magnitude": "magnitude", "l1": "magnitude", "gradient": "gradient",
 SCOPES = ("global", "per_tensor")
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d layers outside the head and outside wrapper layers (LoRA, sparse ...)."""
-    head = head_parameter_names(model)
-    candidates: dict[str, nn.Module] = {}
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrapped):
-            continue
-        if hasattr(module, "base") and isinstance(module.base, nn.Module):  # a wrapper: leave its insides alone
-            wrapped.append(name)
-            continue
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not isinstance(module.weight, nn.Parameter):
-            continue
-        if f"{name}.weight" in head or module.weight.numel() == 0:
-            continue
-        candidates[name] = module
-    return candidates
+def _has_selectable_weight(module: nn.Module) -> bool:
+    """A Linear or Conv2d layer with a non-empty weight of its own."""
+    return (
+        isinstance(module, (nn.Linear, nn.Conv2d))
+        and isinstance(module.weight, nn.Parameter)
+        and module.weight.numel() > 0
+    )
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    """A layer wrapped by a strategy (LoRA, sparse ...): its insides are left alone."""
+    return isinstance(getattr(module, "base", None), nn.Module)
+
+
+_SHORTCUTS = {"all": every_candidate, **selector_shortcuts()}
 
 
 def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") -> list[str]:
@@ -81,23 +78,12 @@ def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") ->
         >>> selectable_layers(model, [r"blocks\.[01]\.mlp\.fc\d", "blocks.5.attn.proj.weight"])
         ['blocks.0.mlp.fc1', 'blocks.0.mlp.fc2', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2', 'blocks.5.attn.proj']
     """
-    candidates = _candidates(model)
-
-    def match(entry: str) -> set[str]:
-        if entry == "all":
-            return set(candidates)
-        if entry in SELECTORS:
-            return set(select_layers(model, entry, candidates))
-        pattern = compile_target("sparse", entry)
-        return {
-            n
-            for n in candidates
-            if entry in (n, f"{n}.weight") or pattern.fullmatch(n) or pattern.fullmatch(f"{n}.weight")
-        }
-
+    candidates = candidate_layers(model, _has_selectable_weight, _is_wrapper)
     what = f"Linear or Conv2d weight of {type(model).__name__} outside the classifier head"
     hint = f"Give 'all', a named selector ({', '.join(SELECTORS)}), module names, weight names or regexes."
-    return select_targets("sparse", targets, candidates, match, what, hint)
+    return resolve_targets(
+        "sparse", model, targets, candidates, _SHORTCUTS, description=what, hint=hint, weight_names=True
+    )
 
 
 def budget_count(budget: float | int, selectable: int) -> int:

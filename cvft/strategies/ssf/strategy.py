@@ -8,7 +8,7 @@ A target is a module name, a regular expression full-matched against module name
                   every Conv2d and every norm (BatchNorm, LayerNorm2d, GroupNorm)
 ``norms``         only the norm layers
 type names        ``Linear``, ``Conv2d``, ``LayerNorm``, ``BatchNorm2d``, ``GroupNorm``
-LoRA presets      ``vit_attention``, ``vit_mlp``, ``vit_all``, ``resnet_blocks``, ``convnext_blocks``
+family presets    ``vit_attention``, ``vit_mlp``, ``vit_all``, ``resnet_blocks``, ``convnext_blocks``
 ================= ====================================================================================
 
 Layers an SSF cannot fold into (weight-standardised convs, timm's BatchNormAct2d, norms without affine
@@ -17,21 +17,25 @@ parameters) are never candidates; a target matching nothing is an error that lis
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from torch import nn
 
-from cvft.backbones.layer_groups import head_parameter_names
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies._targets import compile_target, select_targets
 from cvft.strategies.base import Strategy
-from cvft.strategies.lora.layer import LoRALayer
-from cvft.strategies.lora.targets import PRESETS as LORA_PRESETS
+from cvft.strategies.lowrank import LowRankLayer
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.ssf.layer import SSFLayer, is_ssf_supported
+from cvft.strategies.targets import (
+    PRESETS,
+    candidate_layers,
+    every_candidate,
+    preset_shortcuts,
+    resolve_targets,
+    type_shortcuts,
+)
 
 __all__ = ["SSF", "ssf_candidates", "find_ssf_targets", "inject_ssf", "ssf_layers", "fold_ssf"]
 
@@ -44,6 +48,7 @@ TYPE_NAMES: dict[str, type[nn.Module] | tuple[type[nn.Module], ...]] = {
     "GroupNorm": nn.GroupNorm,
     "norms": _NORM_TYPES,
 }
+_SHORTCUTS = {"auto": every_candidate, "all": every_candidate, **type_shortcuts(TYPE_NAMES), **preset_shortcuts()}
 
 
 def ssf_layers(model: nn.Module) -> dict[str, SSFLayer]:
@@ -59,30 +64,7 @@ def ssf_candidates(model: nn.Module) -> dict[str, nn.Module]:
         >>> list(ssf_candidates(timm.create_model("test_vit")))[:3]
         ['patch_embed.proj', 'blocks.0.norm1', 'blocks.0.attn.qkv']
     """
-    head = head_parameter_names(model)
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, (SSFLayer, LoRALayer))]
-    candidates = {}
-    for name, module in model.named_modules():
-        if not is_ssf_supported(module) or any(name == w or name.startswith(w + ".") for w in wrapped):
-            continue
-        if {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)} & head:
-            continue
-        candidates[name] = module
-    return candidates
-
-
-def _matches(target: str, candidates: dict[str, nn.Module]) -> list[str]:
-    if target in ("auto", "all"):
-        return list(candidates)
-    if target in TYPE_NAMES:
-        return [name for name, module in candidates.items() if isinstance(module, TYPE_NAMES[target])]
-    if target in LORA_PRESETS:
-        patterns = [re.compile(p) for p in LORA_PRESETS[target]]
-        return [name for name in candidates if any(p.fullmatch(name) for p in patterns)]
-    if target in candidates:
-        return [target]
-    pattern = compile_target("ssf", target)
-    return [name for name in candidates if pattern.fullmatch(name)]
+    return candidate_layers(model, is_ssf_supported, lambda module: isinstance(module, (SSFLayer, LowRankLayer)))
 
 
 def find_ssf_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> list[str]:
@@ -100,9 +82,9 @@ def find_ssf_targets(model: nn.Module, targets: str | Sequence[str] = "auto") ->
     what = f"layer of {type(model).__name__} that SSF can follow"
     hint = (
         f"Give module names, regexes full-matching them, a type name ({', '.join(TYPE_NAMES)}) or a preset "
-        f"({', '.join(['auto', 'all', *LORA_PRESETS])})."
+        f"({', '.join(['auto', 'all', *PRESETS])})."
     )
-    return select_targets("ssf", targets, candidates, lambda t: _matches(t, candidates), what, hint)
+    return resolve_targets("ssf", model, targets, candidates, _SHORTCUTS, description=what, hint=hint)
 
 
 def inject_ssf(model: nn.Module, targets: str | Sequence[str] = "auto", init_std: float = 0.0) -> list[str]:
@@ -154,7 +136,7 @@ class SSF(Strategy):
     (every conv and BatchNorm). :func:`fold_ssf` merges the trained maps into the layers they follow.
 
     Args:
-        targets: A preset (``"auto"``, ``"all"``, ``"norms"``, LoRA's presets), a type name (``"Linear"``,
+        targets: A preset (``"auto"``, ``"all"``, ``"norms"``, the family presets), a type name (``"Linear"``,
             ``"Conv2d"``, ``"LayerNorm"``, ``"BatchNorm2d"``, ``"GroupNorm"``), module names or regexes, or a list.
         init_std: ``0`` starts at the identity (scale 1, shift 0); the paper's code uses ``0.02``
             (scale ``N(1, 0.02)``, shift ``N(0, 0.02)``), which changes the function slightly at the start.

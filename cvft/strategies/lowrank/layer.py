@@ -1,0 +1,141 @@
+"""The low-rank layer base: a frozen base layer plus a trainable update ``scaling * delta`` that folds into it.
+
+Every low-rank method (LoRA, LoHA, LoKr, shared LoRA, QLoRA) wraps one ``nn.Linear`` or ``nn.Conv2d`` in a
+:class:`LowRankLayer`. The base layer is frozen; the method defines the update as a weight in the base weight's shape
+(:meth:`LowRankLayer.delta_weight`) and as a map applied to inputs (:meth:`LowRankLayer.lora_forward`, named after
+LoRA, where the family started). The base class owns what the family shares: hyper-parameter checks, scaling,
+dropout on the update path, and folding the update into the base weight (:meth:`~LowRankLayer.merge`) and out again
+(:meth:`~LowRankLayer.unmerge`), so one merge serves every method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from cvft.errors import StrategyError
+
+__all__ = ["LowRankLayer", "check_low_rank_hyperparameters", "low_rank_scaling"]
+
+
+def check_low_rank_hyperparameters(method: str, rank: int, alpha: float, dropout: float) -> None:
+    """Refuse a non-positive or non-integer rank, ``alpha <= 0`` and dropout outside ``[0, 1)``, naming ``method``.
+
+    Example:
+        >>> check_low_rank_hyperparameters("loha", 0, 1.0, 0.0)
+        Traceback (most recent call last):
+        ...
+        cvft.errors.StrategyError: loha: rank must be a positive integer, got 0.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise StrategyError(f"{method}: rank must be a positive integer, got {rank!r}.")
+    if not alpha > 0:
+        raise StrategyError(f"{method}: alpha must be > 0, got {alpha!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise StrategyError(f"{method}: dropout must be in [0, 1), got {dropout!r}.")
+
+
+def low_rank_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` for rank-stabilised scaling (rsLoRA).
+
+    Example:
+        >>> low_rank_scaling(4, 8, use_rslora=False), low_rank_scaling(4, 8, use_rslora=True)
+        (2.0, 4.0)
+    """
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LowRankLayer(nn.Module):
+    """Common part of the low-rank wrappers: the frozen ``base`` layer, scaling, dropout and the merged state.
+
+    Subclasses set :attr:`method`, may refuse base layers they cannot wrap (:meth:`check_base`), build their factors
+    and define :meth:`delta_weight` (the update in the base weight's shape, without scaling) and :meth:`lora_forward`
+    (the update applied to an input, without scaling).
+
+    Args:
+        base: The layer to adapt; its parameters are frozen.
+        rank: Rank ``r`` of the update.
+        alpha: Scale numerator.
+        dropout: Dropout probability on the input of the update path.
+        use_rslora: Scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    """
+
+    #: Name of the method in error messages (``"lora"``, ``"loha"`` ...).
+    method: ClassVar[str] = "low_rank"
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool = False) -> None:
+        super().__init__()
+        self.check_base(base)
+        check_low_rank_hyperparameters(self.method, rank, alpha, dropout)
+        self.base = base
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = low_rank_scaling(rank, alpha, use_rslora)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        for param in base.parameters():
+            param.requires_grad_(False)
+
+    def check_base(self, base: nn.Module) -> None:
+        """Refuse a base layer this method cannot wrap (raise :class:`~cvft.errors.StrategyError`)."""
+
+    def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The update's own parameters (everything outside ``base``), with names relative to this layer."""
+        for name, param in self.named_parameters():
+            if not name.startswith("base."):
+                yield name, param
+
+    def delta_weight(self) -> Tensor:
+        """The unscaled update in the shape of ``base.weight``."""
+        raise NotImplementedError
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        """The unscaled update applied to ``x`` (after dropout)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``base(x) + scaling * update(dropout(x))``; only ``base(x)`` once merged."""
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + self.scaling * self.lora_forward(self.lora_dropout(x))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scaling * delta_weight()`` into ``base.weight``; merging a merged layer does nothing.
+
+        A quantised base (QLoRA's :class:`~cvft.strategies.qlora.NF4Linear`) is first dequantised into a dense
+        layer; the quantised one is kept aside so that :meth:`unmerge` restores it exactly.
+        """
+        if self.merged:
+            return
+        delta = self.scaling * self.delta_weight()
+        dequantize = getattr(self.base, "dequantize", None)
+        if callable(dequantize):
+            object.__setattr__(self, "_quantized_base", self.base)  # not a registered sub-module
+            self.base = dequantize()
+        weight = self.base.weight
+        weight.add_(delta.to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of ``base.weight`` again; unmerging an unmerged layer does nothing."""
+        if not self.merged:
+            return
+        quantized = self.__dict__.pop("_quantized_base", None)
+        if quantized is not None:
+            self.base = quantized
+        else:
+            weight = self.base.weight
+            weight.sub_((self.scaling * self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        """Hyper-parameters and merged state, for ``repr(model)``."""
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
