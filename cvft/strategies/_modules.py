@@ -1,10 +1,16 @@
-"""Replacing a sub-module by name: what every strategy that wraps layers (LoRA, adapters, SSF, sparse) needs."""
+"""Module surgery that strategies share.
+
+Replacing a sub-module by name (LoRA, adapters, SSF and sparse tuning wrap layers), and reading the width of a timm
+model's pooled features (contrastive projection heads, feature distillation).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["set_submodule"]
+from cvft.errors import StrategyError
+
+__all__ = ["feature_width", "set_submodule"]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -21,3 +27,28 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def feature_width(model: nn.Module, needed_by: str = "This strategy", fix: str = "") -> int:
+    """Width of a timm model's pooled pre-logit features (``forward_head(pre_logits=True)``).
+
+    Args:
+        model: A timm model (``head_hidden_size`` or ``num_features`` tells the width).
+        needed_by: Who asks, for the error (``"Feature distillation"``).
+        fix: What to do instead, appended to the error.
+
+    Raises:
+        StrategyError: The model reports no feature width.
+
+    Example:
+        >>> import timm
+        >>> feature_width(timm.create_model("test_resnet")), feature_width(timm.create_model("test_vit"))
+        (96, 64)
+    """
+    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    if not width:
+        raise StrategyError(
+            f"{needed_by} needs a timm model that reports its feature width (`num_features`); "
+            f"{type(model).__name__} does not.{' ' + fix if fix else ''}"
+        )
+    return int(width)

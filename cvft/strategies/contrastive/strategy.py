@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from cvft._deprecation import moved_names
 from cvft.errors import StrategyError
+from cvft.strategies._modules import feature_width
 from cvft.strategies.aux import add_aux_module, get_aux_module
 from cvft.strategies.base import Strategy
 from cvft.strategies.contrastive.distributed import distributed_supcon_loss
@@ -41,17 +42,6 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
         torch.Size([2, 4])
     """
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-
-
-def _feature_dim(model: nn.Module) -> int:
-    """Width of the pooled pre-logit features (``forward_head(pre_logits=True)``) of a timm model."""
-    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
-    if not dim:
-        raise StrategyError(
-            f"Strategy 'supcon' needs a timm model that reports its feature width (`num_features`); "
-            f"{type(model).__name__} does not."
-        )
-    return int(dim)
 
 
 @register_strategy
@@ -134,7 +124,7 @@ class SupCon(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         """Attach the projection head as ``model.cvft_aux.supcon_projection`` (trainable); nothing else changes."""
-        dim = _feature_dim(model)
+        dim = feature_width(model, needed_by="Strategy 'supcon'")
         head = add_aux_module(model, PROJECTION_NAME, projection_head(dim, self.hidden_dim or dim, self.out_dim))
         head.requires_grad_(True)
 

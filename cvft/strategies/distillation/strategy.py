@@ -11,6 +11,7 @@ towards the teacher's (FitNets-style hints).
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -19,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies._modules import feature_width
 from cvft.strategies.aux import add_aux_module, get_aux_module
 from cvft.strategies.base import Strategy
 from cvft.strategies.distillation.loss import feature_distillation_loss, kd_loss
-from cvft.strategies.distillation.teacher import feature_width, freeze_teacher, teacher_loader
+from cvft.strategies.distillation.teacher import freeze_teacher, teacher_loader
 from cvft.strategies.outputs import StepOutputs, forward_with_features
 from cvft.strategies.registry import register_strategy
 
@@ -199,7 +201,10 @@ class Distillation(Strategy):
                 self._check_class_count(file_classes)
         self._check_classes()
         if self.feature_weight > 0:
-            projection = nn.Linear(feature_width(model), feature_width(self.teacher_model))
+            width = functools.partial(
+                feature_width, needed_by="Feature distillation", fix="Use feature_weight=0 (logit distillation only)."
+            )
+            projection = nn.Linear(width(model), width(self.teacher_model))
             add_aux_module(model, PROJECTION_NAME, projection).requires_grad_(True)
 
     @torch.no_grad()

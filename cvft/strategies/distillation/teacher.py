@@ -21,6 +21,7 @@ from torch import nn
 
 from cvft._deprecation import moved_names
 from cvft.errors import CvftError, StrategyError
+from cvft.strategies._modules import feature_width
 
 __all__ = [
     "TeacherLoader",
@@ -147,23 +148,6 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
     """
     model.requires_grad_(False)
     return model.eval()
-
-
-def feature_width(model: nn.Module) -> int:
-    """Width of a timm model's pooled pre-logit features (``forward_head(pre_logits=True)``).
-
-    Example:
-        >>> import timm
-        >>> feature_width(timm.create_model("test_resnet")), feature_width(timm.create_model("test_vit"))
-        (96, 64)
-    """
-    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
-    if not width:
-        raise StrategyError(
-            f"Feature distillation needs timm models that report their feature width (`num_features`); "
-            f"{type(model).__name__} does not. Use feature_weight=0 (logit distillation only)."
-        )
-    return int(width)
 
 
 #: Reading cvft's files moved up to the task layer: deprecated aliases.
