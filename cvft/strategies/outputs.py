@@ -26,7 +26,8 @@ class StepOutputs:
     Attributes:
         logits: ``(V * B, num_classes)`` logits of every view, view-major.
         images: ``(V * B, C, H, W)`` the images the logits came from.
-        targets: Targets repeated for every view (``(V * B,)`` class indices or ``(V * B, C)`` multi-hot), or None.
+        targets: Targets repeated for every view (``(V * B,)`` class indices or ``(V * B, C)`` multi-hot; on a
+            Mixup/CutMix step the ``(B, C)`` soft targets of the mixed images), or None.
         features: ``(V * B, D)`` pooled pre-logit features (the classifier's input), when a strategy asked for them.
         num_views: ``V``, the augmented views of each image.
         indices: ``(B,)`` dataset indices of the batch's images, when the data module provides them.

@@ -26,6 +26,13 @@ from cvft.strategies.support import TaskSupport
 from cvft.tasks.base import DEFAULT_LR, FineTuningModule
 from cvft.tasks.feature_cache import FEATURE_CACHE_MODES, ActiveFeatureCache, activate_feature_cache, head_logits
 from cvft.tasks.losses import LOSSES, focal_loss
+from cvft.tasks.mixing import (
+    BatchMixer,
+    check_even_batch_size,
+    check_mixing,
+    dominant_labels,
+    soft_target_cross_entropy,
+)
 
 if TYPE_CHECKING:
     from cvft.adapter_files import AdapterInfo
@@ -85,6 +92,21 @@ class ImageClassifier(FineTuningModule):
             ``augment: none``, a cvft DataModule; the log says whether it is on and why. ``memory`` / ``disk``
             insist (a fit where the features would change is refused); ``off`` never caches. The training is the
             same either way (same batches, same head weights).
+        mixup: Mixup's Beta(alpha, alpha) parameter (timm's ``--mixup``; 0.2-0.8 is usual); 0 turns it off. Mixing
+            (:mod:`cvft.tasks.mixing`, timm's ``Mixup``) runs on the training batch after the DataLoader, on its
+            device; the loss is soft-target cross-entropy, with ``label_smoothing`` put into the mixed targets
+            (applied once). Validation, test and prediction see plain images. Single-label cross-entropy only; a
+            contrastive strategy (several views) or a per-sample cache (``distillation`` with ``cache_logits``) is
+            refused, the feature cache stays off, and the batch size must be even (an odd last batch trains on all
+            but its last image). Train metrics on a mixed step use each image's dominant label.
+        cutmix: CutMix's Beta(alpha, alpha) parameter (timm's ``--cutmix``; 1.0 is usual); 0 turns it off.
+        cutmix_minmax: CutMix box side as fractions ``[min, max]`` of the image, drawn uniformly instead of from
+            Beta(cutmix, cutmix); turns CutMix on.
+        mix_prob: Probability of mixing a batch (``mix_mode="batch"``) or an image.
+        mix_switch_prob: With both Mixup and CutMix on, the probability of CutMix instead of Mixup.
+        mix_mode: ``"batch"`` (one coefficient per batch), ``"pair"`` or ``"elem"`` (one per pair or image).
+        mix_off_epoch: Epoch (0-based) from which batches are no longer mixed and the plain loss applies (timm's
+            ``--mixup-off-epoch``); ``None`` mixes every epoch.
 
     Example:
         >>> import torch
@@ -123,6 +145,13 @@ class ImageClassifier(FineTuningModule):
         focal_gamma: float = 2.0,
         focal_alpha: float | list[float] | None = None,
         feature_cache: Literal["auto", "memory", "disk", "off"] = "auto",
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        cutmix_minmax: list[float] | None = None,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+        mix_mode: Literal["batch", "pair", "elem"] = "batch",
+        mix_off_epoch: int | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -139,7 +168,12 @@ class ImageClassifier(FineTuningModule):
                 "ImageClassifier needs num_classes >= 2 (or class_names). On the command line the data module "
                 "provides it; in Python pass num_classes=... ."
             )
-        self.save_task_hparams(check=("num_classes", "label_smoothing", "pos_weight", "focal_gamma"))
+        self.save_task_hparams(
+            check=(
+                "num_classes", "label_smoothing", "pos_weight", "focal_gamma",
+                "mixup", "cutmix", "mix_prob", "mix_switch_prob", "mix_off_epoch",
+            )
+        )  # fmt: skip
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
             raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
         if feature_cache not in FEATURE_CACHE_MODES:
@@ -149,6 +183,30 @@ class ImageClassifier(FineTuningModule):
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
 
         self.build_strategy_stack(strategies)
+        mixing = check_mixing(
+            mixup=mixup,
+            cutmix=cutmix,
+            cutmix_minmax=cutmix_minmax,
+            mode=mix_mode,
+            multi_label=multi_label,
+            loss=loss,
+            strategies=self.strategy_stack,
+            feature_cache=feature_cache,
+        )
+        self.mixer: BatchMixer | None = None
+        """Mixup / CutMix of the training batches (``None``: off)."""
+        if mixing:
+            self.mixer = BatchMixer(
+                num_classes,
+                mixup=mixup,
+                cutmix=cutmix,
+                cutmix_minmax=cutmix_minmax,
+                prob=mix_prob,
+                switch_prob=mix_switch_prob,
+                mode=mix_mode,
+                label_smoothing=label_smoothing,
+                off_epoch=mix_off_epoch,
+            )
         self.backbone = self.create_task_backbone(num_classes)
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]
@@ -242,29 +300,43 @@ class ImageClassifier(FineTuningModule):
 
         A batch is ``(images, targets[, indices])``; images of shape ``(B, V, C, H, W)`` carry ``V`` augmented views
         (strategies with ``num_views > 1``), and every view is classified. With the feature cache on, a batch is
-        ``{"features", "target"}`` and only the head runs.
+        ``{"features", "target"}`` and only the head runs. With ``mixup`` / ``cutmix`` on (before ``mix_off_epoch``),
+        the images are mixed, the task loss is soft-target cross-entropy, strategies see the soft targets and the
+        train metrics the dominant labels.
         """
         if isinstance(batch, Mapping):
             return self._feature_training_step(batch)
         images, targets, views = split_views(batch[0], batch[1])
+        indices = batch[2] if len(batch) > 2 else None
+        soft_targets = None
+        if self.mixer is not None and self.mixer.active(self.current_epoch) and len(images) > 1:
+            rows = self.mixer.even_rows(len(images))
+            if rows < len(images):
+                images, targets = images[:rows], targets[:rows]
+                indices = indices[:rows] if isinstance(indices, Tensor) else indices
+            images, soft_targets = self.mixer(images, targets)
         stack = self.strategy_stack
         if stack.needs_features:
             logits, features = forward_with_features(self.backbone, images)
         else:
             logits, features = self(images), None
         size = len(images)
-        task_loss = self.loss(logits, targets)
+        if soft_targets is None:
+            task_loss = self.loss(logits, targets)
+        else:  # label smoothing is already in the soft targets
+            task_loss = soft_target_cross_entropy(logits, soft_targets)
+            targets = soft_targets
         self.log("train/task_loss", task_loss, on_epoch=True, on_step=False, batch_size=size)
         weight = stack.task_loss_weight
         loss = task_loss * weight if weight != 1.0 else task_loss
         if len(stack):
-            indices = batch[2] if len(batch) > 2 else None
             outputs = StepOutputs(logits, images, targets, features, num_views=views, indices=indices)
             for name, term in stack.loss_terms(self.backbone, batch, outputs).items():
                 self.log(f"train/{name}", term, on_epoch=True, on_step=False, batch_size=size)
                 loss = loss + term
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=size)
-        self.train_metrics.update(*self._metric_inputs(logits.detach(), targets))
+        labels = targets if soft_targets is None else dominant_labels(soft_targets)
+        self.train_metrics.update(*self._metric_inputs(logits.detach(), labels))
         self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
         return loss
 
@@ -324,13 +396,16 @@ class ImageClassifier(FineTuningModule):
     def setup(self, stage: str) -> None:
         """At the first fit, calibrate strategies that choose from data on the training batches (before optimizers).
 
-        Skipped when the selection comes from elsewhere: an ``adapter`` file, or a checkpoint being resumed
+        With Mixup/CutMix on, an odd ``batch_size`` of the DataModule is refused first. Calibration is skipped when
+        the selection comes from elsewhere: an ``adapter`` file, or a checkpoint being resumed
         (Lightning restores the state dict, sparse indices included, right after this hook). Then, at every fit,
         decide on the feature cache (``feature_cache``) and, when it is on, give the DataModule feature placeholders
         for its train / val DataLoaders (filled at the start of :meth:`configure_optimizers`).
         """
         if stage != "fit":
             return
+        if self.mixer is not None and self._trainer is not None:
+            check_even_batch_size(self.trainer.datamodule)
         if not self._calibrated:
             self._calibrated = True
             if self.hparams.adapter is None:

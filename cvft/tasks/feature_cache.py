@@ -212,6 +212,8 @@ def check_cacheable(module: Any, datamodule: Any) -> CacheDecision:
     """
     from cvft.data.split_module import SplitDataModule
 
+    if getattr(module, "mixer", None) is not None:
+        return CacheDecision(False, "mixup/cutmix mix the training images at every step (set mixup=0 and cutmix=0)")
     if not isinstance(datamodule, SplitDataModule):
         return CacheDecision(False, "the training data does not come from a cvft DataModule")
     names = [strategy.name for strategy in module.strategy_stack]

@@ -90,6 +90,11 @@ RANGES: dict[str, Interval] = {
     "pos_weight": _NON_NEGATIVE,
     "focal_gamma": _NON_NEGATIVE,
     "head_lr_scale": _POSITIVE,
+    "mixup": _NON_NEGATIVE,
+    "cutmix": _NON_NEGATIVE,
+    "mix_prob": Interval(0.0, 1.0),
+    "mix_switch_prob": Interval(0.0, 1.0),
+    "mix_off_epoch": Interval(1, integer=True, hint="Leave mix_off_epoch unset to mix every epoch."),
     "anchor_sizes": _POSITIVE,
     "aspect_ratios": _POSITIVE,
 }
