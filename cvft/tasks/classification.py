@@ -85,6 +85,12 @@ class ImageClassifier(FineTuningModule):
             ``augment: none``, a cvft DataModule; the log says whether it is on and why. ``memory`` / ``disk``
             insist (a fit where the features would change is refused); ``off`` never caches. The training is the
             same either way (same batches, same head weights).
+        ema_decay: Keep an exponential moving average of the trained weights with this decay (``0.999``: about the
+            last 1,000 steps; ``0.99`` for short runs) and validate, checkpoint, predict and export with it
+            (:class:`~cvft.callbacks.ema.EMAWeightAveraging`, on Lightning's ``WeightAveraging``). Only trainable
+            tensors and BatchNorm statistics are averaged, so a LoRA run's EMA is adapter-sized. Not with
+            strategies that unfreeze during training (``gradual_unfreeze``). ``None``: no EMA.
+        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
 
     Example:
         >>> import torch
@@ -123,6 +129,8 @@ class ImageClassifier(FineTuningModule):
         focal_gamma: float = 2.0,
         focal_alpha: float | list[float] | None = None,
         feature_cache: Literal["auto", "memory", "disk", "off"] = "auto",
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -139,7 +147,7 @@ class ImageClassifier(FineTuningModule):
                 "ImageClassifier needs num_classes >= 2 (or class_names). On the command line the data module "
                 "provides it; in Python pass num_classes=... ."
             )
-        self.save_task_hparams(check=("num_classes", "label_smoothing", "pos_weight", "focal_gamma"))
+        self.save_task_hparams(check=("num_classes", "label_smoothing", "pos_weight", "focal_gamma", "ema_decay"))
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
             raise CvftError(f"pos_weight needs multi_label=True and one value per class ({num_classes}).")
         if feature_cache not in FEATURE_CACHE_MODES:
@@ -149,6 +157,11 @@ class ImageClassifier(FineTuningModule):
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
 
         self.build_strategy_stack(strategies)
+        if ema_decay is not None and any(strategy.name == "gradual_unfreeze" for strategy in self.strategy_stack):
+            raise ConfigError(
+                "ema_decay averages the tensors trainable when the fit starts, but gradual_unfreeze makes more "
+                "trainable later. Leave ema_decay unset or drop gradual_unfreeze."
+            )
         self.backbone = self.create_task_backbone(num_classes)
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]

@@ -92,6 +92,9 @@ RANGES: dict[str, Interval] = {
     "head_lr_scale": _POSITIVE,
     "anchor_sizes": _POSITIVE,
     "aspect_ratios": _POSITIVE,
+    "ema_decay": Interval(
+        0.0, 1.0, low_open=True, high_open=True, hint="0.999 averages over about 1,000 steps, 0.99 over about 100."
+    ),
 }
 
 
