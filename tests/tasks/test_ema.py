@@ -73,7 +73,8 @@ def test_ema_equals_the_hand_computed_average_of_the_trained_history(warmup):
     expected = _hand_ema(recorder.history, DECAY, warmup)
     final = model.state_dict()  # the fit ends with the EMA in the model
     for name, value in expected.items():
-        torch.testing.assert_close(final[name].double(), value, atol=1e-6, rtol=0)
+        # float32 averages against a float64 hand computation: 1e-6 absolute, and relative for BatchNorm variances ~20
+        torch.testing.assert_close(final[name].double(), value, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(final["backbone.fc.weight"], recorder.history[-1]["backbone.fc.weight"])
     assert torch.equal(final["backbone.bn1.num_batches_tracked"], torch.tensor(8)), "integer buffers stay live"
 
