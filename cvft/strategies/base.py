@@ -127,6 +127,9 @@ class Strategy:
     #: Whether only the classifier head trains and the backbone's features stay fixed (``linear_probe``,
     #: ``classifier_only``), so that a classifier may train its head on cached features.
     trains_head_only: ClassVar[bool] = False
+    #: Whether more backbone tensors become trainable during the fit (gradual unfreezing), so that an average of the
+    #: tensors trainable at the start (EMA of weights) would miss them.
+    unfreezes_during_fit: ClassVar[bool] = False
     #: Whether the strategy takes the ``bn`` option (parameter strategies and schedules that freeze).
     takes_bn: ClassVar[bool] = False
     #: BatchNorm policy used when ``bn`` is not given (see the module docstring); ``None``: no policy of its own

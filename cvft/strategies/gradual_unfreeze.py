@@ -45,6 +45,7 @@ class GradualUnfreeze(Strategy):
     """
 
     name = "gradual_unfreeze"
+    unfreezes_during_fit = True
     takes_bn = True  # no default of its own: it follows the stack (else "frozen")
 
     def __init__(

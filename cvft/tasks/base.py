@@ -14,6 +14,8 @@ metrics. The base owns what they share:
 * the backbone, from the shared arguments ``backbone``, ``pretrained``, ``weights``, ``in_chans``,
   ``drop_path_rate``, ``backbone_kwargs`` and ``grad_checkpointing`` (:meth:`FineTuningModule.create_task_backbone`);
 * the optimiser: AdamW or SGD over named :meth:`FineTuningModule.param_groups`, with warmup and cosine decay;
+* the EMA of the trained weights, for tasks with an ``ema_decay`` argument
+  (:meth:`FineTuningModule.configure_callbacks`);
 * loading: :meth:`FineTuningModule.from_checkpoint`, and adapter files (:meth:`FineTuningModule.from_adapter`,
   :meth:`FineTuningModule.save_adapter`, :meth:`FineTuningModule.load_adapter`) for tasks that write them.
 
@@ -259,6 +261,15 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
         """
         hp = self.hparams
         return build_param_groups(self.backbone, hp.lr, hp.weight_decay, self.backbone_lr_scales(), prefix="backbone.")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The EMA of the trained weights when the task has an ``ema_decay`` (:mod:`cvft.callbacks.ema`)."""
+        decay = self.hparams.get("ema_decay")
+        if decay is None:
+            return []
+        from cvft.callbacks.ema import EMAWeightAveraging
+
+        return [EMAWeightAveraging(decay, warmup=bool(self.hparams.get("ema_warmup", False)))]
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""

@@ -107,6 +107,12 @@ class ImageClassifier(FineTuningModule):
         mix_mode: ``"batch"`` (one coefficient per batch), ``"pair"`` or ``"elem"`` (one per pair or image).
         mix_off_epoch: Epoch (0-based) from which batches are no longer mixed and the plain loss applies (timm's
             ``--mixup-off-epoch``); ``None`` mixes every epoch.
+        ema_decay: Keep an exponential moving average of the trained weights with this decay (``0.999``: about the
+            last 1,000 steps; ``0.99`` for short runs) and validate, checkpoint, predict and export with it
+            (:class:`~cvft.callbacks.ema.EMAWeightAveraging`, on Lightning's ``WeightAveraging``). Only trainable
+            tensors and BatchNorm statistics are averaged, so a LoRA run's EMA is adapter-sized. Not with
+            strategies that unfreeze during training (``gradual_unfreeze``). ``None``: no EMA.
+        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
 
     Example:
         >>> import torch
@@ -152,6 +158,8 @@ class ImageClassifier(FineTuningModule):
         mix_switch_prob: float = 0.5,
         mix_mode: Literal["batch", "pair", "elem"] = "batch",
         mix_off_epoch: int | None = None,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -171,7 +179,7 @@ class ImageClassifier(FineTuningModule):
         self.save_task_hparams(
             check=(
                 "num_classes", "label_smoothing", "pos_weight", "focal_gamma",
-                "mixup", "cutmix", "mix_prob", "mix_switch_prob", "mix_off_epoch",
+                "mixup", "cutmix", "mix_prob", "mix_switch_prob", "mix_off_epoch", "ema_decay",
             )
         )  # fmt: skip
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
@@ -206,6 +214,12 @@ class ImageClassifier(FineTuningModule):
                 mode=mix_mode,
                 label_smoothing=label_smoothing,
                 off_epoch=mix_off_epoch,
+            )
+        unfreezing = [s.name for s in self.strategy_stack if s.unfreezes_during_fit]
+        if ema_decay is not None and unfreezing:
+            raise ConfigError(
+                f"ema_decay averages the tensors trainable when the fit starts, but {', '.join(unfreezing)} makes "
+                "more trainable later. Leave ema_decay unset or drop that strategy."
             )
         self.backbone = self.create_task_backbone(num_classes)
         self.num_classes = num_classes

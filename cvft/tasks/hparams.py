@@ -97,6 +97,9 @@ RANGES: dict[str, Interval] = {
     "mix_off_epoch": Interval(1, integer=True, hint="Leave mix_off_epoch unset to mix every epoch."),
     "anchor_sizes": _POSITIVE,
     "aspect_ratios": _POSITIVE,
+    "ema_decay": Interval(
+        0.0, 1.0, low_open=True, high_open=True, hint="0.999 averages over about 1,000 steps, 0.99 over about 100."
+    ),
 }
 
 
