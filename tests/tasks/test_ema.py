@@ -152,3 +152,18 @@ def test_bad_ema_options_are_refused():
     with pytest.raises(ConfigError, match="decay must be in"):
         EMAWeightAveraging(decay=0.0)
     assert _classifier(ema_decay=None).configure_callbacks() == []
+
+
+def test_lora_with_ema_and_mixup_averages_the_adapter_trained_on_mixed_batches():
+    """The usual composition: LoRA, EMA and Mixup/CutMix in one run; the EMA is the hand average of what trained."""
+    model = _classifier(strategies="lora", mixup=0.4, cutmix=1.0, lr=0.01)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    recorder = RecordTrained(_averaged_names(model))
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder])
+    trainer.fit(model, _loader())
+    assert model.mixer is not None and model.mixer.last_lam is not None  # batches were mixed
+    assert sorted(_ema_callback(trainer).averaged_names) == sorted(recorder.names)
+    final = model.state_dict()
+    for name, value in _hand_ema(recorder.history, DECAY, warmup=False).items():
+        torch.testing.assert_close(final[name].double(), value, atol=1e-6, rtol=1e-6)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
