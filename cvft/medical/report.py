@@ -62,7 +62,7 @@ def collect_probabilities(
         with torch.no_grad():
             for batch in batches:
                 logits = module(batch[0].to(device)).float()
-                probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
+                probs.append(_cpu_probabilities(logits, multi_label))
                 targets.append(batch[1].cpu())
     finally:
         module.train(was_training)
@@ -284,6 +284,11 @@ class MedicalReport(pl.Callback):
         self.thresholds = state_dict.get("thresholds")
 
 
+def _cpu_probabilities(logits: Tensor, multi_label: bool) -> Tensor:
+    """A classifier's probabilities on the CPU: sigmoid per label (multi-label), else softmax over classes."""
+    return (logits.sigmoid() if multi_label else logits.softmax(-1)).cpu()
+
+
 class _LoopOutputs:
     """Probabilities and targets of one validation or test epoch, gathered from the step outputs.
 
@@ -309,7 +314,7 @@ class _LoopOutputs:
             self.start(False)
             return
         logits = logits.detach().float()
-        self.probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
+        self.probs.append(_cpu_probabilities(logits, multi_label))
         self.targets.append(targets.detach().cpu())
 
     def finish(self, trainer: pl.Trainer) -> None:
