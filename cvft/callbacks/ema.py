@@ -35,18 +35,24 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cvft.errors import ConfigError
 
-__all__ = ["EMAWeightAveraging", "trained_tensors"]
+__all__ = ["SHORT_RUN_WEIGHT", "EMAWeightAveraging", "trained_tensors"]
+
+SHORT_RUN_WEIGHT = 0.05
+"""Without warm-up, a fit warns when the first step's weights keep more than this share of the final average
+(``decay ** steps``): 0.99 needs about 300 steps, 0.999 about 3,000."""
 
 
 def trained_tensors(module: nn.Module, use_buffers: bool) -> Iterator[tuple[str, Tensor]]:
@@ -159,9 +165,22 @@ class EMAWeightAveraging(WeightAveraging):
         return dict(zip(self._averaged.names, self._average_model.module.tensors(), strict=True))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Move the averages to the model's device (Lightning moves the model after ``setup``)."""
+        """Move the averages to the model's device (Lightning moves the model after ``setup``).
+
+        Warns when the run is too short for the decay (see :data:`SHORT_RUN_WEIGHT`).
+        """
         if self._average_model is not None and self._device is None:
             self._average_model.to(pl_module.device)
+        steps = trainer.estimated_stepping_batches
+        if not self.warmup and math.isfinite(steps) and self.decay**steps > SHORT_RUN_WEIGHT:
+            suggested = SHORT_RUN_WEIGHT ** (1 / max(steps, 1))
+            rank_zero_warn(
+                f"EMA decay {self.decay} is too high for {int(steps)} optimizer steps: at the end of the fit the "
+                f"weights after the first step still make up {self.decay**steps:.0%} of the average, so it lags "
+                f"far behind training. Use ema_decay <= {suggested:.3f} or turn on ema_warmup "
+                "(--model.ema_decay / --model.ema_warmup true).",
+                category=UserWarning,
+            )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         """Refuse tensors that became trainable after setup (gradual unfreezing): their EMA would not exist."""

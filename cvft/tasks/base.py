@@ -66,7 +66,7 @@ from torch import nn
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
 from cvft.checkpoints import loadable_hparams
-from cvft.errors import CvftError
+from cvft.errors import ConfigError, CvftError
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups
@@ -89,7 +89,7 @@ DEFAULT_LR = 3e-4
 
 #: Numeric constructor arguments every task takes; :meth:`FineTuningModule.save_task_hparams` checks their ranges.
 SHARED_NUMERIC_OPTIONS: tuple[str, ...] = (
-    "in_chans", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio", "drop_path_rate",
+    "in_chans", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio", "drop_path_rate", "ema_decay",
 )  # fmt: skip
 
 
@@ -143,9 +143,17 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
 
         Raises:
             StrategyError: An unknown strategy, or one needing what :attr:`strategy_support` does not provide.
+            ConfigError: ``ema_decay`` with a strategy that makes more tensors trainable during the fit (the EMA
+                covers the tensors trainable when the fit starts).
         """
         stack = StrategyStack(build_strategies(strategies))
         check_supported(stack, self.strategy_support)
+        unfreezing = [strategy.name for strategy in stack if strategy.unfreezes_during_fit]
+        if self.hparams.get("ema_decay") is not None and unfreezing:
+            raise ConfigError(
+                f"ema_decay averages the tensors trainable when the fit starts, but {', '.join(unfreezing)} makes "
+                "more trainable later. Leave ema_decay unset or drop that strategy."
+            )
         self.strategy_stack = stack
         self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
         if self.hparams.get("lr", DEFAULT_LR) is None:

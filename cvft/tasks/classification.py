@@ -179,7 +179,7 @@ class ImageClassifier(FineTuningModule):
         self.save_task_hparams(
             check=(
                 "num_classes", "label_smoothing", "pos_weight", "focal_gamma",
-                "mixup", "cutmix", "mix_prob", "mix_switch_prob", "mix_off_epoch", "ema_decay",
+                "mixup", "cutmix", "mix_prob", "mix_switch_prob", "mix_off_epoch",
             )
         )  # fmt: skip
         if pos_weight is not None and (not multi_label or len(pos_weight) != num_classes):
@@ -214,12 +214,6 @@ class ImageClassifier(FineTuningModule):
                 mode=mix_mode,
                 label_smoothing=label_smoothing,
                 off_epoch=mix_off_epoch,
-            )
-        unfreezing = [s.name for s in self.strategy_stack if s.unfreezes_during_fit]
-        if ema_decay is not None and unfreezing:
-            raise ConfigError(
-                f"ema_decay averages the tensors trainable when the fit starts, but {', '.join(unfreezing)} makes "
-                "more trainable later. Leave ema_decay unset or drop that strategy."
             )
         self.backbone = self.create_task_backbone(num_classes)
         self.num_classes = num_classes

@@ -96,6 +96,10 @@ class ObjectDetector(FineTuningModule):
         backbone_kwargs: Extra ``timm.create_model`` arguments.
         map_backend: ``"auto"``, ``"faster_coco_eval"`` or ``"pycocotools"`` (see :func:`resolve_map_backend`).
         adapter: A detector adapter file (:meth:`save_adapter`) to load after set-up.
+        ema_decay: Keep an exponential moving average of the trained weights with this decay and validate,
+            checkpoint, predict and export with it (:class:`~cvft.callbacks.ema.EMAWeightAveraging`); only the
+            trainable tensors and BatchNorm statistics are averaged. ``None``: no EMA.
+        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
 
     Example:
         >>> import torch
@@ -140,6 +144,8 @@ class ObjectDetector(FineTuningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         map_backend: Literal["auto", "faster_coco_eval", "pycocotools"] = "auto",
         adapter: str | None = None,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
     ) -> None:
         super().__init__()
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)

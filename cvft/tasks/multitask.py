@@ -143,6 +143,10 @@ class MultiTaskClassifier(FineTuningModule):
         drop_path_rate: Stochastic depth rate passed to timm.
         grad_checkpointing: Recompute activations in backward to save memory.
         backbone_kwargs: Extra ``timm.create_model`` arguments (``{"img_size": 32}``).
+        ema_decay: Keep an exponential moving average of the trained weights with this decay and validate,
+            checkpoint, predict and export with it (:class:`~cvft.callbacks.ema.EMAWeightAveraging`); only the
+            trainable tensors and BatchNorm statistics are averaged. ``None``: no EMA.
+        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
 
     Example:
         >>> import torch
@@ -176,6 +180,8 @@ class MultiTaskClassifier(FineTuningModule):
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
     ) -> None:
         super().__init__()
         tasks = check_tasks(tasks)
