@@ -96,6 +96,13 @@ class ObjectDetector(FineTuningModule):
         backbone_kwargs: Extra ``timm.create_model`` arguments.
         map_backend: ``"auto"``, ``"faster_coco_eval"`` or ``"pycocotools"`` (see :func:`resolve_map_backend`).
         adapter: A detector adapter file (:meth:`save_adapter`) to load after set-up.
+        drop_path_schedule: How the backbone's drop path (``drop_path_rate``) varies over training
+            (:mod:`cvft.callbacks.drop_path`): ``"constant"``, ``"linear"`` (0 up to the configured rates) or
+            ``"early"`` (on for ``drop_path_epochs`` epochs, then off). Needs ``drop_path_rate > 0``.
+        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
+        channels_last: Store the network's 4-D weights (backbone, neck, head) in the ``torch.channels_last`` layout
+            when a Trainer runs the model: faster convolutions for CNN backbones on GPUs. Same outputs. (No
+            ``compile``: the detector reads the backbone through ``forward_intermediates``, not its forward.)
 
     Example:
         >>> import torch
@@ -140,6 +147,9 @@ class ObjectDetector(FineTuningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         map_backend: Literal["auto", "faster_coco_eval", "pycocotools"] = "auto",
         adapter: str | None = None,
+        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
+        drop_path_epochs: float | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)
