@@ -23,7 +23,7 @@ Example:
     >>> model = timm.create_model("test_resnet", num_classes=3)
     >>> expected = model.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     >>> use_channels_last(model)
-    >>> model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    >>> model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     True
     >>> logits = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     >>> torch.allclose(logits, expected, atol=1e-5)
@@ -41,7 +41,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COMPILE_MODES", "CompileFallbackWarning", "SpeedSwitches", "compile_forward", "use_channels_last"]
+__all__ = [
+    "COMPILE_MODES",
+    "CompileFallbackWarning",
+    "SpeedSwitches",
+    "compile_failure_reason",
+    "compile_forward",
+    "use_channels_last",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -80,6 +87,26 @@ def use_channels_last(module: nn.Module, inputs_of: nn.Module | None = None) -> 
         setattr(target, _HOOK_ATTR, target.register_forward_pre_hook(_to_channels_last))
 
 
+def compile_failure_reason(error: BaseException) -> str:
+    """One line naming why compiling failed: the outer error's type and the innermost cause's type and first line.
+
+    The cause is followed through ``__cause__`` and Dynamo's ``inner_exception`` (``BackendCompilerFailed``).
+
+    Example:
+        >>> try:
+        ...     raise RuntimeError("compiling failed") from OSError("g++ missing")
+        ... except RuntimeError as error:
+        ...     compile_failure_reason(error)
+        'RuntimeError <- OSError: g++ missing'
+    """
+    root = error
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None and inner is not root:
+        root = inner
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    detail = f"{type(root).__name__}: {lines[0][:300]}" if lines else type(root).__name__
+    return detail if root is error else f"{type(error).__name__} <- {detail}"
+
+
 class _EagerFallback:
     """A compiled ``__call__`` that falls back to the eager one (for good) when compiling fails."""
 
@@ -94,10 +121,9 @@ class _EagerFallback:
         except Exception as error:  # torch raises many kinds; a real error of the model also fails eagerly below
             output = self.module._call_impl(*args, **kwargs)
             self.module._compiled_call_impl = None
-            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
             warnings.warn(
                 f"torch.compile could not compile the backbone {type(self.module).__name__} "
-                f"({type(error).__name__}: {reason}); it runs eagerly (uncompiled) from now on, with the same "
+                f"({compile_failure_reason(error)}); it runs eagerly (uncompiled) from now on, with the same "
                 "results. Set --model.compile false (compile=False) to skip compiling.",
                 CompileFallbackWarning,
                 stacklevel=2,
@@ -129,7 +155,7 @@ def compile_forward(module: nn.Module, mode: str | None = None, backend: str | N
         compiled = torch.compile(module._call_impl, **options)
     except Exception as error:  # platforms and Python versions without torch.compile refuse here
         warnings.warn(
-            f"torch.compile is not available here ({type(error).__name__}: {error}); the backbone runs eagerly. "
+            f"torch.compile is not available here ({compile_failure_reason(error)}); the backbone runs eagerly. "
             "Set --model.compile false (compile=False) to skip compiling.",
             CompileFallbackWarning,
             stacklevel=2,
