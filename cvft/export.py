@@ -47,7 +47,7 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
     """
     backbone = fold_all(model.backbone)
     hp = model.hparams
-    kwargs = timm_kwargs(hp.get("backbone_kwargs"), hp.get("drop_path_rate"))
+    kwargs = timm_kwargs(hp.get("backbone_kwargs"), hp.get("drop_path_rate"), hp.get("drop_rate"))
     with torch.device("meta"):
         plain = timm.create_model(
             hp.backbone, pretrained=False, num_classes=model.num_classes, in_chans=hp.in_chans, **kwargs

@@ -7,7 +7,13 @@ Example:
     'head'
 """
 
-from cvft.backbones.factory import UnknownBackboneError, create_backbone, is_pretrained, weights_source
+from cvft.backbones.factory import (
+    BackboneOptionError,
+    UnknownBackboneError,
+    create_backbone,
+    is_pretrained,
+    weights_source,
+)
 from cvft.backbones.layer_groups import LayerGroup, find_layer_groups, head_parameter_names, layer_groups
 from cvft.backbones.sources import (
     WeightsSource,
@@ -23,6 +29,7 @@ __all__ = [
     "weights_source",
     "is_pretrained",
     "UnknownBackboneError",
+    "BackboneOptionError",
     "LayerGroup",
     "layer_groups",
     "find_layer_groups",

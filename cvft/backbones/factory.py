@@ -23,7 +23,7 @@ from cvft.backbones.sources import get_weights_source, list_weights_sources
 from cvft.backbones.weights import Checkpoint, read_checkpoint, strip_key_prefix
 from cvft.errors import CheckpointMismatchError, ConfigError, CvftError, HubUnavailableError, WeightsError
 
-__all__ = ["UnknownBackboneError", "create_backbone", "weights_source", "is_pretrained"]
+__all__ = ["BackboneOptionError", "UnknownBackboneError", "create_backbone", "weights_source", "is_pretrained"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +35,18 @@ _MAX_EXAMPLES = 5
 
 class UnknownBackboneError(CvftError, ValueError):
     """The backbone name is not a timm model."""
+
+
+class BackboneOptionError(ConfigError, TypeError):
+    """The timm model's constructor does not take one of the keyword arguments (a ``TypeError`` too, as timm's)."""
+
+
+#: What a backbone lacking an option lacks, for the message.
+_OPTION_MEANING = {
+    "drop_path_rate": "it has no stochastic depth (DropPath)",
+    "drop_rate": "it has no classifier dropout",
+}
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 def create_backbone(
@@ -59,13 +71,15 @@ def create_backbone(
         in_chans: Input channels; the checkpoint's first conv is adapted with timm's ``adapt_input_conv``.
         strict: Raise :class:`CheckpointMismatchError` on missing / unexpected / mis-shaped keys (outside the head).
             ``False`` loads what fits and logs a warning.
-        **timm_kwargs: Passed to ``timm.create_model`` (``drop_path_rate``, ``img_size`` …).
+        **timm_kwargs: Passed to ``timm.create_model`` (``drop_path_rate``, ``drop_rate``, ``img_size`` …).
 
     Returns:
         The model, with ``model.cvft_weights_source`` set.
 
     Raises:
         UnknownBackboneError: ``name`` is not a timm model.
+        BackboneOptionError: The model's constructor does not take one of ``timm_kwargs`` (VGG and DenseNet take no
+            ``drop_path_rate``).
         ConfigError: Both ``pretrained=True`` and ``weights`` were given. Here ``pretrained`` defaults to ``False``,
             so both is an explicit, ambiguous request. The tasks (``ImageClassifier`` ...) default to
             ``pretrained=True`` and let ``weights`` take precedence; they pass ``pretrained and weights is None``.
@@ -90,10 +104,10 @@ def create_backbone(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if weights is None:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create_model(name, False, kwargs, timm_kwargs)
         return _mark(model, _RANDOM_INIT)
     path, source = _resolve_weights(name, weights)
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _create_model(name, False, kwargs, timm_kwargs)
     _load_checkpoint(model, name, read_checkpoint(path), num_classes, in_chans, strict)
     return _mark(model, source)
 
@@ -129,6 +143,30 @@ def is_pretrained(model: nn.Module) -> bool:
         False
     """
     return weights_source(model).startswith(_PRETRAINED_PREFIXES)
+
+
+def _create_model(name: str, pretrained: bool, kwargs: dict[str, Any], timm_kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``; a keyword of ``timm_kwargs`` its constructor refuses becomes a :class:`BackboneOptionError`.
+
+    Example:
+        >>> _create_model("vgg11", False, {"drop_path_rate": 0.1}, {"drop_path_rate": 0.1})
+        Traceback (most recent call last):
+        ...
+        cvft.backbones.factory.BackboneOptionError: Backbone 'vgg11' does not take drop_path_rate=0.1: it has no stochastic depth (DropPath). Leave drop_path_rate unset (--model.drop_path_rate), or choose a backbone that takes it (ResNet, ConvNeXt, EfficientNet, ViT ...).
+    """  # noqa: E501
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        match = _UNEXPECTED_KEYWORD.search(str(error))
+        option = match.group(1) if match else None
+        if option not in timm_kwargs:
+            raise
+        meaning = _OPTION_MEANING.get(option, "timm's constructor has no such argument")
+        flag = f"--model.{option}" if option in _OPTION_MEANING else "--model.backbone_kwargs"
+        raise BackboneOptionError(
+            f"Backbone {name!r} does not take {option}={timm_kwargs[option]!r}: {meaning}. Leave {option} unset "
+            f"({flag}), or choose a backbone that takes it (ResNet, ConvNeXt, EfficientNet, ViT ...)."
+        ) from error
 
 
 # --- names ------------------------------------------------------------------------------------------------------
@@ -175,7 +213,9 @@ def _create_from_hub(name: str, num_classes: int | None, in_chans: int, timm_kwa
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        model = _create_model(name, True, kwargs, timm_kwargs)
+    except BackboneOptionError:
+        raise
     except Exception as exc:
         reason = _hub_unavailable_reason(exc)
         if reason is None:

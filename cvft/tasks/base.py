@@ -12,10 +12,12 @@ metrics. The base owns what they share:
   run at every epoch start, their state kept in checkpoints and their late-unfrozen gradients synchronised under DDP
   (:class:`~cvft.tasks.strategy_hooks.StrategyHooks`);
 * the backbone, from the shared arguments ``backbone``, ``pretrained``, ``weights``, ``in_chans``,
-  ``drop_path_rate``, ``backbone_kwargs`` and ``grad_checkpointing`` (:meth:`FineTuningModule.create_task_backbone`);
+  ``drop_path_rate``, ``backbone_kwargs`` and ``grad_checkpointing``, and, for tasks that take them, ``drop_rate``,
+  ``drop_path_schedule`` and ``drop_path_epochs`` (:meth:`FineTuningModule.create_task_backbone`);
 * the optimiser: AdamW or SGD over named :meth:`FineTuningModule.param_groups`, with warmup and cosine decay;
-* the EMA of the trained weights, for tasks with an ``ema_decay`` argument
-  (:meth:`FineTuningModule.configure_callbacks`);
+* the callbacks of the training toolbox, for tasks with their arguments (:meth:`FineTuningModule.configure_callbacks`):
+  the EMA of the trained weights (``ema_decay``), the drop-path schedule (``drop_path_schedule``) and the speed
+  switches (``channels_last``, ``compile``, ``compile_mode``);
 * loading: :meth:`FineTuningModule.from_checkpoint`, and adapter files (:meth:`FineTuningModule.from_adapter`,
   :meth:`FineTuningModule.save_adapter`, :meth:`FineTuningModule.load_adapter`) for tasks that write them.
 
@@ -89,7 +91,8 @@ DEFAULT_LR = 3e-4
 
 #: Numeric constructor arguments every task takes; :meth:`FineTuningModule.save_task_hparams` checks their ranges.
 SHARED_NUMERIC_OPTIONS: tuple[str, ...] = (
-    "in_chans", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio", "drop_path_rate", "ema_decay",
+    "in_chans", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio", "drop_path_rate", "drop_rate",
+    "drop_path_epochs", "ema_decay",
 )  # fmt: skip
 
 
@@ -127,13 +130,22 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
             ranges: Ranges replacing :data:`~cvft.tasks.hparams.RANGES` entries for this task.
 
         Raises:
-            ConfigError: A value is out of range (the message names the task, the option and the range).
+            ConfigError: A value is out of range (the message names the task, the option and the range), or an
+                unknown ``compile_mode``.
         """
         frame = inspect.currentframe()
         self.save_hyperparameters(ignore=["strategies", *ignore], frame=frame.f_back if frame else None)
         loadable_hparams(self)
         names = dict.fromkeys([*check, *SHARED_NUMERIC_OPTIONS])
         check_hparams(type(self).__name__, {name: self.hparams.get(name) for name in names}, ranges)
+        from cvft.callbacks.speed import COMPILE_MODES
+
+        mode = self.hparams.get("compile_mode")
+        if mode is not None and mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"{type(self).__name__}: unknown compile_mode {mode!r}; choose one of {', '.join(COMPILE_MODES)} "
+                "(--model.compile_mode), or leave it unset for torch.compile's default."
+            )
 
     def build_strategy_stack(self, strategies: StrategySpec | Iterable[StrategySpec] | None) -> StrategyStack:
         """Build the strategies, refuse those the task cannot train, and record them in ``hparams``.
@@ -169,11 +181,17 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
         """The timm backbone the saved ``hparams`` name, with gradient checkpointing when asked.
 
         ``weights`` wins over ``pretrained`` (nothing is downloaded then). A backbone without pretrained weights
-        is logged as a warning: that trains from scratch.
+        is logged as a warning: that trains from scratch. ``drop_path_rate`` and ``drop_rate`` go to timm; a
+        ``drop_path_schedule`` other than ``"constant"`` needs drop path in the backbone.
 
         Args:
             num_classes: Classifier outputs; 0 for a backbone whose heads live in the task.
             factory: Called like :func:`~cvft.backbones.create_backbone` (detection asks for dynamic image sizes).
+
+        Raises:
+            BackboneOptionError: The backbone does not take ``drop_path_rate`` / ``drop_rate`` (VGG, DenseNet).
+            ConfigError: A drop-path schedule the backbone cannot follow
+                (:func:`~cvft.callbacks.drop_path.check_drop_path_schedule`).
         """
         hp = self.hparams
         backbone = factory(
@@ -182,8 +200,11 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
             weights=hp.weights,
             num_classes=num_classes,
             in_chans=hp.in_chans,
-            **timm_kwargs(hp.backbone_kwargs, hp.drop_path_rate),
+            **timm_kwargs(hp.backbone_kwargs, hp.drop_path_rate, hp.get("drop_rate")),
         )
+        from cvft.callbacks.drop_path import check_drop_path_schedule
+
+        check_drop_path_schedule(backbone, hp.get("drop_path_schedule", "constant"), hp.get("drop_path_epochs"))
         if not is_pretrained(backbone):
             _logger.warning(
                 "%s starts from random initialisation (no pretrained weights): this trains from scratch, it is "
@@ -271,13 +292,33 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
         return build_param_groups(self.backbone, hp.lr, hp.weight_decay, self.backbone_lr_scales(), prefix="backbone.")
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The EMA of the trained weights when the task has an ``ema_decay`` (:mod:`cvft.callbacks.ema`)."""
-        decay = self.hparams.get("ema_decay")
-        if decay is None:
-            return []
-        from cvft.callbacks.ema import EMAWeightAveraging
+        """The toolbox callbacks the task's ``hparams`` ask for.
 
-        return [EMAWeightAveraging(decay, warmup=bool(self.hparams.get("ema_warmup", False)))]
+        * :class:`~cvft.callbacks.speed.SpeedSwitches` with ``channels_last`` or ``compile`` (its ``setup`` runs
+          before the task's own, so calibration and the feature cache see the converted network);
+        * :class:`~cvft.callbacks.drop_path.DropPathSchedule` with a ``drop_path_schedule`` other than
+          ``"constant"``;
+        * :class:`~cvft.callbacks.ema.EMAWeightAveraging` with an ``ema_decay``.
+        """
+        hp = self.hparams
+        callbacks: list[pl.Callback] = []
+        if hp.get("channels_last") or hp.get("compile"):
+            from cvft.callbacks.speed import SpeedSwitches
+
+            callbacks.append(
+                SpeedSwitches(bool(hp.get("channels_last")), bool(hp.get("compile")), hp.get("compile_mode"))
+            )
+        schedule = hp.get("drop_path_schedule", "constant")
+        if schedule != "constant":
+            from cvft.callbacks.drop_path import DropPathSchedule
+
+            callbacks.append(DropPathSchedule(schedule, hp.get("drop_path_epochs")))
+        decay = hp.get("ema_decay")
+        if decay is not None:
+            from cvft.callbacks.ema import EMAWeightAveraging
+
+            callbacks.append(EMAWeightAveraging(decay, warmup=bool(hp.get("ema_warmup", False))))
+        return callbacks
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over :meth:`param_groups`, with per-step warmup + cosine."""

@@ -113,6 +113,22 @@ class ImageClassifier(FineTuningModule):
             tensors and BatchNorm statistics are averaged, so a LoRA run's EMA is adapter-sized. Not with
             strategies that unfreeze during training (``gradual_unfreeze``). ``None``: no EMA.
         ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
+        drop_rate: Dropout rate before the classifier, passed to timm as ``drop_rate`` (``None`` keeps timm's
+            default, 0 for most models). A backbone whose constructor has no such argument is refused.
+        drop_path_schedule: How drop path (``drop_path_rate``) varies over training, every block keeping its
+            depth ratio (:mod:`cvft.callbacks.drop_path`): ``"constant"`` (timm's), ``"linear"`` (from 0 up to the
+            configured rates at the last step; scheduled drop path, NASNet) or ``"early"`` (on for the first
+            ``drop_path_epochs`` epochs, then off; early dropout, Liu et al. 2023). A function of the optimizer
+            step, so resuming is exact. Needs ``drop_path_rate > 0``.
+        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
+        channels_last: Store the network's 4-D weights and the backbone's image inputs in the
+            ``torch.channels_last`` layout when a Trainer runs the model (:mod:`cvft.callbacks.speed`): faster
+            convolutions for CNNs on GPUs (mixed precision) and recent CPUs; nothing gained for ViTs. Same outputs.
+        compile: Compile the backbone's forward with ``torch.compile`` (after the strategies are set up) when a
+            Trainer runs the model; where compiling fails the run continues eagerly with one warning. Checkpoint
+            keys do not change.
+        compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
+            ``"max-autotune-no-cudagraphs"``; ``None``: the default.
 
     Example:
         >>> import torch
@@ -160,6 +176,12 @@ class ImageClassifier(FineTuningModule):
         mix_off_epoch: int | None = None,
         ema_decay: float | None = None,
         ema_warmup: bool = False,
+        drop_rate: float | None = None,
+        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
+        drop_path_epochs: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:

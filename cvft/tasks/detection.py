@@ -100,6 +100,13 @@ class ObjectDetector(FineTuningModule):
             checkpoint, predict and export with it (:class:`~cvft.callbacks.ema.EMAWeightAveraging`); only the
             trainable tensors and BatchNorm statistics are averaged. ``None``: no EMA.
         ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
+        drop_path_schedule: How the backbone's drop path (``drop_path_rate``) varies over training
+            (:mod:`cvft.callbacks.drop_path`): ``"constant"``, ``"linear"`` (0 up to the configured rates) or
+            ``"early"`` (on for ``drop_path_epochs`` epochs, then off). Needs ``drop_path_rate > 0``.
+        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
+        channels_last: Store the network's 4-D weights (backbone, neck, head) in the ``torch.channels_last`` layout
+            when a Trainer runs the model: faster convolutions for CNN backbones on GPUs. Same outputs. (No
+            ``compile``: the detector reads the backbone through ``forward_intermediates``, not its forward.)
 
     Example:
         >>> import torch
@@ -146,6 +153,9 @@ class ObjectDetector(FineTuningModule):
         adapter: str | None = None,
         ema_decay: float | None = None,
         ema_warmup: bool = False,
+        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
+        drop_path_epochs: float | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)

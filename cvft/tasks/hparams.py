@@ -86,6 +86,10 @@ RANGES: dict[str, Interval] = {
     "warmup_epochs": _NON_NEGATIVE,
     "min_lr_ratio": Interval(0.0, 1.0),
     "drop_path_rate": _BELOW_ONE,
+    "drop_rate": _BELOW_ONE,
+    "drop_path_epochs": Interval(
+        0.0, low_open=True, hint="Leave drop_path_epochs unset unless drop_path_schedule='early'."
+    ),
     "label_smoothing": _BELOW_ONE,
     "pos_weight": _NON_NEGATIVE,
     "focal_gamma": _NON_NEGATIVE,

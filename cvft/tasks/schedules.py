@@ -89,14 +89,25 @@ def optimizer_with_schedule(groups: list[dict[str, Any]], trainer: Any, hparams:
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def timm_kwargs(backbone_kwargs: Mapping[str, Any] | None, drop_path_rate: float | None) -> dict[str, Any]:
-    """``timm.create_model`` keyword arguments of a task: ``backbone_kwargs`` plus ``drop_path_rate`` when set.
+def timm_kwargs(
+    backbone_kwargs: Mapping[str, Any] | None, drop_path_rate: float | None, drop_rate: float | None = None
+) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments of a task: ``backbone_kwargs`` plus the rates that are set.
+
+    Args:
+        backbone_kwargs: The task's extra ``timm.create_model`` arguments.
+        drop_path_rate: timm's ``drop_path_rate`` (stochastic depth); ``None`` keeps the model's default.
+        drop_rate: timm's ``drop_rate`` (dropout before the classifier); ``None`` keeps the model's default.
 
     Example:
         >>> timm_kwargs({"img_size": 32}, 0.1)
         {'img_size': 32, 'drop_path_rate': 0.1}
+        >>> timm_kwargs(None, None, drop_rate=0.2)
+        {'drop_rate': 0.2}
     """
     kwargs = dict(backbone_kwargs or {})
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
     return kwargs
