@@ -171,7 +171,7 @@ def plot_calibration(fit: Any, path: str | Path) -> Path:
             for low, high in zip(bins.edges[:-1], bins.edges[1:], strict=True)
         ]
         hist.bar(centres, bins.counts, width=width / 2, label=label)
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (multi-label: positive rate)")
     ax.set_title(f"Validation calibration ({fit.samples} images, {fit.n_bins} bins)")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)

@@ -24,7 +24,6 @@ from cvft.tasks.temperature import (
     calibrate_temperature,
     expected_calibration_error,
     fit_temperature,
-    negative_log_likelihood,
     scaled_probabilities,
 )
 
