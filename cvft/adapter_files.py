@@ -9,12 +9,14 @@ chosen from data, such as the indices sparse tuning selected, and the running st
 under a ``bn: train`` or ``bn: adabn`` policy, whose affine weights may be frozen); the frozen pretrained weights
 stay out. Its metadata
 records the backbone name, the strategy configuration, the class names and the cvft version, so the file can be put
-back on a fresh copy of the same pretrained backbone, and refuses to go onto another one.
+back on a fresh copy of the same pretrained backbone, and refuses to go onto another one; a classifier calibrated by
+temperature scaling also records its ``temperature`` (absent: 1).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,9 @@ ADAPTER_FORMAT = "cvft-adapter/1"
 
 
 class AdapterInfo(dict):
-    """Metadata of an adapter file: ``backbone``, ``strategies``, ``class_names``, ``cvft_version``, ``format``."""
+    """Metadata of an adapter file: ``backbone``, ``strategies``, ``class_names``, ``cvft_version``, ``format``,
+    and ``temperature`` when the classifier was calibrated.
+    """  # noqa: D205
 
     @property
     def backbone(self) -> str:
@@ -61,6 +65,11 @@ class AdapterInfo(dict):
     def class_names(self) -> list[str] | None:
         """Class names of the head, when known."""
         return self.get("class_names")
+
+    @property
+    def temperature(self) -> float:
+        """Temperature scaling's ``T`` of the classifier (1.0 when the file records none)."""
+        return float(self.get("temperature", 1.0))
 
 
 def _architecture(name: str) -> str:
@@ -106,21 +115,31 @@ def adapter_file_path(path: str | Path) -> Path:
 
 
 def adapter_metadata(
-    backbone: str, strategies: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None
+    backbone: str,
+    strategies: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str] | None,
+    temperature: float | None = None,
 ) -> dict[str, str]:
     """The metadata every adapter file carries: format, backbone, strategies, class names and cvft version.
+
+    A ``temperature`` other than ``None`` and 1 (temperature scaling) is recorded too, exactly (``repr``).
 
     Example:
         >>> adapter_metadata("test_resnet", [{"name": "lora", "rank": 2}], None)["strategies"]
         '[{"name": "lora", "rank": 2}]'
+        >>> adapter_metadata("test_resnet", [], None, temperature=1.5)["temperature"]
+        '1.5'
     """
-    return {
+    metadata = {
         "format": ADAPTER_FORMAT,
         "backbone": backbone,
         "strategies": json.dumps(list(strategies)),
         "class_names": json.dumps(list(class_names) if class_names is not None else None),
         "cvft_version": __version__,
     }
+    if temperature is not None and temperature != 1.0:
+        metadata["temperature"] = repr(float(temperature))
+    return metadata
 
 
 def save_adapter(
@@ -129,6 +148,7 @@ def save_adapter(
     backbone: str,
     strategies: Sequence[Mapping[str, Any]],
     class_names: Sequence[str] | None = None,
+    temperature: float | None = None,
 ) -> Path:
     """Write ``model``'s trained tensors and metadata to ``path`` (``.safetensors``), atomically.
 
@@ -138,6 +158,7 @@ def save_adapter(
         backbone: timm name of the backbone (``vit_small_patch16_224.augreg_in21k``).
         strategies: Strategy configurations, e.g. ``StrategyStack.config()``.
         class_names: Class names of the head.
+        temperature: Temperature scaling's ``T`` of the classifier (``None`` or 1: not recorded).
 
     Returns:
         The path written.
@@ -145,7 +166,7 @@ def save_adapter(
     tensors = adapter_state_dict(model)
     if not tensors:
         raise WeightsError("The model has no trainable tensors to save; apply a strategy and train it first.")
-    metadata = adapter_metadata(backbone, strategies, class_names)
+    metadata = adapter_metadata(backbone, strategies, class_names, temperature)
     return write_safetensors_atomic(tensors, adapter_file_path(path), metadata, hint="Choose a writable output folder.")
 
 
@@ -172,12 +193,22 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], AdapterInfo]:
             class_names=json.loads(metadata.get("class_names", "null")),
             cvft_version=metadata.get("cvft_version", "unknown"),
         )
+        if "temperature" in metadata:
+            info["temperature"] = _temperature(metadata["temperature"])
     except (KeyError, ValueError) as error:
         raise WeightsError(
             f"Adapter file {path} has damaged metadata ({type(error).__name__}: {error}); write it again with "
             "save_adapter (or `cvft fit`)."
         ) from None
     return tensors, info
+
+
+def _temperature(text: str) -> float:
+    """A recorded temperature: a finite number > 0 (``ValueError`` otherwise)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature {text!r} is not a finite number > 0")
+    return value
 
 
 def load_adapter(model: nn.Module, path: str | Path, backbone: str | None = None) -> AdapterInfo:

@@ -36,7 +36,8 @@ __all__ = ["export_classifier", "export_onnx", "main"]
 def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
     """Merge ``model``'s updates into a plain timm backbone (in place) and write its state dict to ``output``.
 
-    The safetensors metadata records the timm name and the class names.
+    The safetensors metadata records the timm name, the class names and, for a model calibrated by temperature
+    scaling, its ``temperature`` (divide the plain model's logits by it to get the calibrated probabilities).
 
     Example:
         >>> import tempfile, timm
@@ -66,6 +67,9 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
         "num_classes": str(model.num_classes),
         "class_names": json.dumps(model.class_names),
     }
+    temperature = float(getattr(model, "temperature", 1.0))
+    if temperature != 1.0:
+        metadata["temperature"] = repr(temperature)
     return write_safetensors_atomic(backbone.state_dict(), output, metadata, hint="Choose a writable output path.")
 
 

@@ -58,7 +58,9 @@ SHORT_RUN_WEIGHT = 0.05
 def trained_tensors(module: nn.Module, use_buffers: bool) -> Iterator[tuple[str, Tensor]]:
     """The ``(state_dict key, tensor)`` pairs an EMA of ``module`` averages.
 
-    The parameters that require gradients, then (with ``use_buffers``) the persistent floating-point buffers.
+    The parameters that require gradients, then (with ``use_buffers``) the persistent floating-point buffers, except
+    those the module lists in ``fitted_buffers`` (values fitted on validation data, not trained: the temperature of
+    :class:`~cvft.tasks.ImageClassifier`).
 
     Args:
         module: The model being trained.
@@ -68,7 +70,7 @@ def trained_tensors(module: nn.Module, use_buffers: bool) -> Iterator[tuple[str,
         if parameter.requires_grad:
             yield name, parameter
     if use_buffers:
-        persistent = set(module.state_dict(keep_vars=True))
+        persistent = set(module.state_dict(keep_vars=True)) - set(getattr(module, "fitted_buffers", ()))
         for name, buffer in module.named_buffers():
             if name in persistent and buffer.is_floating_point():
                 yield name, buffer

@@ -1,4 +1,4 @@
-"""Pictures written at the end of a fit: learning curves and the validation confusion matrix."""
+"""Pictures written at the end of a fit: learning curves, the validation confusion matrix and the calibration."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from cvft.atomic import atomic_path
+from cvft.atomic import atomic_path, write_json_atomic
 
-__all__ = ["TrainingReport", "output_dir", "plot_learning_curves", "plot_confusion_matrix"]
+__all__ = [
+    "CALIBRATION_COLUMNS",
+    "TrainingReport",
+    "output_dir",
+    "plot_calibration",
+    "plot_learning_curves",
+    "plot_confusion_matrix",
+    "write_calibration_table",
+]
+
+CALIBRATION_COLUMNS: tuple[str, ...] = ("probabilities", "temperature", "nll", "ece", "accuracy", "samples", "epoch")
+"""Columns of ``calibration.csv``: one row before temperature scaling (``T`` 1), one after."""
 
 _logger = logging.getLogger(__name__)
 _CURVE_PANELS = (
@@ -128,6 +139,62 @@ def plot_confusion_matrix(
     return _save_figure(plt, fig, path)
 
 
+def plot_calibration(fit: Any, path: str | Path) -> Path:
+    """Reliability diagram before and after temperature scaling, from a :class:`~cvft.tasks.temperature.TemperatureFit`.
+
+    The observed accuracy of each confidence bin against its mean confidence (the diagonal is perfect calibration),
+    one line before and one after scaling, with the bins' image counts below.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> from cvft.tasks.temperature import calibrate_temperature
+        >>> fit = calibrate_temperature(torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]]), torch.tensor([0, 1, 1]))
+        >>> plot_calibration(fit, pathlib.Path(tempfile.mkdtemp()) / "calibration.png").exists()
+        True
+    """
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    width = 1.0 / fit.n_bins
+    for offset, (label, bins, ece) in enumerate(
+        (
+            ("before", fit.bins_before, fit.ece_before),
+            (f"after (T {fit.temperature:.3g})", fit.bins_after, fit.ece_after),
+        )
+    ):
+        points = [(c, a) for c, a, n in zip(bins.confidence, bins.accuracy, bins.counts, strict=True) if n]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=f"{label}: ECE {ece:.3f}")
+        centres = [
+            (low + high) / 2 + (offset - 0.5) * width / 2
+            for low, high in zip(bins.edges[:-1], bins.edges[1:], strict=True)
+        ]
+        hist.bar(centres, bins.counts, width=width / 2, label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (multi-label: positive rate)")
+    ax.set_title(f"Validation calibration ({fit.samples} images, {fit.n_bins} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.set(xlabel="confidence", ylabel="count")
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+def write_calibration_table(fit: Any, path: str | Path) -> Path:
+    """Write a temperature fit as CSV (:data:`CALIBRATION_COLUMNS`), atomically: before and after scaling."""
+    rows = [
+        ("before", 1.0, fit.nll_before, fit.ece_before),
+        ("after", fit.temperature, fit.nll_after, fit.ece_after),
+    ]
+    with atomic_path(path) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CALIBRATION_COLUMNS)
+        for when, temperature, nll, ece in rows:
+            writer.writerow([when, f"{temperature:.6g}", f"{nll:.6g}", f"{ece:.6g}", f"{fit.accuracy:.6g}",
+                             fit.samples, fit.epoch])  # fmt: skip
+    return Path(path)
+
+
 class TrainingReport(pl.Callback):
     """Write ``learning_curves.png``, ``confusion_matrix.png`` and ``confusion_matrix.csv`` when a fit ends.
 
@@ -139,16 +206,25 @@ class TrainingReport(pl.Callback):
     run draws the whole curve. The confusion matrix comes from the LightningModule's ``last_val_confusion`` (as in
     :class:`cvft.tasks.ImageClassifier`); modules without it only get learning curves.
 
+    A module calibrated by temperature scaling (its ``temperature_fit``, from ``temperature_scaling=True``) also gets
+    ``calibration.json`` (the fit: temperature, NLL and ECE before and after, the reliability bins),
+    ``calibration.csv`` (:data:`CALIBRATION_COLUMNS`) and ``calibration.png`` (:func:`plot_calibration`), for the
+    weights the fit ended with (the last validation's).
+
     Args:
         curves: Draw the learning curves.
         confusion: Draw the confusion matrix.
         normalize: Colour confusion cells by row-normalised rate (the numbers show counts).
+        calibration: Write the calibration files when the module has a temperature fit.
     """
 
-    def __init__(self, curves: bool = True, confusion: bool = True, normalize: bool = True) -> None:
+    def __init__(
+        self, curves: bool = True, confusion: bool = True, normalize: bool = True, calibration: bool = True
+    ) -> None:
         self.curves = curves
         self.confusion = confusion
         self.normalize = normalize
+        self.calibration = calibration
         self.history: list[dict[str, float]] = []
         self.written: list[Path] = []
 
@@ -189,6 +265,13 @@ class TrainingReport(pl.Callback):
                 writer.writerow(["true\\predicted", *names])
                 for name, row in zip(names, matrix.tolist(), strict=True):
                     writer.writerow([name, *row])
+        fit = getattr(pl_module, "temperature_fit", None)
+        if self.calibration and fit is not None:
+            self.written += [
+                write_json_atomic(folder / "calibration.json", fit.as_dict()),
+                write_calibration_table(fit, folder / "calibration.csv"),
+                plot_calibration(fit, folder / "calibration.png"),
+            ]
         for path in self.written:
             _logger.info("wrote %s", path)
 

@@ -9,7 +9,9 @@ detection CLI (:mod:`cvft.cli.detection`):
   written atomically), and ``--weights_only false`` is refused;
 * ``fit --ckpt_path last`` resumes the newest ``last.ckpt`` under ``--trainer.default_root_dir`` (or fails with a
   cvft error), and a resumed fit continues its run folder (:func:`cvft.runs.run_loggers`);
-* outside ``fit``, ``--ckpt_path`` is read before anything is built, and the module is built without base weights.
+* outside ``fit``, ``--ckpt_path`` is read before anything is built, and the module is built without base weights;
+  its hyper-parameters replace the command line's, except the task's ``inference_options`` (``--model.tta``) that
+  the command line sets.
 
 Both CLIs also report a fit the same way: :func:`run_summary` before it, :func:`print_fit_results` after it.
 """
@@ -17,6 +19,7 @@ Both CLIs also report a fit the same way: :func:`run_summary` before it, :func:`
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from typing import Any, ClassVar
@@ -91,6 +94,9 @@ def print_fit_results(trainer: Trainer, model: Any, metrics: dict[str, float]) -
         score = float(checkpoint.best_model_score)
         print(f"Best {checkpoint.monitor}: {score:.4f} ({checkpoint.best_model_path})", flush=True)
     print(f"Weights used: {model.weights_source}", flush=True)
+    temperature_fit = getattr(model, "temperature_fit", None)
+    if temperature_fit is not None:
+        print(temperature_fit.summary(), flush=True)
     if len(model.strategy_stack):
         adapter = model.save_adapter(folder / "adapter.safetensors")
         print(f"Adapter (trained tensors only): {adapter}", flush=True)
@@ -113,6 +119,14 @@ class RunCLI(LightningCLI):
     resume: ResumePoint | None = None
     #: The ``hyper_parameters`` of ``--ckpt_path`` (any subcommand), ``None`` without one.
     checkpoint_hparams: dict[str, Any] | None = None
+    #: The command line as given (``None``: a dict or Namespace was parsed).
+    command_line: list[str] | None = None
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, keeping the command line (which options it names explicitly)."""
+        if args is None or isinstance(args, list | tuple):
+            self.command_line = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--checkpoint.*`` (best by :attr:`monitor`, ``last.ckpt`` every epoch)."""
@@ -162,6 +176,9 @@ class RunCLI(LightningCLI):
         # The model class is fixed: private keys (``_class_path``, ``_instantiator``) would only let a file name a
         # class to import and instantiate, so they are dropped.
         hparams = {key: value for key, value in hparams.items() if not str(key).startswith("_")}
+        if self.config.subcommand != "fit":
+            for name in self._inference_options_given():
+                hparams.pop(name, None)
         if not hparams:
             return
         try:
@@ -172,6 +189,22 @@ class RunCLI(LightningCLI):
                 "another task?). Pass a checkpoint written by the same kind of `cvft fit`.\n"
             )
             raise
+
+    def _inference_options_given(self) -> list[str]:
+        """The model's ``inference_options`` this command sets: named on the command line, or not the default."""
+        model = self.config[self.config.subcommand].get("model")
+        names = getattr(self.model_class, "inference_options", ())
+        if model is None or not names:
+            return []
+        defaults = inspect.signature(self.model_class).parameters
+        given = []
+        for name in names:
+            flag = f"--model.{name}"
+            named = any(arg == flag or arg.startswith(f"{flag}=") for arg in self.command_line or ())
+            default = defaults[name].default if name in defaults else inspect.Parameter.empty
+            if named or model.get(name, default) != default:
+                given.append(name)
+        return given
 
     def before_instantiate_classes(self) -> None:
         """Outside ``fit``, build the model without base weights (the checkpoint holds them) for its classes."""

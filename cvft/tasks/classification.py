@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -33,11 +35,15 @@ from cvft.tasks.mixing import (
     dominant_labels,
     soft_target_cross_entropy,
 )
+from cvft.tasks.temperature import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureFit, calibrate_temperature
+from cvft.tasks.tta import check_tta, tta_logits
 
 if TYPE_CHECKING:
     from cvft.adapter_files import AdapterInfo
 
 __all__ = ["DEFAULT_LR", "ImageClassifier"]
+
+_logger = logging.getLogger(__name__)
 
 MAX_AUROC_CLASSES = 100
 """Single-label validation / test AUROC (macro, one-vs-rest; binary: the AUROC) is logged up to this many classes."""
@@ -129,6 +135,19 @@ class ImageClassifier(FineTuningModule):
             keys do not change.
         compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
             ``"max-autotune-no-cudagraphs"``; ``None``: the default.
+        temperature_scaling: Calibrate the probabilities after every validation of the fit: fit one temperature ``T``
+            minimising the validation NLL of ``logits / T`` (:mod:`cvft.tasks.temperature`; Guo et al. 2017) on the
+            weights just validated (the EMA when ``ema_decay`` is set), so every checkpoint (``best.ckpt``,
+            ``last.ckpt``) holds the ``T`` of its own weights in the ``temperature`` buffer. Test and predict divide
+            the logits by ``T`` (the argmax does not change), the adapter file records it, ``val/temperature``,
+            ``val/nll``, ``val/nll_scaled``, ``val/ece`` and ``val/ece_scaled`` are logged and the fit's report
+            writes ``calibration.json`` / ``.csv`` / ``.png``. Multi-label: one ``T`` for all labels. Needs
+            validation data.
+        tta: Test-time augmentation in ``test`` and ``predict`` (:mod:`cvft.tasks.tta`): ``"none"``, ``"flip"``
+            (image and mirror), ``"crops"`` (five crops of the batch resized by ``1 / tta_crop_pct``) or
+            ``"flip_crops"`` (the ten-crop); the views' probabilities are averaged. Training and validation never
+            use it. Outside ``fit`` a value given on the command line overrides the checkpoint's.
+        tta_crop_pct: Side fraction each TTA crop covers, in ``(0, 1]`` (timm's ``crop_pct``).
 
     Example:
         >>> import torch
@@ -140,6 +159,10 @@ class ImageClassifier(FineTuningModule):
     """
 
     strategy_support = TaskSupport("ImageClassifier", calibration=True, loss_terms=True, views=True, indices=True)
+    #: Buffers fitted on validation data rather than trained: the EMA of weights leaves them alone.
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("temperature",)
+    #: Arguments that change only test and predict: outside ``fit`` the command line overrides the checkpoint's.
+    inference_options: ClassVar[tuple[str, ...]] = ("tta", "tta_crop_pct")
 
     def __init__(
         self,
@@ -182,6 +205,9 @@ class ImageClassifier(FineTuningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
+        temperature_scaling: bool = False,
+        tta: Literal["none", "flip", "crops", "flip_crops"] = "none",
+        tta_crop_pct: float = 0.875,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -211,6 +237,7 @@ class ImageClassifier(FineTuningModule):
                 f"Unknown feature_cache {feature_cache!r}; choose one of {', '.join(FEATURE_CACHE_MODES)}."
             )
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
+        check_tta(tta, tta_crop_pct)
 
         self.build_strategy_stack(strategies)
         mixing = check_mixing(
@@ -241,6 +268,12 @@ class ImageClassifier(FineTuningModule):
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.multi_label = multi_label
+        self.register_buffer("temperature", torch.tensor(1.0))
+        """Temperature scaling's ``T`` (1: none): test and predict divide the logits by it."""
+        self.register_load_state_dict_pre_hook(_default_temperature)
+        self.temperature_fit: TemperatureFit | None = None
+        """The latest temperature fit of this fit (``None``: none yet, or ``temperature_scaling`` off)."""
+        self._validation_outputs: list[tuple[Tensor, Tensor]] | None = None
         self.setup_strategies()
         if adapter is not None:
             self.load_adapter(adapter)
@@ -275,14 +308,21 @@ class ImageClassifier(FineTuningModule):
         from cvft.adapter_files import save_adapter
 
         return save_adapter(
-            self.backbone, path, self.hparams.backbone, self.strategy_stack.config(), class_names=self.class_names
+            self.backbone,
+            path,
+            self.hparams.backbone,
+            self.strategy_stack.config(),
+            class_names=self.class_names,
+            temperature=float(self.temperature),
         )
 
     def load_adapter(self, path: str | Path) -> AdapterInfo:
-        """Copy an adapter file's tensors onto the backbone (same backbone and strategies); return its metadata."""
+        """Copy an adapter file's tensors onto the backbone (same backbone and strategies) and its temperature."""
         from cvft.adapter_files import load_adapter
 
-        return load_adapter(self.backbone, path, backbone=self.hparams.backbone)
+        info = load_adapter(self.backbone, path, backbone=self.hparams.backbone)
+        self.temperature.fill_(info.temperature)
+        return info
 
     def _metrics(self, prefix: str) -> MetricCollection:
         n = self.num_classes
@@ -383,15 +423,29 @@ class ImageClassifier(FineTuningModule):
         self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
         return loss
 
+    def inference_logits(self, images: Tensor) -> Tensor:
+        """What test and predict classify with: the logits divided by :attr:`temperature`, averaged over ``tta``.
+
+        With TTA the result is the logarithm of the views' mean probability (:func:`cvft.tasks.tta.averaged_logits`),
+        so its softmax (sigmoid) is the averaged prediction.
+        """
+        hp = self.hparams
+        tta, crop_pct = hp.get("tta", "none"), hp.get("tta_crop_pct", 0.875)
+        return tta_logits(self, images, tta, crop_pct, self.multi_label, self.temperature)
+
     def _evaluate(
         self, batch: Sequence[Tensor] | Mapping[str, Tensor], metrics: MetricCollection, stage: str
     ) -> dict[str, Tensor]:
         if isinstance(batch, Mapping):  # cached features
             images, targets = batch["features"], batch["target"]
             logits = head_logits(self.backbone, images)
+            if stage != "val":
+                if self.hparams.get("tta", "none") != "none":
+                    raise ConfigError("tta needs images, not cached features; test on an image DataLoader.")
+                logits = logits / self.temperature
         else:
             images, targets = batch[0], batch[1]
-            logits = self(images)
+            logits = self(images) if stage == "val" else self.inference_logits(images)
         loss = self.loss(logits, targets)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(images))
         probs, labels = self._metric_inputs(logits, targets)
@@ -402,25 +456,67 @@ class ImageClassifier(FineTuningModule):
         return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Validation loss and metrics; returns ``{"loss", "logits"}`` for callbacks (``MedicalReport``)."""
-        return self._evaluate(batch, self.val_metrics, "val")
+        """Validation loss and metrics on the plain logits (no temperature, no TTA); returns ``{"loss", "logits"}``
+        for callbacks (``MedicalReport``). With ``temperature_scaling`` during a fit, the logits are kept for the fit.
+        """  # noqa: D205
+        outputs = self._evaluate(batch, self.val_metrics, "val")
+        if self._validation_outputs is not None:
+            targets = batch["target"] if isinstance(batch, Mapping) else batch[1]
+            self._validation_outputs.append((outputs["logits"].float(), targets.detach()))
+        return outputs
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Test loss and metrics; returns ``{"loss", "logits"}`` for callbacks (``MedicalReport``)."""
+        """Test loss and metrics on :meth:`inference_logits` (temperature, TTA); returns ``{"loss", "logits"}``."""
         return self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Probabilities (softmax, or sigmoid for multi-label) and the dataset indices they belong to."""
+        """Probabilities (softmax, or sigmoid for multi-label) of :meth:`inference_logits` and the dataset indices."""
         images, index = batch[0], batch[1]
-        logits = self(images)
+        logits = self.inference_logits(images)
         probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
         return {"probs": probs, "index": index}
 
+    def on_validation_epoch_start(self) -> None:
+        """With ``temperature_scaling``, start keeping the logits of a fit's validation (not the sanity check)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        wanted = self.hparams.get("temperature_scaling", False) and fitting and not self.trainer.sanity_checking
+        self._validation_outputs = [] if wanted else None
+
     def on_validation_epoch_end(self) -> None:
-        """Keep the epoch's confusion matrix for the plotting callback."""
+        """Keep the epoch's confusion matrix for the plotting callback; fit the temperature on the epoch's logits.
+
+        This runs before ``ModelCheckpoint`` saves (at validation end or train epoch end), so the checkpoint of these
+        weights holds their temperature.
+        """
         if self.val_confusion is not None:
             self.last_val_confusion = self.val_confusion.compute().cpu()
             self.val_confusion.reset()
+        outputs, self._validation_outputs = self._validation_outputs, None
+        if outputs:
+            self._fit_temperature(torch.cat([logits for logits, _ in outputs]), torch.cat([t for _, t in outputs]))
+
+    def _fit_temperature(self, logits: Tensor, targets: Tensor) -> None:
+        """Fit ``T`` on every process's validation logits (the same ``T`` everywhere), set it and log the change."""
+        if self.trainer.world_size > 1:
+            logits, targets = self.all_gather(logits).flatten(0, 1), self.all_gather(targets).flatten(0, 1)
+        fit = calibrate_temperature(logits, targets, self.multi_label, epoch=self.current_epoch, step=self.global_step)
+        self.temperature.fill_(fit.temperature)
+        self.temperature_fit = fit
+        if fit.temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
+            _logger.warning(
+                "temperature_scaling: the validation NLL is lowest at the bound T=%g (%d validation images, accuracy "
+                "%.3f): a validation set classified right with a margin every time says nothing about calibration. "
+                "Use more validation data.",
+                fit.temperature, fit.samples, fit.accuracy,
+            )  # fmt: skip
+        scalars = {
+            "val/temperature": fit.temperature,
+            "val/nll": fit.nll_before,
+            "val/nll_scaled": fit.nll_after,
+            "val/ece": fit.ece_before,
+            "val/ece_scaled": fit.ece_after,
+        }
+        self.log_dict(scalars, sync_dist=True)  # equal on every process
 
     # ------------------------------------------------------------------ strategies during fit
     def setup(self, stage: str) -> None:
@@ -442,6 +538,34 @@ class ImageClassifier(FineTuningModule):
                 calibrate_before_fit(self.trainer, self, self.backbone, self.strategy_stack, self.loss)
         # after calibration (which reads images), before Lightning builds the DataLoaders
         self.feature_cache = activate_feature_cache(self.trainer, self, self.hparams.get("feature_cache", "auto"))
+
+    def on_fit_start(self) -> None:
+        """Refuse ``temperature_scaling`` without validation data; without it, forget an earlier fit's ``T``."""
+        super().on_fit_start()
+        self.temperature_fit = None
+        if not self.hparams.get("temperature_scaling", False):
+            self.temperature.fill_(1.0)  # the weights change: a temperature fitted on the old ones no longer holds
+        elif not _validates(self.trainer):
+            raise ConfigError(
+                "temperature_scaling fits the temperature on the validation data after each validation, and this fit "
+                "validates on nothing (no val DataLoader, or limit_val_batches=0). Give validation data or set "
+                "temperature_scaling=false (on the command line: --model.temperature_scaling false)."
+            )
+
+    def on_fit_end(self) -> None:
+        """Warn when the weights changed after the last temperature fit (no validation after the last epoch)."""
+        if not self.hparams.get("temperature_scaling", False):
+            return
+        fit = self.temperature_fit
+        if fit is None:
+            _logger.warning("temperature_scaling: no validation ran during the fit, so the temperature stays 1.")
+        elif fit.step != self.global_step:
+            _logger.warning(
+                "temperature_scaling: the temperature was fitted at step %d, but training went on to step %d without "
+                "validating (check_val_every_n_epoch does not divide max_epochs): the final weights' temperature is "
+                "that of step %d.",
+                fit.step, self.global_step, fit.step,
+            )  # fmt: skip
 
     def on_train_end(self) -> None:
         """Give the DataModule its image datasets back once training is over, before callbacks' ``on_fit_end``.
@@ -502,3 +626,17 @@ def _focal_alpha(
     if multi_label and not bool(((values >= 0) & (values <= 1)).all()):
         raise CvftError(f"Multi-label focal_alpha values must lie in [0, 1], got {alpha}.")
     return values.float()
+
+
+def _default_temperature(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load state dicts written before temperature scaling existed: a missing ``temperature`` means 1 (no scaling)."""
+    state_dict.setdefault(f"{prefix}temperature", torch.tensor(1.0))
+
+
+def _validates(trainer: Any) -> bool:
+    """Whether this fit has validation data (``True`` when it cannot be told)."""
+    if trainer.limit_val_batches == 0:
+        return False
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    is_defined = getattr(source, "is_defined", None)
+    return bool(is_defined()) if callable(is_defined) else True
