@@ -27,11 +27,19 @@ HERE = Path(__file__).resolve().parent
 
 RECIPES: dict[str, list[str]] = {
     "plain": [],
-    "ema": ["--model.ema_decay={ema}"],
+    "ema": ["--model.ema_decay={ema}", "--model.ema_warmup=true"],
     "mixup+cutmix": ["--model.mixup=0.2", "--model.cutmix=1.0"],
-    "ema+mixup+cutmix": ["--model.ema_decay={ema}", "--model.mixup=0.2", "--model.cutmix=1.0"],
+    "ema+mixup+cutmix": [
+        "--model.ema_decay={ema}",
+        "--model.ema_warmup=true",
+        "--model.mixup=0.2",
+        "--model.cutmix=1.0",
+    ],
 }
-"""Recipe name -> ``cvft fit`` options added to every run of its comparison (``{ema}``: ``--ema-decay``)."""
+"""Recipe name -> ``cvft fit`` options added to every run of its comparison (``{ema}``: ``--ema-decay``).
+
+The EMA warms up (decay ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n``, timm's), so a short run averages
+over a window that fits its length instead of keeping most of the pretrained start."""
 
 
 def data_options(dataset: str, work: Path) -> tuple[str, dict]:
