@@ -12,6 +12,8 @@ detection CLI (:mod:`cvft.cli.detection`):
 * outside ``fit``, ``--ckpt_path`` is read before anything is built, and the module is built without base weights;
   its hyper-parameters replace the command line's, except the task's ``inference_options`` (``--model.tta``) that
   the command line sets.
+* ``fit --model.lr auto`` and ``fit --tune_batch_size`` run Lightning's finders before the fit, and ``cvft lr-find``
+  runs only them (:mod:`cvft.cli.tuning`).
 
 Both CLIs also report a fit the same way: :func:`run_summary` before it, :func:`print_fit_results` after it.
 """
@@ -24,14 +26,16 @@ import os
 import sys
 from typing import Any, ClassVar
 
+from jsonargparse import class_from_function
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from cvft import __version__
 from cvft.callbacks import RunCheckpoint, output_dir
 from cvft.checkpoints import SafeCheckpointIO, load_checkpoint, weights_from_checkpoint
+from cvft.cli.tuning import LR_FIND, add_finder_arguments, fit_command, refuse_finders_on_resume, run_finders
 from cvft.errors import ConfigError, CvftError
 from cvft.runs import ResumePoint, resume_point, run_loggers
 from cvft.tasks.hparams import Interval, check_hparams
@@ -97,6 +101,7 @@ def print_fit_results(trainer: Trainer, model: Any, metrics: dict[str, float]) -
     temperature_fit = getattr(model, "temperature_fit", None)
     if temperature_fit is not None:
         print(temperature_fit.summary(), flush=True)
+    print(f"Learning rate: {model.hparams.lr:g} ({getattr(model, 'lr_origin', 'given as lr')})", flush=True)
     if len(model.strategy_stack):
         adapter = model.save_adapter(folder / "adapter.safetensors")
         print(f"Adapter (trained tensors only): {adapter}", flush=True)
@@ -119,17 +124,53 @@ class RunCLI(LightningCLI):
     resume: ResumePoint | None = None
     #: The ``hyper_parameters`` of ``--ckpt_path`` (any subcommand), ``None`` without one.
     checkpoint_hparams: dict[str, Any] | None = None
-    #: The command line as given (``None``: a dict or Namespace was parsed).
-    command_line: list[str] | None = None
+    #: The command line as given (``cvft lr-find`` prints the ``cvft fit`` line from it).
+    argv: list[str] | None = None
+    #: What the finders found before the fit (:func:`cvft.cli.tuning.run_finders`; ``None`` for one that did not run).
+    found: tuple[Any, Any] = (None, None)
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse as LightningCLI does, keeping the command line (which options it names explicitly)."""
-        if args is None or isinstance(args, list | tuple):
-            self.command_line = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands, and ``lr-find``: the fit's options, the finders only (no Trainer method)."""
+        return {**LightningCLI.subcommands(), LR_FIND: set()}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's subcommands (each described by its Trainer method), then ``lr-find``."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        trainer_class = (
+            self.trainer_class if isinstance(self.trainer_class, type) else class_from_function(self.trainer_class)
+        )
+        for name in self.subcommands():
+            if name == LR_FIND:
+                description = (
+                    "Run the learning-rate finder (and --tune_batch_size) with the options of fit, print the "
+                    "suggestion and the fit command that uses it, and write lr_find.csv / lr_find.png."
+                )
+            else:
+                description = (inspect.getdoc(getattr(trainer_class, name)) or "").split("\n")[0]
+            sub_kwargs = {**kwargs.get(name, {})}
+            sub_kwargs.setdefault("description", description)
+            sub_parser = self._prepare_subcommand_parser(trainer_class, name, **sub_kwargs)
+            self._subcommand_parsers[name] = sub_parser
+            subcommands.add_subcommand(name, sub_parser, help=description)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        if subcommand != LR_FIND:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser = self.init_parser(**kwargs)
+        self._add_arguments(parser)
+        self._subcommand_method_arguments[subcommand] = []
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does, keeping the command line (:attr:`argv`)."""
+        self.argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else None
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--checkpoint.*`` (best by :attr:`monitor`, ``last.ckpt`` every epoch)."""
+        """Add ``--checkpoint.*`` (best by :attr:`monitor`, ``last.ckpt`` every epoch) and the finders' options."""
+        add_finder_arguments(parser)
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -159,6 +200,8 @@ class RunCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
+        if subcommand == "fit":
+            refuse_finders_on_resume(config)
         root = config.trainer.get("default_root_dir") or "runs"
         if subcommand != "fit" and str(ckpt_path) == "last":
             raise CvftError(f"--ckpt_path last resumes a fit; for {subcommand}, pass the checkpoint's path.")
@@ -200,7 +243,7 @@ class RunCLI(LightningCLI):
         given = []
         for name in names:
             flag = f"--model.{name}"
-            named = any(arg == flag or arg.startswith(f"{flag}=") for arg in self.command_line or ())
+            named = any(arg == flag or arg.startswith(f"{flag}=") for arg in self.argv or ())
             default = defaults[name].default if name in defaults else inspect.Parameter.empty
             if named or model.get(name, default) != default:
                 given.append(name)
@@ -232,13 +275,37 @@ class RunCLI(LightningCLI):
             print(f"Weights: all from checkpoint {config.ckpt_path}", flush=True)
 
     def before_fit(self) -> None:
-        """Say where a resumed fit continues from."""
+        """Say where a resumed fit continues from; run the finders asked for (``--model.lr auto``, ...)."""
         if self.resume is not None:
             print(
                 f"Resuming from {self.resume.ckpt_path} (step {self.resume.global_step}): weights, optimizer, "
                 f"schedule and strategy state come from it; outputs continue in {self.trainer.log_dir}.",
                 flush=True,
             )
+        subcommand = str(self.subcommand)
+        self.found = run_finders(
+            self.trainer,
+            self.model,
+            self.datamodule,
+            self.config[subcommand],
+            self.config_init[subcommand],
+            always_lr=subcommand == LR_FIND,
+        )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """``lr-find``: what ``fit`` does before training, then the ``cvft fit`` line that trains with it."""
+        if subcommand != LR_FIND:
+            super()._run_subcommand(subcommand)
+            return
+        self.before_fit()
+        rates, sizes = self.found
+        if self.trainer.is_global_zero and self.argv is not None:
+            command = fit_command(
+                self.argv,
+                rates.lr if rates is not None and rates.suggestion is not None else None,
+                sizes.batch_size if sizes is not None else None,
+            )
+            print(f"Train with it: {command}", flush=True)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         check_hparams("Trainer", {k: config.get(k) for k in _TRAINER_RANGES}, _TRAINER_RANGES, "--trainer.")

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from cvft.callbacks import PredictionWriter, TrainingReport
 from cvft.cli.base import RunCLI, cli_defaults, print_fit_results, run_summary
+from cvft.cli.tuning import LR_FIND
 from cvft.data import ImageFolderDataModule
 from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
@@ -125,7 +126,7 @@ class CvftCLI(RunCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         add_teacher(config)
-        if subcommand not in (None, "fit"):
+        if subcommand not in (None, "fit", LR_FIND):
             adapter_into_config(config)
         super().before_instantiate_classes()
 

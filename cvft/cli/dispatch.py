@@ -1,9 +1,9 @@
 """The ``cvft`` command: which CLI a command line runs.
 
 ``cvft export|compare|explain ...`` run their own tools (:data:`TOOLS`); every other command line is a LightningCLI
-run (``fit``, ``validate``, ``test``, ``predict``) of the task it names (:func:`find_task`): ``--task``, else the
-top-level ``task:`` of its ``--config`` files, else classification. Errors that cvft raises end the command with a
-one-line message and exit status 2.
+run (``fit``, ``validate``, ``test``, ``predict``, and ``lr-find``: the learning-rate finder only) of the task it
+names (:func:`find_task`): ``--task``, else the top-level ``task:`` of its ``--config`` files, else classification.
+Errors that cvft raises end the command with a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ TASKS = ("classification", "detection", "medical")
 #: Sub-commands that are not LightningCLI runs: name -> module whose ``main(argv)`` runs them (imported when used).
 TOOLS = {"export": "cvft.export", "compare": "cvft.compare.cli", "explain": "cvft.medical.explain_cli"}
 
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_SUBCOMMANDS = ("fit", "validate", "test", "predict", "lr-find")
 
 
 def _task_in_config(path: str) -> str | None:

@@ -81,13 +81,18 @@ from cvft.tasks.strategy_hooks import StrategyHooks
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_LR", "SHARED_NUMERIC_OPTIONS", "FineTuningModule", "head_param_groups"]
+__all__ = ["DEFAULT_LR", "LR_AUTO", "SHARED_NUMERIC_OPTIONS", "FineTuningModule", "head_param_groups"]
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_LR = 3e-4
 """Peak learning rate when neither ``lr`` nor a strategy's :attr:`~cvft.strategies.Strategy.default_lr` gives one
 (full fine-tuning)."""
+
+LR_AUTO = "auto"
+"""The ``lr`` value that asks for the learning-rate finder (:func:`cvft.tuning.find_learning_rate`, ``cvft fit
+--model.lr auto``). Until it runs, ``hparams.lr`` holds the rate the task uses when ``lr`` is not given (kept when the
+finder cannot suggest one)."""
 
 #: Numeric constructor arguments every task takes; :meth:`FineTuningModule.save_task_hparams` checks their ranges.
 SHARED_NUMERIC_OPTIONS: tuple[str, ...] = (
@@ -114,6 +119,10 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._headless_lr_scales: dict[str, float] | None = None
+        self.lr_origin = "given as lr"
+        """Where ``hparams.lr`` comes from, for the run's printout (``"lr"``, a default, the finder)."""
+        self.lr_search_pending = False
+        """``lr="auto"`` was asked for and the learning-rate finder has not run yet (a fit is refused until then)."""
 
     # ------------------------------------------------------------------ construction steps, in order
     def save_task_hparams(
@@ -137,7 +146,10 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
         self.save_hyperparameters(ignore=["strategies", *ignore], frame=frame.f_back if frame else None)
         loadable_hparams(self)
         names = dict.fromkeys([*check, *SHARED_NUMERIC_OPTIONS])
-        check_hparams(type(self).__name__, {name: self.hparams.get(name) for name in names}, ranges)
+        values = {name: self.hparams.get(name) for name in names}
+        if values.get("lr") == LR_AUTO:  # a number replaces it in build_strategy_stack
+            values["lr"] = None
+        check_hparams(type(self).__name__, values, ranges)
         from cvft.callbacks.speed import COMPILE_MODES
 
         mode = self.hparams.get("compile_mode")
@@ -152,6 +164,9 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
 
         With ``lr=None`` the learning rate becomes the strategies' measured default
         (:attr:`~cvft.strategies.StrategyStack.default_lr`), else :data:`DEFAULT_LR`; ``hparams.lr`` records it.
+        With ``lr="auto"`` (:data:`LR_AUTO`) ``hparams.lr`` starts at the rate the task uses when ``lr`` is not given
+        (that default, or a numeric default of the task's ``lr`` argument) and :attr:`lr_search_pending` is set: the
+        learning-rate finder (:func:`cvft.tuning.find_learning_rate`) replaces it before the fit.
 
         Raises:
             StrategyError: An unknown strategy, or one needing what :attr:`strategy_support` does not provide.
@@ -168,14 +183,29 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
             )
         self.strategy_stack = stack
         self.hparams["strategies"] = stack.config()  # primitives only, so checkpoints load with weights_only
-        if self.hparams.get("lr", DEFAULT_LR) is None:
-            self.hparams["lr"] = stack.default_lr or DEFAULT_LR
+        lr = self.hparams.get("lr", DEFAULT_LR)
+        if lr is None or lr == LR_AUTO:
+            self.hparams["lr"], self.lr_origin = self._unset_lr(stack)
+            self.lr_search_pending = lr == LR_AUTO
             _logger.info(
-                "Learning rate %g (%s; set lr / --model.lr to choose another)",
+                "Learning rate %g (%s; %s)",
                 self.hparams["lr"],
-                "the strategies' default" if stack.default_lr else "the full fine-tuning default",
+                self.lr_origin,
+                "the learning-rate finder replaces it before the fit"
+                if self.lr_search_pending
+                else "set lr / --model.lr to choose another",
             )
         return stack
+
+    def _unset_lr(self, stack: StrategyStack) -> tuple[float, str]:
+        """The rate the task trains at when ``lr`` is not given, and where it comes from."""
+        declared = inspect.signature(type(self).__init__).parameters.get("lr")
+        default = declared.default if declared is not None else None
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            return float(default), f"the {type(self).__name__} default"
+        if stack.default_lr:
+            return stack.default_lr, "the strategies' default"
+        return DEFAULT_LR, "the full fine-tuning default"
 
     def create_task_backbone(self, num_classes: int, factory: Callable[..., nn.Module] = create_backbone) -> nn.Module:
         """The timm backbone the saved ``hparams`` name, with gradient checkpointing when asked.
@@ -270,6 +300,20 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
         return weights_source(self.backbone)
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        """Refuse a fit whose ``lr="auto"`` was never searched; remember what DDP synchronises.
+
+        Raises:
+            ConfigError: ``lr="auto"`` and the learning-rate finder has not run.
+        """
+        if self.lr_search_pending:
+            raise ConfigError(
+                f"lr='auto' asks for the learning-rate finder, which has not run (the fit would train at the default "
+                f"{self.hparams.lr:g}). Call cvft.tuning.find_learning_rate(trainer, model, datamodule) before "
+                "trainer.fit, use `cvft fit --model.lr auto`, or pass a number as lr."
+            )
+        super().on_fit_start()
+
     def on_train_epoch_start(self) -> None:
         """Run the strategies' epoch schedules (gradual unfreezing)."""
         unfrozen = self.strategy_stack.on_epoch_start(self.backbone, self.current_epoch)

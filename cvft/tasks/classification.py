@@ -74,7 +74,9 @@ class ImageClassifier(FineTuningModule):
         lr: Peak learning rate (scaled per parameter by strategies such as ``layerwise_lr``). ``None``: the
             strategies' measured default (:attr:`~cvft.strategies.Strategy.default_lr`: ``linear_probe`` 1e-2,
             ``lora`` and ``bitfit`` 3e-3; the smallest when several have one), else :data:`DEFAULT_LR`. The value
-            used is what ``hparams.lr`` and checkpoints record.
+            used is what ``hparams.lr`` and checkpoints record. ``"auto"``: Lightning's learning-rate finder picks it
+            before the fit (``cvft fit --model.lr auto``, :func:`cvft.tuning.find_learning_rate`); the rate found,
+            or that default when the finder cannot suggest one, is what checkpoints record.
         weight_decay: Decoupled weight decay; never applied to biases, norms or timm's ``no_weight_decay()`` set.
         momentum: SGD momentum.
         warmup_epochs: Linear warmup length in epochs (fractions allowed), then cosine decay to
@@ -177,7 +179,7 @@ class ImageClassifier(FineTuningModule):
         in_chans: int = 3,
         strategies: str | list[str | dict[str, Any]] | None = None,
         optimizer: Literal["adamw", "sgd"] = "adamw",
-        lr: float | None = None,
+        lr: float | Literal["auto"] | None = None,
         weight_decay: float = 0.05,
         momentum: float = 0.9,
         warmup_epochs: float = 1.0,

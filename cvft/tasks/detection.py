@@ -85,7 +85,8 @@ class ObjectDetector(FineTuningModule):
         freeze_bn_stats: Keep the backbone's BatchNorm running statistics fixed (detection batches are small);
             their affine parameters still train where the strategies let them.
         optimizer: ``"adamw"`` or ``"sgd"``.
-        lr: Peak learning rate of the neck and heads.
+        lr: Peak learning rate of the neck and heads. ``"auto"``: Lightning's learning-rate finder picks it before
+            the fit (``cvft fit --task detection --model.lr auto``), 1e-4 when it cannot suggest one.
         backbone_lr_scale: Backbone learning rate as a fraction of ``lr`` (times the strategies' scales).
         weight_decay: Decoupled weight decay (never on biases and norms).
         momentum: SGD momentum.
@@ -140,7 +141,7 @@ class ObjectDetector(FineTuningModule):
         detections_per_img: int = 100,
         freeze_bn_stats: bool = True,
         optimizer: Literal["adamw", "sgd"] = "adamw",
-        lr: float = 1e-4,
+        lr: float | Literal["auto"] = 1e-4,
         backbone_lr_scale: float = 0.1,
         weight_decay: float = 0.05,
         momentum: float = 0.9,

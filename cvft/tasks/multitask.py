@@ -135,6 +135,8 @@ class MultiTaskClassifier(FineTuningModule):
         loss_weights: Fixed weight by task (tasks left out weigh 1).
         optimizer: ``"adamw"`` or ``"sgd"``.
         lr: Peak learning rate of the backbone (times the strategies' scales), the heads and the weighting.
+            ``"auto"``: Lightning's learning-rate finder picks it before the fit
+            (:func:`cvft.tuning.find_learning_rate`), 3e-4 when it cannot suggest one.
         head_lr_scale: Learning-rate multiplier of the task heads and of the uncertainty parameters.
         weight_decay: Decoupled weight decay (never on biases, norms, or the uncertainty parameters).
         momentum: SGD momentum.
@@ -188,7 +190,7 @@ class MultiTaskClassifier(FineTuningModule):
         weighting: Literal["equal", "fixed", "uncertainty"] | None = None,
         loss_weights: dict[str, float] | None = None,
         optimizer: Literal["adamw", "sgd"] = "adamw",
-        lr: float = 3e-4,
+        lr: float | Literal["auto"] = 3e-4,
         head_lr_scale: float = 1.0,
         weight_decay: float = 0.05,
         momentum: float = 0.9,
