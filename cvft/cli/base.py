@@ -113,6 +113,8 @@ class RunCLI(LightningCLI):
     resume: ResumePoint | None = None
     #: The ``hyper_parameters`` of ``--ckpt_path`` (any subcommand), ``None`` without one.
     checkpoint_hparams: dict[str, Any] | None = None
+    #: The ``datamodule_hyper_parameters`` of ``--ckpt_path`` (empty without one or when it has none).
+    checkpoint_data_hparams: dict[str, Any] = {}  # noqa: RUF012 (replaced, never mutated)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--checkpoint.*`` (best by :attr:`monitor`, ``last.ckpt`` every epoch)."""
@@ -155,6 +157,7 @@ class RunCLI(LightningCLI):
         if subcommand == "fit":
             self.resume = point
         self.checkpoint_hparams = point.hyper_parameters
+        self.checkpoint_data_hparams = point.datamodule_hyper_parameters
         self._merge_model_hparams(point.hyper_parameters)
 
     def _merge_model_hparams(self, hparams: dict[str, Any]) -> None:
