@@ -52,6 +52,8 @@ class ResumePoint:
         name: Run name (``cvft``, ``detection``), with ``save_dir``.
         version: Run folder number, with ``save_dir``.
         hyper_parameters: The checkpoint's ``hyper_parameters``.
+        datamodule_hyper_parameters: The checkpoint's ``datamodule_hyper_parameters`` (the DataModule's arguments,
+            e.g. its saved ``eval_transform``).
     """
 
     ckpt_path: Path
@@ -60,6 +62,7 @@ class ResumePoint:
     name: str | None = None
     version: int | None = None
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    datamodule_hyper_parameters: dict[str, Any] = field(default_factory=dict)
 
 
 def _versions(parent: Path) -> list[int]:
@@ -141,11 +144,13 @@ def resume_point(ckpt_path: str, root: str | os.PathLike[str], name: str) -> Res
     checkpoint = load_checkpoint(path, require_lightning=True)
     step = int(checkpoint.get("global_step", 0))
     hparams = dict(checkpoint.get("hyper_parameters") or {})
+    data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     folder = path.parent.parent
     match = _VERSION.fullmatch(folder.name)
     if path.parent.name != "checkpoints" or match is None:
-        return ResumePoint(path, step, hyper_parameters=hparams)
-    return ResumePoint(path, step, folder.parent.parent, folder.parent.name, int(match.group(1)), hparams)
+        return ResumePoint(path, step, hyper_parameters=hparams, datamodule_hyper_parameters=data_hparams)
+    run = (folder.parent.parent, folder.parent.name, int(match.group(1)))
+    return ResumePoint(path, step, *run, hyper_parameters=hparams, datamodule_hyper_parameters=data_hparams)
 
 
 class _ContinuingWriter(ExperimentWriter):

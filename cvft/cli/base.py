@@ -124,6 +124,9 @@ class RunCLI(LightningCLI):
     resume: ResumePoint | None = None
     #: The ``hyper_parameters`` of ``--ckpt_path`` (any subcommand), ``None`` without one.
     checkpoint_hparams: dict[str, Any] | None = None
+    #: The ``datamodule_hyper_parameters`` of ``--ckpt_path`` (empty without one or when it has none).
+    checkpoint_data_hparams: dict[str, Any] = {}  # noqa: RUF012 (replaced, never mutated)
+
     #: The command line as given (``cvft lr-find`` prints the ``cvft fit`` line from it).
     argv: list[str] | None = None
     #: What the finders found before the fit (:func:`cvft.cli.tuning.run_finders`; ``None`` for one that did not run).
@@ -212,6 +215,7 @@ class RunCLI(LightningCLI):
         if subcommand == "fit":
             self.resume = point
         self.checkpoint_hparams = point.hyper_parameters
+        self.checkpoint_data_hparams = point.datamodule_hyper_parameters
         self._merge_model_hparams(point.hyper_parameters)
 
     def _merge_model_hparams(self, hparams: dict[str, Any]) -> None:

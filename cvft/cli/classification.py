@@ -11,6 +11,7 @@ Every fit writes, into ``<trainer.default_root_dir>/<run name>/version_<n>/``: `
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -19,10 +20,21 @@ from cvft.callbacks import PredictionWriter, TrainingReport
 from cvft.cli.base import RunCLI, cli_defaults, print_fit_results, run_summary
 from cvft.cli.tuning import LR_FIND
 from cvft.data import ImageFolderDataModule
+from cvft.data.user_pipeline import load_user_pipeline
+from cvft.errors import CvftError
 from cvft.medical.report import MedicalReport
 from cvft.tasks import ImageClassifier
 
-__all__ = ["CvftCLI", "MedicalCLI", "add_teacher", "adapter_into_config", "run_classification_cli"]
+__all__ = [
+    "CvftCLI",
+    "MedicalCLI",
+    "add_teacher",
+    "adapter_into_config",
+    "run_classification_cli",
+    "saved_eval_transform_into_config",
+]
+
+_logger = logging.getLogger(__name__)
 
 
 def add_teacher(config: Any) -> None:
@@ -71,6 +83,35 @@ def adapter_into_config(config: Any) -> None:
         config.model.strategies = info.strategies
     if config.data.get("class_names") is None and info.class_names:
         config.data.class_names = info.class_names
+
+
+def saved_eval_transform_into_config(config: Any, data_hparams: dict[str, Any]) -> None:
+    """Outside fit: evaluate with the ``eval_transform`` the checkpoint's run trained with (its serialised pipeline).
+
+    The checkpoint records the pipeline itself (``datamodule_hyper_parameters``), not the file it was read from, so
+    ``predict`` / ``test`` with ``--ckpt_path`` preprocess exactly as validation did during the fit, with or without
+    the run's ``config.yaml``, even if the file changed since. A different ``--data.eval_transform`` is replaced by
+    the saved one, with a warning. Nothing changes when the run used cvft's own evaluation pipeline.
+    """
+    saved = data_hparams.get("eval_transform")
+    if not saved or "eval_transform" not in config.data:
+        return
+    given = config.data.get("eval_transform")
+    if given is not None and _serialised(given) != _serialised(saved):
+        _logger.warning(
+            "--data.eval_transform differs from the evaluation pipeline saved in the checkpoint; using the saved "
+            "one, which the run was validated with. To evaluate with another pipeline, build the DataModule in Python."
+        )
+    config.data.eval_transform = saved
+
+
+def _serialised(spec: Any) -> Any:
+    """The saved form of a pipeline option (``None`` when it cannot be loaded or is a Python callable)."""
+    try:
+        pipeline = load_user_pipeline(spec, "eval_transform")
+    except CvftError:
+        return None
+    return pipeline.serialised if pipeline is not None else None
 
 
 class CvftCLI(RunCLI):
@@ -131,9 +172,10 @@ class CvftCLI(RunCLI):
         super().before_instantiate_classes()
 
     def from_checkpoint_hparams(self, config: Any, hparams: dict[str, Any]) -> None:
-        """Outside fit, the class names come from the checkpoint."""
+        """Outside fit, the class names and the evaluation pipeline the run trained with come from the checkpoint."""
         if config.data.get("class_names") is None and hparams.get("class_names"):
             config.data.class_names = list(hparams["class_names"])
+        saved_eval_transform_into_config(config, self.checkpoint_data_hparams)
 
     def before_fit(self) -> None:
         """Say which weights the run starts from and how many parameters train (and where a resumed run continues)."""

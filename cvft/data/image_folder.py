@@ -21,7 +21,7 @@ from cvft.data.samples import (
     scan_unlabelled,
 )
 from cvft.data.split import stratified_split
-from cvft.data.transforms import AUGMENT_PRESETS, build_transforms
+from cvft.data.transforms import build_transforms, check_augment
 from cvft.errors import DatasetError, ImageLoadError
 
 __all__ = ["ImageFolderDataModule", "CHECK_IMAGES_MODES", "ON_BAD_IMAGE_MODES"]
@@ -69,7 +69,9 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         batch_size: Images per batch.
         num_workers: DataLoader worker processes (0: load in the main process; None: automatic, see
             :meth:`~cvft.data.split_module.SplitDataModule.workers_for`).
-        augment: Training augmentation preset: ``none``, ``light``, ``default`` or ``strong``.
+        augment: Training augmentation preset: ``none``, ``light``, ``default``, ``strong``, ``randaugment``,
+            ``trivialaugment``, ``augmix``, or a timm-style ``rand-m9-n2-mstd0.5`` / ``augmix-m3-w3-a1`` string
+            (:mod:`cvft.data.transforms`, :mod:`cvft.data.auto_augment`). Ignored with ``train_transform``.
         multi_label: Images may have several classes (CSV labels ``a|b``); targets become multi-hot vectors.
         channels: 3 for RGB, 1 for grayscale input.
         predict_root: Image file or folder (searched recursively) for ``predict``.
@@ -83,6 +85,17 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         class_names: Class names in index order. Given, ``class_names`` / ``num_classes`` come from this list
             without scanning the data (e.g. predicting with a checkpoint's classes), and labelled data is mapped
             onto this order (a class not in the list raises). ``None``: the sorted class folder names or CSV labels.
+        random_erasing: Probability of timm's random erasing on training images (timm's ``reprob``; 0: off), after
+            normalisation, on top of any ``augment`` preset (:mod:`cvft.data.random_erasing`).
+        random_erasing_mode: Fill of the erased box: ``pixel`` (per-pixel normal noise, timm's default in training),
+            ``rand`` (one random colour) or ``const`` (the mean colour).
+        train_transform: Your own training pipeline instead of ``augment``: a path to an albumentations YAML / JSON
+            file (``A.save``), the same mapping inline in the config, or from Python an albumentations transform or
+            a callable ``image -> tensor`` (:mod:`cvft.data.user_pipeline`). It must end in ``Normalize`` and
+            ``ToTensorV2``: it is checked at setup on a real image (floating ``channels x image_size`` tensor,
+            normalised) and refused naming the step at fault.
+        eval_transform: Your own pipeline for validation, test and prediction (same forms and checks). Saved with
+            the run: ``cvft predict`` / ``cvft test`` with ``--ckpt_path`` use the one the run was trained with.
 
     Example:
         >>> from cvft.data.demo import write_demo_image_folder
@@ -115,6 +128,10 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         check_images: str = "full",
         class_names: list[str] | None = None,
         on_bad_image: str = "error",
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "pixel",
+        train_transform: str | dict[str, Any] | None = None,
+        eval_transform: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # class_names stays out of hparams: the model records the resolved list, and Lightning refuses to log
@@ -128,12 +145,12 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             choices={
-                "augment": (augment, AUGMENT_PRESETS),
                 "check_images": (check_images, CHECK_IMAGES_MODES),
                 "on_bad_image": (on_bad_image, ON_BAD_IMAGE_MODES),
                 "channels": (channels, (1, 3)),
             },
         )
+        check_augment(augment, random_erasing, random_erasing_mode)
         if multi_label and csv is None and root is not None:
             raise DatasetError(
                 "multi_label=True needs labels from a CSV file (csv=...); class folders are single-label."
@@ -146,6 +163,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         """Images left out with ``on_bad_image="skip"``, each with the reason."""
         self._resolve_data_config(backbone, image_size, mean, std, channels)
         self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
+        self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
 
     # --- reading the data ----------------------------------------------------------------------------------
 
@@ -186,7 +204,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _transform(self, train: bool) -> Any:
+    def _preset_transform(self, train: bool) -> Any:
         return build_transforms(**self._pipeline_options(train), crop_pct=self.crop_pct)
 
     def missing_split_hint(self, split: str) -> str:

@@ -14,7 +14,11 @@ the backbone's pretrained data config. A subclass says where its data comes from
 
 Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), validates them, and
 hands the shared ones to :meth:`~LabelledDataModule._keep_shared_options` and
-:meth:`~LabelledDataModule._resolve_data_config`. The DataLoaders come from
+:meth:`~LabelledDataModule._resolve_data_config`, and the image pipeline options (user pipelines, random erasing)
+to :meth:`~LabelledDataModule._keep_pipeline_options`. A subclass builds its preset pipelines in
+:meth:`~LabelledDataModule._preset_transform`; :meth:`~LabelledDataModule._transform` hands out a user pipeline
+instead where one is given, and ``setup`` checks each user pipeline on a real image of the first split it serves
+(:func:`~cvft.data.user_pipeline.check_pipeline_output`). The DataLoaders come from
 :class:`~cvft.data.split_module.SplitDataModule`.
 """
 
@@ -34,7 +38,8 @@ from cvft.data.normalization import per_channel
 from cvft.data.samples import scan_unlabelled
 from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
-from cvft.errors import CheckpointMismatchError, DatasetError
+from cvft.data.user_pipeline import UserPipeline, check_pipeline_output, load_user_pipeline
+from cvft.errors import CheckpointMismatchError, ConfigError, DatasetError
 
 __all__ = ["LabelledDataModule", "SPLITS"]
 
@@ -96,6 +101,10 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         self._class_names: list[str] | None = None
         self._predict_files: list[Path] | None = None
         self.datasets: dict[str, Any] = {}
+        self.user_pipelines: dict[str, UserPipeline] = {}
+        """The user's pipelines by use, ``"train"`` and ``"eval"`` (val, test, predict), where given."""
+        self.random_erasing, self.random_erasing_mode = 0.0, "pixel"
+        self._checked_pipelines: set[str] = set()
 
     # --- construction helpers -------------------------------------------------------------------------------
 
@@ -143,6 +152,39 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         self.data_config: dict[str, Any] = config
         """Resolved ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct``."""
 
+    def _keep_pipeline_options(
+        self,
+        train_transform: Any,
+        eval_transform: Any,
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "pixel",
+    ) -> None:
+        """Keep the user pipelines and random erasing (after ``save_hyperparameters``).
+
+        The pipelines are loaded and their steps built now (:func:`~cvft.data.user_pipeline.load_user_pipeline`);
+        their serialised form replaces the given value in ``hparams``, so a checkpoint holds the pipeline itself,
+        not a path to a file that may change (a Python callable is recorded as ``None``).
+
+        Raises:
+            ConfigError: A pipeline cannot be loaded, or ``random_erasing`` is combined with ``train_transform``.
+        """
+        if train_transform is not None and random_erasing:
+            raise ConfigError(
+                "random_erasing adds erasing to the augment presets; train_transform replaces them. Put the erasing "
+                "into your pipeline instead: a cvft.data.random_erasing.RandomErasing step (or A.Erasing) after "
+                "Normalize, and leave random_erasing at 0."
+            )
+        self.random_erasing, self.random_erasing_mode = random_erasing, random_erasing_mode
+        for use, option, spec in (
+            ("train", "train_transform", train_transform),
+            ("eval", "eval_transform", eval_transform),
+        ):
+            pipeline = load_user_pipeline(spec, option)
+            if pipeline is not None:
+                self.user_pipelines[use] = pipeline
+            if option in self.hparams:
+                self.hparams[option] = pipeline.serialised if pipeline is not None else None
+
     def _pipeline_options(self, train: bool) -> dict[str, Any]:
         """Keyword arguments of the image pipeline of a split (after :meth:`_resolve_data_config`).
 
@@ -156,8 +198,36 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
             "train": train,
             "preset": self.augment,
             "interpolation": self.interpolation,
-            "seed": torch.initial_seed() % 2**32 if train else None,
+            "seed": _train_seed() if train else None,
+            "random_erasing": self.random_erasing,
+            "random_erasing_mode": self.random_erasing_mode,
         }
+
+    def _transform(self, train: bool) -> Any:
+        """The image pipeline of the training split or of the evaluated ones: the user's where given, else a preset."""
+        pipeline = self.user_pipelines.get("train" if train else "eval")
+        if pipeline is not None:
+            return pipeline.fresh(seed=_train_seed() if train else None)
+        return self._preset_transform(train)
+
+    def _preset_transform(self, train: bool) -> Any:
+        """The cvft pipeline of the training or the evaluated splits (``augment``, the data config)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _preset_transform (or override _transform).")
+
+    def random_training_pipeline(self) -> str | None:
+        """Why a training image may come out differently at each epoch, or ``None`` when it cannot.
+
+        Returns:
+            The option that makes the training pipeline random (``augment``, ``random_erasing``,
+            ``train_transform``), as a message names it.
+        """
+        if "train" in self.user_pipelines:
+            return "train_transform (a user pipeline) may draw new random views every epoch"
+        if self.augment != "none":
+            return f"augment={self.augment!r} draws new random views every epoch (pass --data.augment none to cache)"
+        if self.random_erasing:
+            return f"random_erasing={self.random_erasing} erases new boxes every epoch (set it to 0 to cache)"
+        return None
 
     # --- what the data is -----------------------------------------------------------------------------------
 
@@ -231,9 +301,11 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         """
         if stage == "predict":
             self.datasets["predict"] = self._build_predict_dataset()
+            self._check_user_pipeline("eval", self.datasets["predict"])
             return
         for split in _SPLITS_OF_STAGE.get(stage or "", SPLITS):
             self.datasets[split] = self._build_dataset(split)
+            self._check_user_pipeline("train" if split == "train" else "eval", self.datasets[split])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (or drawn by :meth:`_train_sampler`); the last incomplete batch is dropped.
@@ -309,6 +381,15 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
 
     # --- internals ------------------------------------------------------------------------------------------
 
+    def _check_user_pipeline(self, use: str, dataset: Any) -> None:
+        """Check the user pipeline of ``use`` once, on the first image of ``dataset`` (before training starts)."""
+        pipeline = self.user_pipelines.get(use)
+        if pipeline is None or use in self._checked_pipelines or not len(dataset) or not hasattr(dataset, "read"):
+            return
+        input_shape = (int(getattr(self, "channels", 3)), *_pair(self.image_size))
+        check_pipeline_output(pipeline, dataset.read(0), input_shape, self.mean, self.std)  # type: ignore[arg-type]
+        self._checked_pipelines.add(use)
+
     def _knows_classes(self) -> bool:
         return self._class_names is not None or self._has_labelled_data()
 
@@ -330,6 +411,11 @@ def _checked_class_names(class_names: Sequence[str] | None) -> list[str] | None:
         problem = f"duplicates {duplicates}" if duplicates else "no names"
         raise DatasetError(f"class_names has {problem}; give each class exactly once.")
     return names
+
+
+def _train_seed() -> int:
+    """Seed of a training pipeline's own generator: torch's, so a run repeats under ``lightning.seed_everything``."""
+    return torch.initial_seed() % 2**32
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:

@@ -7,6 +7,12 @@ Evaluation follows timm's convention: resize the shorter side to ``floor(image_s
 * ``"light"``: ``RandomResizedCrop(scale=(0.5, 1))`` + horizontal flip.
 * ``"default"``: ``RandomResizedCrop(scale=(0.08, 1))`` + horizontal flip (timm's / torchvision's ImageNet recipe).
 * ``"strong"``: ``"default"`` + small affine (rotate ±15°, shift ±6 %, scale 0.9-1.1) + colour jitter.
+* ``"randaugment"`` (= timm's ``"rand-m9-n2-mstd0.5"``), ``"trivialaugment"``, ``"augmix"`` (= ``"augmix-m3-w3-a1"``):
+  ``"default"`` + that policy (:mod:`cvft.data.auto_augment`); timm-style strings set its parameters, e.g.
+  ``"rand-m7-n3"`` or ``"augmix-m5-w4"``.
+
+``random_erasing=p`` adds timm's random erasing (:mod:`cvft.data.random_erasing`) to any training preset, after
+``Normalize`` as in timm.
 
 Flips and heavy crops do not suit every data set (digits, text, medical images): pick ``"light"`` or ``"none"``.
 All pipelines end in ``Normalize(mean, std)`` and ``ToTensorV2``, turning an ``H x W x C`` ``uint8`` array into a
@@ -28,17 +34,22 @@ from albumentations.pytorch import ToTensorV2
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from cvft.data.auto_augment import AUTO_AUGMENT_PRESETS, auto_augment_step, is_auto_augment
+from cvft.data.random_erasing import ERASING_MODES, RandomErasing
+from cvft.errors import ConfigError
+
 __all__ = [
     "AUGMENT_PRESETS",
     "INTERPOLATIONS",
     "IMAGENET_DATA_CONFIG",
     "build_transforms",
+    "check_augment",
     "data_config_for",
     "eval_resize_size",
 ]
 
-AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "default", "strong")
-"""Names accepted by ``build_transforms(preset=...)``."""
+AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "default", "strong", *AUTO_AUGMENT_PRESETS)
+"""Names accepted by ``build_transforms(preset=...)`` (timm-style ``rand-...`` / ``augmix-...`` strings too)."""
 
 INTERPOLATIONS: dict[str, int] = {
     "nearest": cv2.INTER_NEAREST,
@@ -70,6 +81,8 @@ def build_transforms(
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
     seed: int | None = None,
+    random_erasing: float = 0.0,
+    random_erasing_mode: str = "pixel",
 ) -> A.Compose:
     """Build the albumentations pipeline for training or evaluation.
 
@@ -78,16 +91,22 @@ def build_transforms(
         mean: Per-channel mean in 0..1 (one value per image channel).
         std: Per-channel standard deviation in 0..1.
         train: Build the augmenting training pipeline (``False``: deterministic evaluation pipeline).
-        preset: Training augmentation, one of :data:`AUGMENT_PRESETS`; ignored when ``train=False``.
+        preset: Training augmentation, one of :data:`AUGMENT_PRESETS` or a timm-style ``rand-...`` / ``augmix-...``
+            string (:mod:`cvft.data.auto_augment`); ignored when ``train=False``.
         interpolation: One of :data:`INTERPOLATIONS`.
         crop_pct: Evaluation center-crop fraction (timm's ``crop_pct``), in ``(0, 1]``.
         seed: Seed of the pipeline's own random generator (albumentations ignores global seeds).
+        random_erasing: Probability of timm's random erasing on training images (0: off); ignored when
+            ``train=False``.
+        random_erasing_mode: Fill of the erased box, one of :data:`~cvft.data.random_erasing.ERASING_MODES`.
 
     Returns:
         A ``Compose`` taking ``image=`` an ``H x W x C`` ``uint8`` array and returning ``{"image": tensor}``.
 
     Raises:
-        ValueError: Unknown preset or interpolation, or ``crop_pct`` outside ``(0, 1]``.
+        ValueError: Unknown preset, interpolation or erasing mode, ``crop_pct`` outside ``(0, 1]``, or
+            ``random_erasing`` outside ``[0, 1]`` (:class:`~cvft.errors.ConfigError`, a ``ValueError``, for the
+            augmentation options).
 
     Example:
         >>> import numpy as np
@@ -96,8 +115,7 @@ def build_transforms(
         torch.Size([3, 32, 32])
     """
     height, width = _size_pair(image_size)
-    if preset not in AUGMENT_PRESETS:
-        raise ValueError(f"Unknown augmentation preset {preset!r}; choose one of {', '.join(AUGMENT_PRESETS)}.")
+    check_augment(preset, random_erasing, random_erasing_mode)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
     if not 0.0 < crop_pct <= 1.0:
@@ -107,10 +125,52 @@ def build_transforms(
     flag = INTERPOLATIONS[interpolation]
     if train and preset != "none":
         steps = _train_steps(height, width, preset, flag)
+        if is_auto_augment(preset):
+            steps.append(auto_augment_step(preset, fill=mean))
     else:
         steps = _eval_steps(height, width, crop_pct, flag)
-    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    if train and random_erasing > 0:
+        steps.append(RandomErasing(mode=random_erasing_mode, p=random_erasing))
+    steps.append(ToTensorV2())
     return A.Compose(steps, seed=seed)
+
+
+def check_augment(preset: str, random_erasing: float = 0.0, random_erasing_mode: str = "pixel") -> None:
+    """Check the training augmentation options of :func:`build_transforms` (DataModules call it on construction).
+
+    Args:
+        preset: A name of :data:`AUGMENT_PRESETS` or a timm-style ``rand-...`` / ``augmix-...`` string.
+        random_erasing: Erasing probability, in ``[0, 1]``.
+        random_erasing_mode: One of :data:`~cvft.data.random_erasing.ERASING_MODES`.
+
+    Raises:
+        ConfigError: The bad option, its value and the allowed values.
+
+    Example:
+        >>> check_augment("rand-m7-n3", 0.25)
+        >>> try:
+        ...     check_augment("randaugmnet")
+        ... except ConfigError as error:
+        ...     print(str(error).split(";")[0])
+        Unknown augment preset 'randaugmnet'
+    """
+    if not isinstance(preset, str) or (preset not in AUGMENT_PRESETS and not is_auto_augment(preset)):
+        raise ConfigError(
+            f"Unknown augment preset {preset!r}; choose one of {', '.join(AUGMENT_PRESETS)}, or a timm-style "
+            "string such as rand-m9-n2-mstd0.5 or augmix-m3-w3-a1."
+        )
+    if is_auto_augment(preset):
+        auto_augment_step(preset)  # refuses unknown keys and values out of range
+    if isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float)) or not 0 <= random_erasing <= 1:
+        raise ConfigError(
+            f"random_erasing is the probability of erasing a box (timm's reprob), in [0, 1]; got {random_erasing!r}. "
+            "Try --data.random_erasing 0.25."
+        )
+    if random_erasing_mode not in ERASING_MODES:
+        raise ConfigError(
+            f"Unknown random_erasing_mode {random_erasing_mode!r}; choose one of {', '.join(ERASING_MODES)}."
+        )
 
 
 def eval_resize_size(image_size: int | Sequence[int], crop_pct: float) -> tuple[int, int]:
@@ -206,6 +266,7 @@ def _eval_steps(height: int, width: int, crop_pct: float, flag: int) -> list[Any
 
 
 def _train_steps(height: int, width: int, preset: str, flag: int) -> list[Any]:
+    """Crop and flip (every preset but ``none``), plus the affine and colour jitter of ``strong``."""
     scale = (0.5, 1.0) if preset == "light" else (0.08, 1.0)
     steps: list[Any] = [
         A.RandomResizedCrop(size=(height, width), scale=scale, ratio=_CROP_RATIO, interpolation=flag),

@@ -198,7 +198,8 @@ def check_cacheable(module: Any, datamodule: Any) -> CacheDecision:
 
     They do when every strategy trains the head only (:attr:`~cvft.strategies.Strategy.trains_head_only`:
     ``linear_probe`` without ``train_bn``, ``classifier_only``), only the classifier trains, every BatchNorm layer
-    outside it holds its statistics, the training preprocessing is not random (``augment="none"``), and the frozen
+    outside it holds its statistics, the training preprocessing is not random
+    (``augment="none"``, no random erasing, no user ``train_transform``), and the frozen
     network gives the same output in training and evaluation mode on real training images. Dropout applied by the
     head to the pooled features (timm's ``drop_rate``) is allowed: it is replayed on the cached features, with the
     same random draws.
@@ -232,11 +233,16 @@ def check_cacheable(module: Any, datamodule: Any) -> CacheDecision:
     moving = _moving_batchnorm(backbone)
     if moving:
         return CacheDecision(False, f"BatchNorm layer {moving} updates its statistics in training mode")
+    random_pipeline = getattr(datamodule, "random_training_pipeline", None)
     augment = getattr(datamodule, "augment", None)
-    if augment != "none":
-        return CacheDecision(
-            False, f"augment={augment!r} draws new random views every epoch (pass --data.augment none to cache)"
-        )
+    if callable(random_pipeline):
+        reason = random_pipeline()
+    elif augment != "none":
+        reason = f"augment={augment!r} draws new random views every epoch (pass --data.augment none to cache)"
+    else:
+        reason = None
+    if reason is not None:
+        return CacheDecision(False, reason)
     dataset = datamodule.datasets.get("train")
     if dataset is None or len(dataset) == 0 or not hasattr(dataset, "samples"):
         return CacheDecision(False, "the DataModule has no image training split to cache")

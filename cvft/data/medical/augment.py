@@ -9,6 +9,16 @@ condition, *situs inversus*, not an augmentation). The presets here:
   contrast ±10 %. Never flips.
 * ``"medical_flip"``: ``"medical"`` plus horizontal flips, for data where laterality does not matter (skin
   lesions, histology patches, retina images of either eye with the side recorded elsewhere).
+* ``"randaugment"``, ``"trivialaugment"``, ``"augmix"`` and timm-style ``"rand-m9-n2-mstd0.5"`` /
+  ``"augmix-m3-w3-a1"`` strings (:mod:`cvft.data.auto_augment`): that policy, run on the float image in place of
+  ``"medical"``'s affine and brightness / contrast (its own shear, translate and rotate operations are the geometric
+  part; uncovered pixels are filled with 0 like the padding). Never flips. Its photometric operations (solarize,
+  posterize, equalize, autocontrast) remap intensities: for calibrated data (CT in Hounsfield units, quantitative
+  maps) prefer ``"medical"``; for photographs, dermoscopy, histology and MedMNIST-like 8-bit images they are
+  the augmentations of the natural-image recipes.
+
+``random_erasing=p`` adds timm's random erasing (:mod:`cvft.data.random_erasing`) after normalisation to a training
+pipeline.
 
 Every pipeline fits the whole image into ``image_size`` keeping its aspect ratio (longest side resized, the rest
 padded with zeros), so nothing near the border is cropped away, and ends in ``Normalize(mean, std)`` (for values
@@ -23,12 +33,16 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from cvft.data.transforms import INTERPOLATIONS
+from cvft.data.auto_augment import AUTO_AUGMENT_PRESETS, auto_augment_step, is_auto_augment
+from cvft.data.random_erasing import RandomErasing
+from cvft.data.transforms import INTERPOLATIONS, check_augment
+from cvft.errors import ConfigError
 
-__all__ = ["MEDICAL_AUGMENT_PRESETS", "build_medical_transforms"]
+__all__ = ["MEDICAL_AUGMENT_PRESETS", "build_medical_transforms", "check_medical_augment"]
 
-MEDICAL_AUGMENT_PRESETS: tuple[str, ...] = ("none", "medical", "medical_flip")
-"""Names accepted by ``build_medical_transforms(preset=...)`` and ``MedicalImageDataModule(augment=...)``."""
+MEDICAL_AUGMENT_PRESETS: tuple[str, ...] = ("none", "medical", "medical_flip", *AUTO_AUGMENT_PRESETS)
+"""Names accepted by ``build_medical_transforms(preset=...)`` and ``MedicalImageDataModule(augment=...)`` (timm-style
+``rand-...`` / ``augmix-...`` strings too)."""
 
 
 def build_medical_transforms(
@@ -39,6 +53,8 @@ def build_medical_transforms(
     preset: str = "medical",
     interpolation: str = "bilinear",
     seed: int | None = None,
+    random_erasing: float = 0.0,
+    random_erasing_mode: str = "pixel",
 ) -> A.Compose:
     """Build the albumentations pipeline for float medical images.
 
@@ -47,16 +63,21 @@ def build_medical_transforms(
         mean: Per-channel mean of values in ``[0, 1]`` (one value per image channel).
         std: Per-channel standard deviation.
         train: Build the augmenting training pipeline (``False``: the deterministic evaluation pipeline).
-        preset: One of :data:`MEDICAL_AUGMENT_PRESETS`; ignored when ``train=False``.
+        preset: One of :data:`MEDICAL_AUGMENT_PRESETS` or a timm-style ``rand-...`` / ``augmix-...`` string;
+            ignored when ``train=False``.
         interpolation: One of :data:`cvft.data.transforms.INTERPOLATIONS`.
         seed: Seed of the pipeline's own random generator (albumentations ignores global seeds).
+        random_erasing: Probability of random erasing on training images (0: off); ignored when ``train=False``.
+        random_erasing_mode: Fill of the erased box (``pixel``, ``rand`` or ``const``).
 
     Returns:
         A ``Compose`` taking ``image=`` an ``H x W x C`` ``float32`` array in ``[0, 1]`` and returning
         ``{"image": tensor}``.
 
     Raises:
-        ValueError: Unknown preset or interpolation, bad ``image_size``, or ``mean`` / ``std`` of different lengths.
+        ValueError: Unknown preset or interpolation, bad ``image_size``, ``mean`` / ``std`` of different lengths, or
+            bad random erasing options (:class:`~cvft.errors.ConfigError`, a ``ValueError``, for the augmentation
+            options).
 
     Example:
         >>> import numpy as np
@@ -64,11 +85,7 @@ def build_medical_transforms(
         >>> pipeline(image=np.zeros((40, 50, 1), np.float32))["image"].shape
         torch.Size([1, 32, 32])
     """
-    if preset not in MEDICAL_AUGMENT_PRESETS:
-        raise ValueError(
-            f"Unknown medical augmentation preset {preset!r}; choose one of {', '.join(MEDICAL_AUGMENT_PRESETS)} "
-            "('medical_flip' only where left and right do not matter)."
-        )
+    check_medical_augment(preset, random_erasing, random_erasing_mode)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
     if len(mean) != len(std):
@@ -79,7 +96,9 @@ def build_medical_transforms(
         A.LongestMaxSize(max_size_hw=(height, width), interpolation=flag),
         A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT, fill=0),
     ]
-    if train and preset != "none":
+    if train and is_auto_augment(preset):
+        steps.append(auto_augment_step(preset, fill=(0.0,)))
+    elif train and preset != "none":
         steps += [
             A.Affine(
                 scale=(0.9, 1.1),
@@ -94,8 +113,39 @@ def build_medical_transforms(
         ]
         if preset == "medical_flip":
             steps.append(A.HorizontalFlip(p=0.5))
-    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()]
+    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0))
+    if train and random_erasing > 0:
+        steps.append(RandomErasing(mode=random_erasing_mode, p=random_erasing))
+    steps.append(ToTensorV2())
     return A.Compose(steps, seed=seed)
+
+
+def check_medical_augment(preset: str, random_erasing: float = 0.0, random_erasing_mode: str = "pixel") -> None:
+    """Check the training augmentation options of :func:`build_medical_transforms` (the DataModule calls it first).
+
+    Args:
+        preset: A name of :data:`MEDICAL_AUGMENT_PRESETS` or a timm-style ``rand-...`` / ``augmix-...`` string.
+        random_erasing: Erasing probability, in ``[0, 1]``.
+        random_erasing_mode: One of :data:`~cvft.data.random_erasing.ERASING_MODES`.
+
+    Raises:
+        ConfigError: The bad option, its value and the allowed values (the natural-image presets are named as
+            refused: they crop and flip).
+
+    Example:
+        >>> check_medical_augment("rand-m7-n2", 0.25)
+    """
+    if isinstance(preset, str) and is_auto_augment(preset):
+        check_augment(preset, random_erasing, random_erasing_mode)
+        return
+    if preset not in MEDICAL_AUGMENT_PRESETS:
+        raise ConfigError(
+            f"Unknown medical augmentation preset {preset!r}; choose one of {', '.join(MEDICAL_AUGMENT_PRESETS)}, or "
+            "a timm-style string such as rand-m9-n2-mstd0.5 ('medical_flip' only where left and right do not "
+            "matter; the natural-image presets light, default and strong crop and flip, which medical images do "
+            "not tolerate)."
+        )
+    check_augment("none", random_erasing, random_erasing_mode)
 
 
 def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from torch.utils.data import WeightedRandomSampler
 from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.labelled_module import SPLITS, LabelledDataModule
-from cvft.data.medical.augment import MEDICAL_AUGMENT_PRESETS, build_medical_transforms
+from cvft.data.medical.augment import build_medical_transforms, check_medical_augment
 from cvft.data.medical.dataset import MedicalArrayDataset, MedicalImageDataset
 from cvft.data.medical.labels import MedicalRecord, read_medical_csv
 from cvft.data.medical.patient_split import check_no_patient_leak, patient_split
@@ -83,11 +83,24 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         test_fraction: Share of patients held out for testing when no test split is supplied.
         seed: Seed of the patient split and of the weighted sampler.
         sampler: ``"random"`` (shuffle) or ``"weighted"`` (class-balanced draws, see above).
-        augment: Training augmentation: ``"medical"``, ``"medical_flip"`` or ``"none"``.
+        augment: Training augmentation: ``"medical"``, ``"medical_flip"``, ``"none"``, or a policy on the float
+            image in place of ``"medical"``'s affine: ``"randaugment"``, ``"trivialaugment"``, ``"augmix"`` or a
+            timm-style ``"rand-m9-n2-mstd0.5"`` string (no flips or crops, but intensity remaps such as solarize and
+            equalize; :mod:`cvft.data.medical.augment`). Ignored with ``train_transform``.
         batch_size: Images per batch.
         num_workers: DataLoader worker processes (0: load in the main process; None: 0 for data held in
             memory such as MedMNIST arrays, else 2).
         predict_root: Image file or folder (searched recursively) for ``predict``.
+        random_erasing: Probability of timm's random erasing on training images (0: off), after normalisation, on
+            top of ``augment`` (:mod:`cvft.data.random_erasing`).
+        random_erasing_mode: Fill of the erased box: ``pixel`` (normal noise), ``rand`` (one random value) or
+            ``const`` (the mean).
+        train_transform: Your own training pipeline instead of ``augment`` (albumentations file path, inline mapping,
+            or from Python a transform or callable; :mod:`cvft.data.user_pipeline`). It receives ``float32``
+            ``H x W x channels`` images in ``[0, 1]``, so it normalises with ``max_pixel_value=1``, and must end in
+            ``Normalize`` and ``ToTensorV2``; it is checked at setup on a real image.
+        eval_transform: Your own pipeline for validation, test and prediction (same forms and checks), saved with the
+            run for ``cvft predict`` / ``cvft test --ckpt_path``.
 
     Example:
         >>> import tempfile, shutil
@@ -133,10 +146,14 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         test_fraction: float = 0.0,
         seed: int = 0,
         sampler: Literal["random", "weighted"] = "random",
-        augment: Literal["medical", "medical_flip", "none"] = "medical",
+        augment: str = "medical",
         batch_size: int = 32,
         num_workers: int | None = None,
         predict_root: str | None = None,
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "pixel",
+        train_transform: str | dict[str, Any] | None = None,
+        eval_transform: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model records the resolved class list
@@ -148,7 +165,8 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
             )
         if medmnist is not None and (val_csv or test_csv):
             raise DatasetError("val_csv / test_csv go with csv=...; MedMNIST brings its own train / val / test split.")
-        _validate(sampler, augment, channels, context)
+        _validate(sampler, channels, context)
+        check_medical_augment(augment, random_erasing, random_erasing_mode)
         validate_options(
             image_size=image_size,
             batch_size=batch_size,
@@ -168,6 +186,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         """Keyword arguments passed to ``read_medical_image``."""
         self._resolve_data_config(backbone, image_size, mean, std, channels)
         self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
+        self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
         self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
 
     # --- what the data is -----------------------------------------------------------------------------------
@@ -247,7 +266,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _transform(self, train: bool) -> Any:
+    def _preset_transform(self, train: bool) -> Any:
         return build_medical_transforms(**self._pipeline_options(train))
 
     def _build_dataset(self, split: str) -> MedicalImageDataset:
@@ -263,12 +282,21 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
                 self._transform(train),
                 self.channels,
                 name=name,
-                deterministic_transform=not train or self.augment == "none",
+                deterministic_transform=self._deterministic_transform(train),
                 **common,
             )
         return MedicalImageDataset(
             records, self._transform(split == "train"), self.channels, reader_options=self.reader_options, **common
         )
+
+    def _deterministic_transform(self, train: bool) -> bool:
+        """Whether the pipeline of ``train`` maps an image to the same tensor every time (cvft's, not random).
+
+        User pipelines are taken as possibly random: their outputs are not cached.
+        """
+        if train:
+            return self.random_training_pipeline() is None
+        return "eval" not in self.user_pipelines
 
     def missing_split_hint(self, split: str) -> str:
         """How to provide a missing split."""
@@ -349,14 +377,9 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         return splits, names
 
 
-def _validate(sampler: str, augment: str, channels: int, context: int) -> None:
+def _validate(sampler: str, channels: int, context: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-    if augment not in MEDICAL_AUGMENT_PRESETS:
-        raise ValueError(
-            f"Unknown augment preset {augment!r}; choose one of {', '.join(MEDICAL_AUGMENT_PRESETS)} (the natural-"
-            "image presets flip and crop, which medical images do not tolerate)."
-        )
     if isinstance(context, int) and context > 0 and channels != 2 * context + 1:
         raise ValueError(
             f"context={context} stacks {2 * context + 1} slices as channels, but channels={channels}. Set "
