@@ -23,7 +23,14 @@ from cvft.backbones.sources import get_weights_source, list_weights_sources
 from cvft.backbones.weights import Checkpoint, read_checkpoint, strip_key_prefix
 from cvft.errors import CheckpointMismatchError, ConfigError, CvftError, HubUnavailableError, WeightsError
 
-__all__ = ["BackboneOptionError", "UnknownBackboneError", "create_backbone", "weights_source", "is_pretrained"]
+__all__ = [
+    "BackboneOptionError",
+    "UnknownBackboneError",
+    "create_backbone",
+    "init_new_head",
+    "weights_source",
+    "is_pretrained",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -224,6 +231,7 @@ def _create_from_hub(name: str, num_classes: int | None, in_chans: int, timm_kwa
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     ckpt_classes = cfg.get("num_classes")
     if num_classes is not None and ckpt_classes and ckpt_classes != num_classes:
+        init_new_head(model, _as_tuple(cfg.get("classifier")))
         _logger.info("new head: %d → %d classes, checkpoint head discarded", ckpt_classes, num_classes)
     where = f"hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else f"url:{cfg.get('url') or name}"
     return _mark(model, where)
@@ -305,13 +313,40 @@ def _load_checkpoint(
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     model_sd = model.state_dict()
     state, _ = strip_key_prefix(ckpt.state_dict, model_sd.keys())
-    head_keys = _fit_head(model, state, _as_tuple(cfg.get("classifier")), num_classes)
+    heads = _as_tuple(cfg.get("classifier"))
+    head_keys = _fit_head(model, state, heads, num_classes)
     if head_keys is not None:  # the head was re-created: refresh the model's keys
         model_sd = model.state_dict()
+    if head_keys:  # a head the checkpoint does not fill
+        init_new_head(model, heads)
     _adapt_first_conv(state, model_sd, _as_tuple(cfg.get("first_conv")), in_chans)
     _check_keys(state, model_sd, head_keys or set(), ckpt, name, strict)
     fitting = {k: v for k, v in state.items() if k in model_sd and v.shape == model_sd[k].shape}
     model.load_state_dict(fitting, strict=False)
+
+
+def init_new_head(model: nn.Module, heads: tuple[str, ...]) -> None:
+    """Give a head that no checkpoint fills PyTorch's fan-in initialisation (what ``nn.Linear(in, out)`` gets).
+
+    timm initialises some families' classifiers for training from scratch with a range that grows as the class count
+    falls: EfficientNet / MobileNet draw ``U(-1/sqrt(num_classes), 1/sqrt(num_classes))`` (Google's init), so a
+    2-class head on EfficientNet-Lite0's pooled features starts with logits of standard deviation about 14 and a
+    cross-entropy above 3 on real images, and a short fine-tuning run spends its first epochs undoing that. With the
+    fan-in range ``1/sqrt(in_features)`` the starting logits stay near 1 whatever the class count, as in the loop a
+    user writes by replacing the classifier with ``nn.Linear``.
+
+    Args:
+        model: The timm model.
+        heads: Names of its classifier modules (``pretrained_cfg["classifier"]``); missing names are skipped.
+    """
+    for head in heads:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            continue
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear | nn.Conv2d):
+                layer.reset_parameters()
 
 
 def _head_param_keys(keys: Iterable[str], heads: tuple[str, ...]) -> set[str]:

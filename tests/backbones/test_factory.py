@@ -52,6 +52,30 @@ def test_new_head_keeps_backbone(resnet, tmp_path, fmt, caplog):
             assert torch.equal(value, ref[key]), key
 
 
+@pytest.mark.parametrize("checkpoint_head", [True, False])
+def test_a_new_head_gets_the_fan_in_init_whatever_the_class_count(tmp_path, checkpoint_head):
+    # timm's EfficientNet draws classifier weights from U(-1/sqrt(num_classes), ...): 0.707 for 2 classes.
+    torch.manual_seed(0)
+    source = timm.create_model("test_efficientnet").eval()
+    head = source.pretrained_cfg["classifier"]
+    state = {k: v for k, v in source.state_dict().items() if checkpoint_head or not k.startswith(head + ".")}
+    path = tmp_path / "effnet.safetensors"
+    save_file(state, str(path))
+    timm_two_class = timm.create_model("test_efficientnet", num_classes=2).get_classifier()
+    bound = 1 / timm_two_class.in_features**0.5
+    assert timm_two_class.weight.abs().max() > 10 * bound  # what the fix is for
+    model = create_backbone("test_efficientnet", weights=path, num_classes=2)
+    new = model.get_classifier()
+    for tensor in (new.weight, new.bias):
+        assert tensor.abs().max() <= bound and tensor.std() > bound / 4  # U(-bound, bound): std bound / sqrt(3)
+    for key, value in model.state_dict().items():  # the backbone still holds the checkpoint's tensors
+        if not key.startswith(head + "."):
+            assert torch.equal(value, source.state_dict()[key]), key
+    kept = create_backbone("test_efficientnet", weights=path, num_classes=1000) if checkpoint_head else None
+    if kept is not None:  # a head the checkpoint fills is loaded, not re-initialised
+        assert torch.equal(kept.get_classifier().weight, source.get_classifier().weight)
+
+
 def test_head_size_inferred_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     small = timm.create_model("test_convnext", num_classes=7).eval()
