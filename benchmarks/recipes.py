@@ -1,4 +1,4 @@
-"""Training-toolbox recipes on real data: each strategy with and without EMA of weights and Mixup/CutMix.
+"""Training-toolbox recipes on real data: each strategy with and without EMA, Mixup/CutMix and RandAugment.
 
 Runs ``cvft compare`` once per recipe (the same strategies, seeds, data and budget; only the training tools differ)
 on a MedMNIST set (official train/val/test splits) or the imagenette subset from ``../shared/assets`` with
@@ -25,16 +25,17 @@ from real_tasks import IMAGENETTE, LITE0_FILE, MEDMNIST, _write_imagenette_folde
 
 HERE = Path(__file__).resolve().parent
 
+_EMA = ["--model.ema_decay={ema}", "--model.ema_warmup=true"]
+_MIX = ["--model.mixup=0.2", "--model.cutmix=1.0"]
+_RAND = ["--data.augment=randaugment"]
+
 RECIPES: dict[str, list[str]] = {
     "plain": [],
-    "ema": ["--model.ema_decay={ema}", "--model.ema_warmup=true"],
-    "mixup+cutmix": ["--model.mixup=0.2", "--model.cutmix=1.0"],
-    "ema+mixup+cutmix": [
-        "--model.ema_decay={ema}",
-        "--model.ema_warmup=true",
-        "--model.mixup=0.2",
-        "--model.cutmix=1.0",
-    ],
+    "ema": _EMA,
+    "mixup+cutmix": _MIX,
+    "randaugment": _RAND,
+    "ema+mixup+cutmix": _EMA + _MIX,
+    "all": _EMA + _MIX + _RAND,
 }
 """Recipe name -> ``cvft fit`` options added to every run of its comparison (``{ema}``: ``--ema-decay``).
 
