@@ -164,6 +164,12 @@ def test_no_match_lists_candidates():
         find_targets(make_backbone("test_resnet"), "vit_attention")
 
 
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "shared_lora"])
+def test_a_target_that_matches_nothing_is_refused_in_the_methods_own_name(method):
+    with pytest.raises(StrategyError, match=rf"^{method}: target 'attn\.query' matches no"):
+        build_strategy({"name": method, "targets": ["attn.query"]}).setup(make_backbone("test_vit"))
+
+
 def test_target_kinds():
     vit = make_backbone("test_vit")
     assert find_targets(vit, "auto") == find_targets(vit, "vit_attention")

@@ -108,7 +108,7 @@ class LowRankStrategy(Strategy):
 
     def find_targets(self, model: nn.Module) -> list[str]:
         """Names of the layers :attr:`targets` selects in ``model``."""
-        return find_low_rank_targets(model, self.targets)
+        return find_low_rank_targets(model, self.targets, self.name)
 
     def prepare_targets(self, model: nn.Module, names: list[str]) -> None:
         """Change the target layers before they are wrapped (nothing by default)."""

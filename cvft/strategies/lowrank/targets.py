@@ -49,12 +49,13 @@ def low_rank_candidates(model: nn.Module) -> dict[str, nn.Module]:
     return candidate_layers(model, lambda module: isinstance(module, (nn.Linear, nn.Conv2d)), _is_low_rank_layer)
 
 
-def find_low_rank_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> list[str]:
+def find_low_rank_targets(model: nn.Module, targets: str | Sequence[str] = "auto", method: str = "lora") -> list[str]:
     r"""Names of the layers to adapt, in model order.
 
     Args:
         model: The model to search.
         targets: A selector or preset name, a type name, a module name or regex, or a list of them (their union).
+        method: The method named in error messages (``"lora"``, ``"loha"`` ...).
 
     Raises:
         StrategyError: A target matches nothing; the message lists candidate layers.
@@ -68,4 +69,4 @@ def find_low_rank_targets(model: nn.Module, targets: str | Sequence[str] = "auto
         ['blocks.0.mlp.fc1', 'blocks.5.attn.proj']
     """
     what = f"Linear or Conv2d layer of {type(model).__name__} outside the classifier head"
-    return resolve_targets("lora", model, targets, low_rank_candidates(model), _SHORTCUTS, description=what, hint=_HINT)
+    return resolve_targets(method, model, targets, low_rank_candidates(model), _SHORTCUTS, description=what, hint=_HINT)
