@@ -116,24 +116,16 @@ def build_transforms(
     """
     height, width = _size_pair(image_size)
     check_augment(preset, random_erasing, random_erasing_mode)
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
+    flag = _interpolation_flag(interpolation, mean, std)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)} values.")
-    flag = INTERPOLATIONS[interpolation]
     if train and preset != "none":
         steps = _train_steps(height, width, preset, flag)
         if is_auto_augment(preset):
             steps.append(auto_augment_step(preset, fill=mean))
     else:
         steps = _eval_steps(height, width, crop_pct, flag)
-    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    if train and random_erasing > 0:
-        steps.append(RandomErasing(mode=random_erasing_mode, p=random_erasing))
-    steps.append(ToTensorV2())
-    return A.Compose(steps, seed=seed)
+    return _normalised_pipeline(steps, mean, std, 255.0, random_erasing if train else 0.0, random_erasing_mode, seed)
 
 
 def check_augment(preset: str, random_erasing: float = 0.0, random_erasing_mode: str = "pixel") -> None:
@@ -250,10 +242,41 @@ def _normalise(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of an ``image_size`` given as ``int`` or pair (every pipeline builder's check of it)."""
     pair = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
-    return pair
+    return pair[0], pair[1]
+
+
+def _interpolation_flag(interpolation: str, mean: Sequence[float], std: Sequence[float]) -> int:
+    """The OpenCV flag of ``interpolation``, after the checks every pipeline builder makes of it and of mean / std."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)} values.")
+    return INTERPOLATIONS[interpolation]
+
+
+def _normalised_pipeline(
+    steps: list[Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_pixel_value: float,
+    random_erasing: float,
+    random_erasing_mode: str,
+    seed: int | None,
+) -> A.Compose:
+    """``steps``, then ``Normalize``, random erasing (where ``random_erasing > 0``) and ``ToTensorV2``, as one pipeline.
+
+    The ending every pipeline builder shares; ``max_pixel_value`` is the input's full scale (255 for ``uint8``, 1 for
+    float images in ``[0, 1]``), and erasing follows ``Normalize`` as in timm.
+    """
+    steps = [*steps, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=max_pixel_value)]
+    if random_erasing > 0:
+        steps.append(RandomErasing(mode=random_erasing_mode, p=random_erasing))
+    steps.append(ToTensorV2())
+    return A.Compose(steps, seed=seed)
 
 
 def _eval_steps(height: int, width: int, crop_pct: float, flag: int) -> list[Any]:

@@ -31,11 +31,9 @@ from collections.abc import Sequence
 
 import albumentations as A
 import cv2
-from albumentations.pytorch import ToTensorV2
 
 from cvft.data.auto_augment import AUTO_AUGMENT_PRESETS, auto_augment_step, is_auto_augment
-from cvft.data.random_erasing import RandomErasing
-from cvft.data.transforms import INTERPOLATIONS, check_augment
+from cvft.data.transforms import _interpolation_flag, _normalised_pipeline, _size_pair, check_augment
 from cvft.errors import ConfigError
 
 __all__ = ["MEDICAL_AUGMENT_PRESETS", "build_medical_transforms", "check_medical_augment"]
@@ -86,12 +84,8 @@ def build_medical_transforms(
         torch.Size([1, 32, 32])
     """
     check_medical_augment(preset, random_erasing, random_erasing_mode)
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)} values.")
+    flag = _interpolation_flag(interpolation, mean, std)
     height, width = _size_pair(image_size)
-    flag = INTERPOLATIONS[interpolation]
     steps: list[A.BasicTransform] = [
         A.LongestMaxSize(max_size_hw=(height, width), interpolation=flag),
         A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT, fill=0),
@@ -113,11 +107,7 @@ def build_medical_transforms(
         ]
         if preset == "medical_flip":
             steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0))
-    if train and random_erasing > 0:
-        steps.append(RandomErasing(mode=random_erasing_mode, p=random_erasing))
-    steps.append(ToTensorV2())
-    return A.Compose(steps, seed=seed)
+    return _normalised_pipeline(steps, mean, std, 1.0, random_erasing if train else 0.0, random_erasing_mode, seed)
 
 
 def check_medical_augment(preset: str, random_erasing: float = 0.0, random_erasing_mode: str = "pixel") -> None:
@@ -146,10 +136,3 @@ def check_medical_augment(preset: str, random_erasing: float = 0.0, random_erasi
             "not tolerate)."
         )
     check_augment("none", random_erasing, random_erasing_mode)
-
-
-def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    pair = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
-    return pair[0], pair[1]
