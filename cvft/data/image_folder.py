@@ -139,11 +139,6 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         self.save_hyperparameters(ignore=["class_names"])
         loadable_hparams(self)
         validate_options(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
             choices={
                 "check_images": (check_images, CHECK_IMAGES_MODES),
                 "on_bad_image": (on_bad_image, ON_BAD_IMAGE_MODES),
@@ -157,12 +152,14 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
             )
         self.root = Path(root) if root is not None else None
         self.csv, self.val_csv, self.test_csv = csv, val_csv, test_csv
-        self.test_fraction, self.multi_label, self.channels = test_fraction, multi_label, channels
+        self.multi_label, self.channels = multi_label, channels
         self.check_images, self.on_bad_image = check_images, on_bad_image
         self.skipped_images: dict[Path, str] = {}
         """Images left out with ``on_bad_image="skip"``, each with the reason."""
+        self._keep_shared_options(
+            batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names, test_fraction=test_fraction
+        )
         self._resolve_data_config(backbone, image_size, mean, std, channels)
-        self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
         self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
 
     # --- reading the data ----------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ the backbone's pretrained data config. A subclass says where its data comes from
 * :meth:`~LabelledDataModule._has_labelled_data` and :meth:`~LabelledDataModule._source`: whether a source is set,
   and its name for messages.
 
-Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), validates them, and
-hands the shared ones to :meth:`~LabelledDataModule._keep_shared_options` and
-:meth:`~LabelledDataModule._resolve_data_config`, and the image pipeline options (user pipelines, random erasing)
-to :meth:`~LabelledDataModule._keep_pipeline_options`. A subclass builds its preset pipelines in
+Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), validates the ones
+of its own, and hands the shared ones to :meth:`~LabelledDataModule._keep_shared_options` and
+:meth:`~LabelledDataModule._resolve_data_config` (which check them), and the image pipeline options (user pipelines,
+random erasing) to :meth:`~LabelledDataModule._keep_pipeline_options`. A subclass builds its preset pipelines in
 :meth:`~LabelledDataModule._preset_transform`; :meth:`~LabelledDataModule._transform` hands out a user pipeline
 instead where one is given, and ``setup`` checks each user pipeline on a real image of the first split it serves
 (:func:`~cvft.data.user_pipeline.check_pipeline_output`). The DataLoaders come from
@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cvft.data._options import validate_options
 from cvft.data.normalization import per_channel
 from cvft.data.samples import scan_unlabelled
 from cvft.data.split_module import SplitDataModule
@@ -117,12 +118,22 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         augment: str,
         predict_root: str | Path | None,
         class_names: Sequence[str] | None,
+        test_fraction: float | None = None,
     ) -> None:
-        """Keep the options every labelled DataModule takes (validated by the subclass's ``__init__``).
+        """Check and keep the options every labelled DataModule takes, and ``test_fraction`` where it takes one.
+
+        ``augment`` is checked by the subclass (each has its own presets).
 
         Raises:
-            DatasetError: ``class_names`` is empty or names a class twice.
+            ConfigError: ``batch_size`` or ``num_workers`` is out of range.
+            DatasetError: A split fraction is out of range or the fractions leave no training images, or
+                ``class_names`` is empty or names a class twice.
         """
+        fractions = {"val_fraction": val_fraction}
+        if test_fraction is not None:
+            fractions["test_fraction"] = test_fraction
+            self.test_fraction = test_fraction
+        validate_options(batch_size=batch_size, num_workers=num_workers, **fractions)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.augment, self.predict_root = val_fraction, augment, predict_root
         self._class_names = _checked_class_names(class_names)
@@ -139,7 +150,11 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
 
         Given values win; the others come from the backbone's pretrained data config (ImageNet's at 224 px without
         a backbone). ``mean`` / ``std`` are fitted to ``channels`` by :func:`~cvft.data.normalization.per_channel`.
+
+        Raises:
+            ConfigError: ``image_size`` is not a positive size (checked before the backbone is looked up).
         """
+        validate_options(image_size=image_size)
         config = dict(data_config_for(backbone) if backbone else IMAGENET_DATA_CONFIG)
         height, width = config["input_size"][1:]
         default_size = height if height == width else (height, width)

@@ -124,9 +124,6 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         loadable_hparams(self)
         validate_options(
             image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
             min_visibility=min_visibility,
             choices={
                 "augment": (augment, DETECTION_AUGMENT_PRESETS),

@@ -167,25 +167,19 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
             raise DatasetError("val_csv / test_csv go with csv=...; MedMNIST brings its own train / val / test split.")
         _validate(sampler, channels, context)
         check_medical_augment(augment, random_erasing, random_erasing_mode)
-        validate_options(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            channels=channels,
-            context=context,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-        )
+        validate_options(channels=channels, context=context)
         self.csv, self.val_csv, self.test_csv, self.root = csv, val_csv, test_csv, root
         self.medmnist, self.medmnist_root, self.download = medmnist, medmnist_root, download
         self.multi_label, self.none_label, self.channels = multi_label, none_label, channels
-        self.test_fraction, self.sampler = test_fraction, sampler
+        self.sampler = sampler
         options = {"window": window, "slice_index": slice_index, "axis": axis, "context": context or None}
         options["frame"] = frame
         self.reader_options: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
         """Keyword arguments passed to ``read_medical_image``."""
+        self._keep_shared_options(
+            batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names, test_fraction=test_fraction
+        )
         self._resolve_data_config(backbone, image_size, mean, std, channels)
-        self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
         self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
         self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
 
