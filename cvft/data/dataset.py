@@ -90,12 +90,7 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        array, path = self.read(index), self._path(index)
-        if self.num_views > 1 and isinstance(self.samples[index], Sample):
-            image = torch.stack([self._transformed(array, path) for _ in range(self.num_views)])
-        else:
-            image = self._transformed(array, path)
-        return self._item(index, image)
+        return self._item(index, self._image(index))
 
     def read(self, index: int) -> np.ndarray:
         """Return item ``index`` as an ``H x W x channels`` ``uint8`` array, before the transform.
@@ -111,6 +106,13 @@ class ImageDataset(Dataset):
     def _path(self, index: int) -> Path:
         sample = self.samples[index]
         return sample.path if isinstance(sample, Sample) else sample
+
+    def _image(self, index: int) -> torch.Tensor:
+        """Item ``index``'s image, read and transformed (a ``(V, C, H, W)`` stack of views when ``num_views > 1``)."""
+        array, path = self.read(index), self._path(index)
+        if self.num_views > 1 and isinstance(self.samples[index], Sample):
+            return torch.stack([self._transformed(array, path) for _ in range(self.num_views)])
+        return self._transformed(array, path)
 
     def _item(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The item of ``index`` around its transformed ``image``: with its target (and index), or its index."""

@@ -196,7 +196,7 @@ class MedicalArrayDataset(MedicalImageDataset):
         index = range(len(self))[index]  # negative indices share the positive one's entry
         image = self._transformed_cache.get(index)
         if image is None:
-            image = self._transformed(self.read(index), self._path(index))
+            image = self._image(index)  # one view: _caches_transformed asks for num_views == 1
             if image.numel() * image.element_size() * len(self) <= TRANSFORMED_CACHE_BYTES:
                 self._transformed_cache[index] = image
         return self._item(index, image.clone())
