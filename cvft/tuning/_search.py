@@ -16,14 +16,15 @@ the real fit then sees other shuffles than a fit without the finder would (same 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
-__all__ = ["run_finder"]
+__all__ = ["run_finder", "hooks_removed_after"]
 
 
 @contextmanager
@@ -43,6 +44,20 @@ def _search_state(trainer: pl.Trainer, model: pl.LightningModule, min_epochs: in
         for module in model.modules():
             if isinstance(module, Metric):
                 module.reset()
+
+
+@contextmanager
+def hooks_removed_after(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keep the hooks of ``handles`` (e.g. optimizer step hooks a finder's search needs) for the ``with`` block only.
+
+    Args:
+        handles: Hooks already registered; each is removed when the block ends, also when it raises.
+    """
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def run_finder(

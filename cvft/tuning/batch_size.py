@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BatchSizeFinder
 
 from cvft.errors import ConfigError, CvftError
-from cvft.tuning._search import run_finder
+from cvft.tuning._search import hooks_removed_after, run_finder
 
 __all__ = ["BATCH_SIZE_MODES", "BatchSizeFinderOptions", "BatchSizeResult", "find_batch_size"]
 
@@ -129,11 +129,8 @@ class _IsolatedBatchSizeFinder(BatchSizeFinder):
             self.trained.append(int(datamodule.batch_size))
 
         handles = [optimizer.register_step_post_hook(record) for optimizer in trainer.optimizers]
-        try:
+        with hooks_removed_after(handles):
             super().scale_batch_size(trainer, pl_module)
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def find_batch_size(

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from cvft.atomic import atomic_path
 from cvft.callbacks.report import _pyplot, _save_figure, output_dir
 from cvft.errors import ConfigError
-from cvft.tuning._search import run_finder
+from cvft.tuning._search import hooks_removed_after, run_finder
 
 __all__ = ["LRFinderOptions", "LRFinderResult", "find_learning_rate", "scale_groups_during_steps"]
 
@@ -199,11 +199,8 @@ class _BaseRateFinder(LearningRateFinder):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the groups' ratios, then run Lightning's search (it ends the fit)."""
         handles = [h for opt in trainer.optimizers for h in scale_groups_during_steps(opt, self._base_lr)]
-        try:
+        with hooks_removed_after(handles):
             super().on_fit_start(trainer, pl_module)
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def find_learning_rate(
