@@ -57,6 +57,10 @@ class ImageClassifier(FineTuningModule):
     decay x learning-rate scale); frozen ones cost nothing and can unfreeze later without changing the optimizer's
     layout. Mixed precision is the Trainer's ``precision`` switch (``"bf16-mixed"``, ``"16-mixed"``).
 
+    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_rate``, ``drop_path_schedule``,
+    ``drop_path_epochs``, ``channels_last``, ``compile`` and ``compile_mode`` are documented on
+    :class:`~cvft.tasks.base.FineTuningModule`, which handles them for every task.
+
     Args:
         backbone: timm model name, with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k``).
         pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
@@ -115,28 +119,6 @@ class ImageClassifier(FineTuningModule):
         mix_mode: ``"batch"`` (one coefficient per batch), ``"pair"`` or ``"elem"`` (one per pair or image).
         mix_off_epoch: Epoch (0-based) from which batches are no longer mixed and the plain loss applies (timm's
             ``--mixup-off-epoch``); ``None`` mixes every epoch.
-        ema_decay: Keep an exponential moving average of the trained weights with this decay (``0.999``: about the
-            last 1,000 steps; ``0.99`` for short runs) and validate, checkpoint, predict and export with it
-            (:class:`~cvft.callbacks.ema.EMAWeightAveraging`, on Lightning's ``WeightAveraging``). Only trainable
-            tensors and BatchNorm statistics are averaged, so a LoRA run's EMA is adapter-sized. Not with
-            strategies that unfreeze during training (``gradual_unfreeze``). ``None``: no EMA.
-        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
-        drop_rate: Dropout rate before the classifier, passed to timm as ``drop_rate`` (``None`` keeps timm's
-            default, 0 for most models). A backbone whose constructor has no such argument is refused.
-        drop_path_schedule: How drop path (``drop_path_rate``) varies over training, every block keeping its
-            depth ratio (:mod:`cvft.callbacks.drop_path`): ``"constant"`` (timm's), ``"linear"`` (from 0 up to the
-            configured rates at the last step; scheduled drop path, NASNet) or ``"early"`` (on for the first
-            ``drop_path_epochs`` epochs, then off; early dropout, Liu et al. 2023). A function of the optimizer
-            step, so resuming is exact. Needs ``drop_path_rate > 0``.
-        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
-        channels_last: Store the network's 4-D weights and the backbone's image inputs in the
-            ``torch.channels_last`` layout when a Trainer runs the model (:mod:`cvft.callbacks.speed`): faster
-            convolutions for CNNs on GPUs (mixed precision) and recent CPUs; nothing gained for ViTs. Same outputs.
-        compile: Compile the backbone's forward with ``torch.compile`` (after the strategies are set up) when a
-            Trainer runs the model; where compiling fails the run continues eagerly with one warning. Checkpoint
-            keys do not change.
-        compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
-            ``"max-autotune-no-cudagraphs"``; ``None``: the default.
         temperature_scaling: Calibrate the probabilities after every validation of the fit: fit one temperature ``T``
             minimising the validation NLL of ``logits / T`` (:mod:`cvft.tasks.temperature`; Guo et al. 2017) on the
             weights just validated (the EMA when ``ema_decay`` is set), so every checkpoint (``best.ckpt``,
