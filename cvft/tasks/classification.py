@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -41,12 +41,55 @@ from cvft.tasks.tta import check_tta, tta_logits
 if TYPE_CHECKING:
     from cvft.adapter_files import AdapterInfo
 
-__all__ = ["DEFAULT_LR", "ImageClassifier"]
+__all__ = ["DEFAULT_LR", "ImageClassifier", "label_metrics", "metric_inputs"]
 
 _logger = logging.getLogger(__name__)
 
 MAX_AUROC_CLASSES = 100
 """Single-label validation / test AUROC (macro, one-vs-rest; binary: the AUROC) is logged up to this many classes."""
+
+
+def label_metrics(
+    num_classes: int, multi_label: bool, prefix: str, extra: Mapping[str, Metric] | None = None
+) -> MetricCollection:
+    """The metrics every classification head logs: ``acc``, ``f1_macro`` and, for multi-label, ``auroc``.
+
+    Single-label accuracy is top-1 over all images (micro); F1 and AUROC are macro averages over the classes.
+
+    Args:
+        num_classes: Classes of the head (labels, for multi-label).
+        multi_label: Score independent sigmoid labels (:func:`metric_inputs`) instead of one class per image.
+        prefix: Prefix of the logged names (``"val/"``, ``"val/<task>/"``).
+        extra: Further metrics by name, after those.
+
+    Example:
+        >>> list(label_metrics(4, multi_label=True, prefix="val/").keys())
+        ['val/acc', 'val/auroc', 'val/f1_macro']
+    """
+    if multi_label:
+        metrics: dict[str, Metric] = {
+            "acc": MultilabelAccuracy(num_classes),
+            "f1_macro": MultilabelF1Score(num_classes, average="macro"),
+            "auroc": MultilabelAUROC(num_classes, average="macro"),
+        }
+    else:
+        metrics = {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        }
+    # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
+    # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
+    return MetricCollection({**metrics, **(extra or {})}, prefix=prefix, compute_groups=False)
+
+
+def metric_inputs(logits: Tensor, targets: Tensor, multi_label: bool) -> tuple[Tensor, Tensor]:
+    """What :func:`label_metrics` are updated with: probabilities (sigmoid for multi-label, else softmax), targets.
+
+    Multi-label 0/1 targets become int64, as torchmetrics wants them.
+    """
+    if multi_label:
+        return logits.sigmoid(), targets.long()
+    return logits.softmax(-1), targets
 
 
 class ImageClassifier(FineTuningModule):
@@ -224,11 +267,10 @@ class ImageClassifier(FineTuningModule):
         check_tta(tta, tta_crop_pct)
 
         self.build_strategy_stack(strategies)
+        # what both the check and the mixer read
+        mix_options = {"mixup": mixup, "cutmix": cutmix, "cutmix_minmax": cutmix_minmax, "mode": mix_mode}
         mixing = check_mixing(
-            mixup=mixup,
-            cutmix=cutmix,
-            cutmix_minmax=cutmix_minmax,
-            mode=mix_mode,
+            **mix_options,
             multi_label=multi_label,
             loss=loss,
             strategies=self.strategy_stack,
@@ -239,12 +281,9 @@ class ImageClassifier(FineTuningModule):
         if mixing:
             self.mixer = BatchMixer(
                 num_classes,
-                mixup=mixup,
-                cutmix=cutmix,
-                cutmix_minmax=cutmix_minmax,
+                **mix_options,
                 prob=mix_prob,
                 switch_prob=mix_switch_prob,
-                mode=mix_mode,
                 label_smoothing=label_smoothing,
                 off_epoch=mix_off_epoch,
             )
@@ -310,21 +349,13 @@ class ImageClassifier(FineTuningModule):
 
     def _metrics(self, prefix: str) -> MetricCollection:
         n = self.num_classes
-        if self.multi_label:
-            metrics: dict[str, Any] = {
-                "acc": MultilabelAccuracy(n),
-                "f1_macro": MultilabelF1Score(n, average="macro"),
-                "auroc": MultilabelAUROC(n, average="macro"),
-            }
-        else:
-            metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
+        extra: dict[str, Metric] = {}
+        if not self.multi_label:
             if n > 5:
-                metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+                extra["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
             if prefix != "train/" and n <= MAX_AUROC_CLASSES:  # exact AUROC keeps every probability of the epoch
-                metrics["auroc"] = MulticlassAUROC(n, average="macro")
-        # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
-        # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
-        return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+                extra["auroc"] = MulticlassAUROC(n, average="macro")
+        return label_metrics(n, self.multi_label, prefix, extra)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, images: Tensor) -> Tensor:
@@ -345,9 +376,7 @@ class ImageClassifier(FineTuningModule):
         return nn.functional.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
     def _metric_inputs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if self.multi_label:
-            return logits.sigmoid(), targets.long()
-        return logits.softmax(-1), targets
+        return metric_inputs(logits, targets, self.multi_label)
 
     def training_step(self, batch: Sequence[Tensor] | Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """Task loss (weighted by the strategies' ``task_loss_weight``) plus every strategy's loss terms.

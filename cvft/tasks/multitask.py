@@ -15,17 +15,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MultilabelAccuracy,
-    MultilabelAUROC,
-    MultilabelF1Score,
-)
 
 from cvft.errors import ConfigError, CvftError
 from cvft.strategies.support import TaskSupport
 from cvft.tasks.base import FineTuningModule, head_param_groups
+from cvft.tasks.classification import label_metrics, metric_inputs
 from cvft.tasks.schedules import check_optimizer
 from cvft.tasks.task_weighting import build_task_weighting
 
@@ -92,16 +86,7 @@ def check_tasks(tasks: Any) -> dict[str, dict[str, Any]]:
 
 
 def _task_metrics(spec: dict[str, Any], prefix: str) -> MetricCollection:
-    n = spec["num_classes"]
-    if spec["multi_label"]:
-        metrics: dict[str, Any] = {
-            "acc": MultilabelAccuracy(n),
-            "f1_macro": MultilabelF1Score(n, average="macro"),
-            "auroc": MultilabelAUROC(n, average="macro"),
-        }
-    else:
-        metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+    return label_metrics(spec["num_classes"], spec["multi_label"], prefix)
 
 
 class MultiTaskClassifier(FineTuningModule):
@@ -247,9 +232,7 @@ class MultiTaskClassifier(FineTuningModule):
         return self._check_task(task), batch["images"], batch["targets"]
 
     def _metric_inputs(self, task: str, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if self.tasks[task]["multi_label"]:
-            return logits.sigmoid(), targets.long()
-        return logits.softmax(-1), targets
+        return metric_inputs(logits, targets, self.tasks[task]["multi_label"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """The weighted loss of the batch's task; logs ``train/<task>/loss`` (unweighted) and ``train/loss``."""
