@@ -104,6 +104,37 @@ SHARED_NUMERIC_OPTIONS: tuple[str, ...] = (
 class FineTuningModule(StrategyHooks, pl.LightningModule):
     """A LightningModule that fine-tunes a timm backbone with strategies (see the module docstring for the recipe).
 
+    The arguments below belong to the training toolbox. A task takes those it supports as explicit constructor
+    arguments and this base handles them (:meth:`save_task_hparams`, :meth:`create_task_backbone`,
+    :meth:`configure_callbacks`), so they are documented here once; LightningCLI finds these descriptions on the base
+    class for every task's ``--model.*`` help.
+
+    Args:
+        ema_decay: Keep an exponential moving average of the trained weights with this decay (``0.999``: about the
+            last 1,000 steps; ``0.99`` for short runs) and validate, checkpoint, predict and export with it
+            (:class:`~cvft.callbacks.ema.EMAWeightAveraging`, on Lightning's ``WeightAveraging``). Only trainable
+            tensors and BatchNorm statistics are averaged, so a LoRA run's EMA is adapter-sized. Not with
+            strategies that unfreeze during training (``gradual_unfreeze``). ``None``: no EMA.
+        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
+        drop_rate: Dropout rate on the pooled features before the classifier (before the task heads of a
+            :class:`~cvft.tasks.MultiTaskClassifier`), passed to timm as ``drop_rate`` (``None`` keeps timm's
+            default, 0 for most models). A backbone whose constructor has no such argument is refused.
+        drop_path_schedule: How drop path (``drop_path_rate``) varies over training, every block keeping its
+            depth ratio (:mod:`cvft.callbacks.drop_path`): ``"constant"`` (timm's), ``"linear"`` (from 0 up to the
+            configured rates at the last step; scheduled drop path, NASNet) or ``"early"`` (on for the first
+            ``drop_path_epochs`` epochs, then off; early dropout, Liu et al. 2023). A function of the optimizer
+            step, so resuming is exact. Needs ``drop_path_rate > 0``.
+        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
+        channels_last: Store the network's 4-D weights (heads and a detector's neck included) and the image inputs
+            of the backbone's forward in the ``torch.channels_last`` layout when a Trainer runs the model
+            (:mod:`cvft.callbacks.speed`): faster convolutions for CNNs on GPUs (mixed precision) and recent CPUs;
+            nothing gained for ViTs. Same outputs.
+        compile: Compile the backbone's forward with ``torch.compile`` (after the strategies are set up) when a
+            Trainer runs the model; where compiling fails the run continues eagerly with one warning. Checkpoint
+            keys do not change.
+        compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
+            ``"max-autotune-no-cudagraphs"``; ``None``: the default.
+
     Attributes:
         backbone: The timm model the strategies act on.
         strategy_stack: The task's strategies, set up on :attr:`backbone`.

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -41,12 +41,55 @@ from cvft.tasks.tta import check_tta, tta_logits
 if TYPE_CHECKING:
     from cvft.adapter_files import AdapterInfo
 
-__all__ = ["DEFAULT_LR", "ImageClassifier"]
+__all__ = ["DEFAULT_LR", "ImageClassifier", "label_metrics", "metric_inputs"]
 
 _logger = logging.getLogger(__name__)
 
 MAX_AUROC_CLASSES = 100
 """Single-label validation / test AUROC (macro, one-vs-rest; binary: the AUROC) is logged up to this many classes."""
+
+
+def label_metrics(
+    num_classes: int, multi_label: bool, prefix: str, extra: Mapping[str, Metric] | None = None
+) -> MetricCollection:
+    """The metrics every classification head logs: ``acc``, ``f1_macro`` and, for multi-label, ``auroc``.
+
+    Single-label accuracy is top-1 over all images (micro); F1 and AUROC are macro averages over the classes.
+
+    Args:
+        num_classes: Classes of the head (labels, for multi-label).
+        multi_label: Score independent sigmoid labels (:func:`metric_inputs`) instead of one class per image.
+        prefix: Prefix of the logged names (``"val/"``, ``"val/<task>/"``).
+        extra: Further metrics by name, after those.
+
+    Example:
+        >>> list(label_metrics(4, multi_label=True, prefix="val/").keys())
+        ['val/acc', 'val/auroc', 'val/f1_macro']
+    """
+    if multi_label:
+        metrics: dict[str, Metric] = {
+            "acc": MultilabelAccuracy(num_classes),
+            "f1_macro": MultilabelF1Score(num_classes, average="macro"),
+            "auroc": MultilabelAUROC(num_classes, average="macro"),
+        }
+    else:
+        metrics = {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        }
+    # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
+    # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
+    return MetricCollection({**metrics, **(extra or {})}, prefix=prefix, compute_groups=False)
+
+
+def metric_inputs(logits: Tensor, targets: Tensor, multi_label: bool) -> tuple[Tensor, Tensor]:
+    """What :func:`label_metrics` are updated with: probabilities (sigmoid for multi-label, else softmax), targets.
+
+    Multi-label 0/1 targets become int64, as torchmetrics wants them.
+    """
+    if multi_label:
+        return logits.sigmoid(), targets.long()
+    return logits.softmax(-1), targets
 
 
 class ImageClassifier(FineTuningModule):
@@ -56,6 +99,10 @@ class ImageClassifier(FineTuningModule):
     and the trained backbone exports as one. Every parameter goes into named optimizer groups (layer group x weight
     decay x learning-rate scale); frozen ones cost nothing and can unfreeze later without changing the optimizer's
     layout. Mixed precision is the Trainer's ``precision`` switch (``"bf16-mixed"``, ``"16-mixed"``).
+
+    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_rate``, ``drop_path_schedule``,
+    ``drop_path_epochs``, ``channels_last``, ``compile`` and ``compile_mode`` are documented on
+    :class:`~cvft.tasks.base.FineTuningModule`, which handles them for every task.
 
     Args:
         backbone: timm model name, with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k``).
@@ -115,28 +162,6 @@ class ImageClassifier(FineTuningModule):
         mix_mode: ``"batch"`` (one coefficient per batch), ``"pair"`` or ``"elem"`` (one per pair or image).
         mix_off_epoch: Epoch (0-based) from which batches are no longer mixed and the plain loss applies (timm's
             ``--mixup-off-epoch``); ``None`` mixes every epoch.
-        ema_decay: Keep an exponential moving average of the trained weights with this decay (``0.999``: about the
-            last 1,000 steps; ``0.99`` for short runs) and validate, checkpoint, predict and export with it
-            (:class:`~cvft.callbacks.ema.EMAWeightAveraging`, on Lightning's ``WeightAveraging``). Only trainable
-            tensors and BatchNorm statistics are averaged, so a LoRA run's EMA is adapter-sized. Not with
-            strategies that unfreeze during training (``gradual_unfreeze``). ``None``: no EMA.
-        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
-        drop_rate: Dropout rate before the classifier, passed to timm as ``drop_rate`` (``None`` keeps timm's
-            default, 0 for most models). A backbone whose constructor has no such argument is refused.
-        drop_path_schedule: How drop path (``drop_path_rate``) varies over training, every block keeping its
-            depth ratio (:mod:`cvft.callbacks.drop_path`): ``"constant"`` (timm's), ``"linear"`` (from 0 up to the
-            configured rates at the last step; scheduled drop path, NASNet) or ``"early"`` (on for the first
-            ``drop_path_epochs`` epochs, then off; early dropout, Liu et al. 2023). A function of the optimizer
-            step, so resuming is exact. Needs ``drop_path_rate > 0``.
-        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
-        channels_last: Store the network's 4-D weights and the backbone's image inputs in the
-            ``torch.channels_last`` layout when a Trainer runs the model (:mod:`cvft.callbacks.speed`): faster
-            convolutions for CNNs on GPUs (mixed precision) and recent CPUs; nothing gained for ViTs. Same outputs.
-        compile: Compile the backbone's forward with ``torch.compile`` (after the strategies are set up) when a
-            Trainer runs the model; where compiling fails the run continues eagerly with one warning. Checkpoint
-            keys do not change.
-        compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
-            ``"max-autotune-no-cudagraphs"``; ``None``: the default.
         temperature_scaling: Calibrate the probabilities after every validation of the fit: fit one temperature ``T``
             minimising the validation NLL of ``logits / T`` (:mod:`cvft.tasks.temperature`; Guo et al. 2017) on the
             weights just validated (the EMA when ``ema_decay`` is set), so every checkpoint (``best.ckpt``,
@@ -242,11 +267,10 @@ class ImageClassifier(FineTuningModule):
         check_tta(tta, tta_crop_pct)
 
         self.build_strategy_stack(strategies)
+        # what both the check and the mixer read
+        mix_options = {"mixup": mixup, "cutmix": cutmix, "cutmix_minmax": cutmix_minmax, "mode": mix_mode}
         mixing = check_mixing(
-            mixup=mixup,
-            cutmix=cutmix,
-            cutmix_minmax=cutmix_minmax,
-            mode=mix_mode,
+            **mix_options,
             multi_label=multi_label,
             loss=loss,
             strategies=self.strategy_stack,
@@ -257,12 +281,9 @@ class ImageClassifier(FineTuningModule):
         if mixing:
             self.mixer = BatchMixer(
                 num_classes,
-                mixup=mixup,
-                cutmix=cutmix,
-                cutmix_minmax=cutmix_minmax,
+                **mix_options,
                 prob=mix_prob,
                 switch_prob=mix_switch_prob,
-                mode=mix_mode,
                 label_smoothing=label_smoothing,
                 off_epoch=mix_off_epoch,
             )
@@ -328,21 +349,13 @@ class ImageClassifier(FineTuningModule):
 
     def _metrics(self, prefix: str) -> MetricCollection:
         n = self.num_classes
-        if self.multi_label:
-            metrics: dict[str, Any] = {
-                "acc": MultilabelAccuracy(n),
-                "f1_macro": MultilabelF1Score(n, average="macro"),
-                "auroc": MultilabelAUROC(n, average="macro"),
-            }
-        else:
-            metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
+        extra: dict[str, Metric] = {}
+        if not self.multi_label:
             if n > 5:
-                metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+                extra["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
             if prefix != "train/" and n <= MAX_AUROC_CLASSES:  # exact AUROC keeps every probability of the epoch
-                metrics["auroc"] = MulticlassAUROC(n, average="macro")
-        # no compute groups: torchmetrics merges metrics whose states match after the first update, which silently
-        # made macro F1 (top-1) report top-5 statistics whenever the first batch had equal top-1 and top-5 counts
-        return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+                extra["auroc"] = MulticlassAUROC(n, average="macro")
+        return label_metrics(n, self.multi_label, prefix, extra)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, images: Tensor) -> Tensor:
@@ -363,9 +376,7 @@ class ImageClassifier(FineTuningModule):
         return nn.functional.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
     def _metric_inputs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if self.multi_label:
-            return logits.sigmoid(), targets.long()
-        return logits.softmax(-1), targets
+        return metric_inputs(logits, targets, self.multi_label)
 
     def training_step(self, batch: Sequence[Tensor] | Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """Task loss (weighted by the strategies' ``task_loss_weight``) plus every strategy's loss terms.

@@ -62,6 +62,11 @@ class ObjectDetector(FineTuningModule):
     ``val/map``, ``val/map_50``, ``val/map_75``, ``val/map_small``, ..., ``val/mar_100`` and per class
     ``val/ap/<class name>`` (``test/`` likewise).
 
+    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_path_schedule``, ``drop_path_epochs`` and
+    ``channels_last`` (here the backbone's, the neck's and the head's weights) are documented on
+    :class:`~cvft.tasks.base.FineTuningModule`, which handles them. There is no ``drop_rate`` (no classifier on the
+    backbone) and no ``compile``: the detector reads the backbone through ``forward_intermediates``, not its forward.
+
     Args:
         num_classes: Object classes (no background); the CLI links it from the data module.
         class_names: Class names (per-class metric names, prediction files).
@@ -97,17 +102,6 @@ class ObjectDetector(FineTuningModule):
         backbone_kwargs: Extra ``timm.create_model`` arguments.
         map_backend: ``"auto"``, ``"faster_coco_eval"`` or ``"pycocotools"`` (see :func:`resolve_map_backend`).
         adapter: A detector adapter file (:meth:`save_adapter`) to load after set-up.
-        ema_decay: Keep an exponential moving average of the trained weights with this decay and validate,
-            checkpoint, predict and export with it (:class:`~cvft.callbacks.ema.EMAWeightAveraging`); only the
-            trainable tensors and BatchNorm statistics are averaged. ``None``: no EMA.
-        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
-        drop_path_schedule: How the backbone's drop path (``drop_path_rate``) varies over training
-            (:mod:`cvft.callbacks.drop_path`): ``"constant"``, ``"linear"`` (0 up to the configured rates) or
-            ``"early"`` (on for ``drop_path_epochs`` epochs, then off). Needs ``drop_path_rate > 0``.
-        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
-        channels_last: Store the network's 4-D weights (backbone, neck, head) in the ``torch.channels_last`` layout
-            when a Trainer runs the model: faster convolutions for CNN backbones on GPUs. Same outputs. (No
-            ``compile``: the detector reads the backbone through ``forward_intermediates``, not its forward.)
 
     Example:
         >>> import torch

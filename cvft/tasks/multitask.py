@@ -15,17 +15,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MultilabelAccuracy,
-    MultilabelAUROC,
-    MultilabelF1Score,
-)
 
 from cvft.errors import ConfigError, CvftError
 from cvft.strategies.support import TaskSupport
 from cvft.tasks.base import FineTuningModule, head_param_groups
+from cvft.tasks.classification import label_metrics, metric_inputs
 from cvft.tasks.schedules import check_optimizer
 from cvft.tasks.task_weighting import build_task_weighting
 
@@ -92,16 +86,7 @@ def check_tasks(tasks: Any) -> dict[str, dict[str, Any]]:
 
 
 def _task_metrics(spec: dict[str, Any], prefix: str) -> MetricCollection:
-    n = spec["num_classes"]
-    if spec["multi_label"]:
-        metrics: dict[str, Any] = {
-            "acc": MultilabelAccuracy(n),
-            "f1_macro": MultilabelF1Score(n, average="macro"),
-            "auroc": MultilabelAUROC(n, average="macro"),
-        }
-    else:
-        metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+    return label_metrics(spec["num_classes"], spec["multi_label"], prefix)
 
 
 class MultiTaskClassifier(FineTuningModule):
@@ -121,6 +106,10 @@ class MultiTaskClassifier(FineTuningModule):
     :class:`~cvft.data.multitask.MultiTaskDataModule`), so the other heads get no gradient: use
     ``Trainer(strategy="ddp_find_unused_parameters_true", use_distributed_sampler=False)``. The result equals one
     process whose batches are the union of the ranks' batches.
+
+    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_rate`` (here on the pooled features before
+    the task heads), ``drop_path_schedule``, ``drop_path_epochs``, ``channels_last``, ``compile`` and
+    ``compile_mode`` are documented on :class:`~cvft.tasks.base.FineTuningModule`, which handles them.
 
     Args:
         tasks: Task name -> ``{"num_classes": int, "multi_label": bool, "label_smoothing": float,
@@ -145,27 +134,6 @@ class MultiTaskClassifier(FineTuningModule):
         drop_path_rate: Stochastic depth rate passed to timm.
         grad_checkpointing: Recompute activations in backward to save memory.
         backbone_kwargs: Extra ``timm.create_model`` arguments (``{"img_size": 32}``).
-        ema_decay: Keep an exponential moving average of the trained weights with this decay and validate,
-            checkpoint, predict and export with it (:class:`~cvft.callbacks.ema.EMAWeightAveraging`); only the
-            trainable tensors and BatchNorm statistics are averaged. ``None``: no EMA.
-        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (timm's warm-up).
-        drop_rate: Dropout rate on the pooled features before the task heads, passed to timm as ``drop_rate``
-            (``None`` keeps timm's default, 0 for most models). A backbone whose constructor has no such argument is
-            refused.
-        drop_path_schedule: How drop path (``drop_path_rate``) varies over training, every block keeping its
-            depth ratio (:mod:`cvft.callbacks.drop_path`): ``"constant"`` (timm's), ``"linear"`` (from 0 up to the
-            configured rates at the last step; scheduled drop path, NASNet) or ``"early"`` (on for the first
-            ``drop_path_epochs`` epochs, then off; early dropout, Liu et al. 2023). A function of the optimizer
-            step, so resuming is exact. Needs ``drop_path_rate > 0``.
-        drop_path_epochs: Epochs (fractions allowed) with drop path on, for ``drop_path_schedule="early"``.
-        channels_last: Store the network's 4-D weights and the backbone's image inputs in the
-            ``torch.channels_last`` layout when a Trainer runs the model (:mod:`cvft.callbacks.speed`): faster
-            convolutions for CNNs on GPUs (mixed precision) and recent CPUs; nothing gained for ViTs. Same outputs.
-        compile: Compile the backbone's forward with ``torch.compile`` (after the strategies are set up) when a
-            Trainer runs the model; where compiling fails the run continues eagerly with one warning. Checkpoint
-            keys do not change.
-        compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
-            ``"max-autotune-no-cudagraphs"``; ``None``: the default.
 
     Example:
         >>> import torch
@@ -264,9 +232,7 @@ class MultiTaskClassifier(FineTuningModule):
         return self._check_task(task), batch["images"], batch["targets"]
 
     def _metric_inputs(self, task: str, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if self.tasks[task]["multi_label"]:
-            return logits.sigmoid(), targets.long()
-        return logits.softmax(-1), targets
+        return metric_inputs(logits, targets, self.tasks[task]["multi_label"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """The weighted loss of the batch's task; logs ``train/<task>/loss`` (unweighted) and ``train/loss``."""
