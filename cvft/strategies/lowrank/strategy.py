@@ -16,7 +16,7 @@ from torch import nn
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.lowrank.layer import LowRankLayer, check_low_rank_hyperparameters
 from cvft.strategies.lowrank.merge import low_rank_parameter_names
 from cvft.strategies.lowrank.targets import find_low_rank_targets
@@ -55,7 +55,7 @@ def inject_low_rank(model: nn.Module, targets: str | Sequence[str], make_layer: 
     return wrap_layers(model, find_low_rank_targets(model, targets), make_layer)
 
 
-class LowRankStrategy(Strategy):
+class LowRankStrategy(ParameterStrategy):
     """Common part of the low-rank strategies (LoRA, LoHA, LoKr, shared LoRA, QLoRA).
 
     Subclasses set ``name`` and implement :meth:`make_layer`; :meth:`layer_factory` and :meth:`prepare_targets`
@@ -72,8 +72,6 @@ class LowRankStrategy(Strategy):
     """
 
     name = "low_rank"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,

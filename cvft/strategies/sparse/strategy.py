@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies.base import LossFn, Strategy
+from cvft.strategies.base import LossFn, ParameterStrategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.sparse.layer import SparseDelta, SparseDeltaLayer
 from cvft.strategies.sparse.selection import (
@@ -83,7 +83,7 @@ def merge_sparse(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class SparseFineTune(Strategy):
+class SparseFineTune(ParameterStrategy):
     """Selective fine-tuning: train only a budget of entries of the base weights, chosen by a criterion.
 
     The frozen weights get a sparse additive update held as one flat pair, ``sparse_delta.values`` (trainable,
@@ -120,8 +120,6 @@ class SparseFineTune(Strategy):
     """
 
     name = "sparse"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ from torch import nn
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.lowrank import LowRankLayer
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.ssf.layer import SSFLayer, is_ssf_supported
@@ -128,7 +128,7 @@ def fold_ssf(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class SSF(Strategy):
+class SSF(ParameterStrategy):
     """Scale and shift features: freeze the backbone and learn a per-channel affine map after chosen layers.
 
     By default (``targets="auto"``) an SSF follows every Linear, Conv2d and norm layer outside the classifier
@@ -151,8 +151,6 @@ class SSF(Strategy):
     """
 
     name = "ssf"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, targets: str | list[str] = "auto", init_std: float = 0.0, train_head: bool = True) -> None:
         if not isinstance(targets, str):
