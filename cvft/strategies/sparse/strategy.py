@@ -23,6 +23,7 @@ from cvft.strategies.sparse.selection import (
     selectable_layers,
     top_positions,
 )
+from cvft.strategies.targets import check_targets
 
 __all__ = ["SPARSE_DELTA_ATTR", "SparseFineTune", "sparse_layers", "sparse_selection", "merge_sparse"]
 
@@ -144,10 +145,7 @@ class SparseFineTune(ParameterStrategy):
             raise StrategyError(f"sparse: unknown scope {scope!r}; choose one of {list(SCOPES)}.")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise StrategyError(f"sparse: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
-        if not isinstance(targets, str):
-            targets = list(targets)
-            if not targets:
-                raise StrategyError("sparse: `targets` is empty; give 'all' or module names / regexes.")
+        targets = check_targets("sparse", targets, hint="'all' or module names / regexes")
         self.budget = budget
         self.criterion = criterion
         self.scope = scope

@@ -31,6 +31,7 @@ from cvft.strategies.ssf.layer import SSFLayer, is_ssf_supported
 from cvft.strategies.targets import (
     PRESETS,
     candidate_layers,
+    check_targets,
     every_candidate,
     preset_shortcuts,
     resolve_targets,
@@ -153,10 +154,7 @@ class SSF(ParameterStrategy):
     name = "ssf"
 
     def __init__(self, targets: str | list[str] = "auto", init_std: float = 0.0, train_head: bool = True) -> None:
-        if not isinstance(targets, str):
-            targets = list(targets)
-            if not targets:
-                raise StrategyError("ssf: `targets` is empty; give a preset such as 'auto' or module names.")
+        targets = check_targets("ssf", targets)
         if not init_std >= 0:
             raise StrategyError(f"ssf: init_std must be >= 0 (0 starts at the identity), got {init_std!r}.")
         self.targets = targets
