@@ -9,7 +9,7 @@ Example:
 from cvft._deprecation import moved_names
 from cvft.strategies.adapters import ConvAdapter, SharedAdapter, ViTAdapter, remove_adapters
 from cvft.strategies.apply import apply_strategies
-from cvft.strategies.base import Strategy, StrategyStack
+from cvft.strategies.base import ParameterStrategy, Strategy, StrategyStack
 from cvft.strategies.callback import StrategyCallback
 from cvft.strategies.continual import EWC, L2SP, ContinualStrategy, LwF, MultiHeadNet
 from cvft.strategies.contrastive import SupCon, supcon_loss
@@ -67,6 +67,7 @@ __all__ = [
     "SideTuning",
     "SharedLoRA",
     "Strategy",
+    "ParameterStrategy",
     "StrategyStack",
     "StrategySpec",
     "StrategyCallback",

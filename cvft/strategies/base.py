@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from cvft.strategies._freeze import BN_POLICIES, apply_bn_policy, check_bn_policy
 from cvft.strategies.outputs import StepOutputs
 
-__all__ = ["Strategy", "StrategyStack", "LossFn", "calibration_mode"]
+__all__ = ["Strategy", "ParameterStrategy", "StrategyStack", "LossFn", "calibration_mode"]
 
 #: ``loss_fn(logits, targets) -> scalar loss``, as used by :meth:`Strategy.calibrate`.
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -222,6 +222,17 @@ class Strategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+class ParameterStrategy(Strategy):
+    """Base of the parameter strategies: they decide which parameters train, so they take the ``bn`` option.
+
+    Their :attr:`~Strategy.default_bn` is ``"frozen"``, the long-standing behaviour, until a measurement shows
+    better for a method, which then sets its own (``lora`` does; see the README's "Strategy defaults").
+    """
+
+    takes_bn = True
+    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
 
 class StrategyStack:

@@ -35,7 +35,7 @@ from cvft.strategies._freeze import (
     release_batchnorm_stats,
     set_trainable,
 )
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy, Strategy
 from cvft.strategies.registry import register_strategy
 
 __all__ = [
@@ -62,7 +62,7 @@ def _require_head(model: nn.Module, strategy: str) -> set[str]:
     return head
 
 
-class FreezingStrategy(Strategy):
+class FreezingStrategy(ParameterStrategy):
     """Base of strategies that train a fixed subset of the existing parameters.
 
     Subclasses implement :meth:`trainable_names`.
@@ -74,9 +74,6 @@ class FreezingStrategy(Strategy):
             implies ``bn="train"``; ``bn`` alone (``train``/``frozen``/``adabn``, see :mod:`cvft.strategies.base`)
             moves only the running statistics, never the affine parameters.
     """
-
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured for most members; LinearProbe overrides from measurement
 
     def __init__(self, train_bn: bool = False) -> None:
         self.train_bn = bool(train_bn)

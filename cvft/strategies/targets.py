@@ -47,6 +47,7 @@ __all__ = [
     "PRESETS",
     "Shortcut",
     "candidate_layers",
+    "check_targets",
     "compile_target",
     "every_candidate",
     "no_match_error",
@@ -107,6 +108,35 @@ def candidate_layers(
             continue
         candidates[name] = module
     return candidates
+
+
+def check_targets(
+    method: str, targets: str | Sequence[str], hint: str = "a preset such as 'auto' or module names"
+) -> str | list[str]:
+    """A strategy's ``targets`` argument as it keeps it: a string unchanged, anything else as a new non-empty list.
+
+    Args:
+        method: The strategy named in the error message.
+        targets: What the user gave.
+        hint: What to give instead of an empty list, for the error message.
+
+    Raises:
+        StrategyError: ``targets`` is an empty sequence.
+
+    Example:
+        >>> check_targets("ssf", ("LayerNorm",))
+        ['LayerNorm']
+        >>> check_targets("ssf", [])
+        Traceback (most recent call last):
+        ...
+        cvft.errors.StrategyError: ssf: `targets` is empty; give a preset such as 'auto' or module names.
+    """
+    if isinstance(targets, str):
+        return targets
+    listed = list(targets)
+    if not listed:
+        raise StrategyError(f"{method}: `targets` is empty; give {hint}.")
+    return listed
 
 
 def every_candidate(model: nn.Module, candidates: dict[str, nn.Module]) -> list[str]:

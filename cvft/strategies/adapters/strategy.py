@@ -10,7 +10,7 @@ from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies.adapters.layer import AdapterWrapper, adapter_parameter_names, make_activation, set_submodule
 from cvft.strategies.adapters.targets import transformer_blocks
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 
 __all__ = ["BottleneckAdapterStrategy", "POSITIONS", "check_positions", "check_positive_int", "linear_dims"]
 
@@ -67,7 +67,7 @@ def check_positions(method: str, positions: Sequence[str] | None) -> list[str] |
     return chosen
 
 
-class BottleneckAdapterStrategy(Strategy):
+class BottleneckAdapterStrategy(ParameterStrategy):
     """Common part of ``conv_adapter``, ``vit_adapter`` and ``shared_adapter``.
 
     ``setup`` injects the wrappers (:meth:`inject`), then makes exactly the adapters' parameters, their scales and
@@ -93,8 +93,6 @@ class BottleneckAdapterStrategy(Strategy):
     """
 
     name = "bottleneck_adapter"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, reduction: int = 4, width: int | None = None, act: str = "relu", train_head: bool = True):
         check_positive_int(self.name, "reduction", reduction)

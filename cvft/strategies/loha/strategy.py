@@ -29,17 +29,11 @@ def inject_loha(
 class LoHA(LowRankStrategy):
     """Low-rank Hadamard adaptation: freeze the backbone and learn ``W + (alpha / r) * (B1 A1) ⊙ (B2 A2)``.
 
-    Targets are chosen as for ``lora`` (presets ``"auto"``, ``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``,
-    ``"resnet_blocks"``, ``"convnext_blocks"``, type names, module names or regexes). The wrappers are low-rank
-    layers, so ``merge_low_rank``, ``unmerge_low_rank`` and ``export_plain_model`` apply to them unchanged.
+    Targets are chosen as for ``lora``; the arguments not listed below, and merging and export, are the low-rank
+    family's (:class:`~cvft.strategies.lowrank.LowRankStrategy`).
 
     Args:
         rank: Rank ``r`` of each of the two products.
-        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
-        dropout: Dropout probability on the input of the update path.
-        targets: Layers to adapt: a preset, a type name, module names or regexes, or a list.
-        train_head: Also train the classifier head.
-        train_bias: Also train the biases of the adapted layers.
 
     Example:
         >>> import timm

@@ -16,7 +16,20 @@ from torch import Tensor, nn
 from cvft.errors import StrategyError
 from cvft.strategies.lowrank import DeltaWeightLayer
 
-__all__ = ["LoKrLayer", "factorize"]
+__all__ = ["LoKrLayer", "check_factor", "factorize"]
+
+
+def check_factor(factor: int) -> None:
+    """Refuse a ``factor`` that is neither ``-1`` (balanced) nor a positive integer.
+
+    Example:
+        >>> check_factor(0)
+        Traceback (most recent call last):
+        ...
+        cvft.errors.StrategyError: lokr: factor must be -1 (balanced) or a positive integer, got 0.
+    """
+    if not isinstance(factor, int) or isinstance(factor, bool) or (factor < 1 and factor != -1):
+        raise StrategyError(f"lokr: factor must be -1 (balanced) or a positive integer, got {factor!r}.")
 
 
 def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -29,8 +42,7 @@ def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
         >>> factorize(64), factorize(192), factorize(48, factor=4), factorize(7)
         ((8, 8), (12, 16), (4, 12), (1, 7))
     """
-    if not isinstance(factor, int) or isinstance(factor, bool) or (factor < 1 and factor != -1):
-        raise StrategyError(f"lokr: factor must be -1 (balanced) or a positive integer, got {factor!r}.")
+    check_factor(factor)
     limit = math.isqrt(dimension) if factor == -1 else min(factor, dimension)
     m = max(d for d in range(1, limit + 1) if dimension % d == 0)
     return m, dimension // m

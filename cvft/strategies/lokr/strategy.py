@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cvft.strategies.lokr.layer import LoKrLayer, factorize
+from cvft.strategies.lokr.layer import LoKrLayer, check_factor
 from cvft.strategies.lowrank import LowRankStrategy, inject_low_rank
 from cvft.strategies.registry import register_strategy
 
@@ -35,19 +35,14 @@ def inject_lokr(
 class LoKr(LowRankStrategy):
     """Low-rank Kronecker adaptation: freeze the backbone and learn ``W + (alpha / r) * C ⊗ (B A)``.
 
-    Targets are chosen as for ``lora``. The wrappers are low-rank layers, so ``merge_low_rank``,
-    ``unmerge_low_rank`` and ``export_plain_model`` apply to them unchanged.
+    Targets are chosen as for ``lora``; the arguments not listed below, and merging and export, are the low-rank
+    family's (:class:`~cvft.strategies.lowrank.LowRankStrategy`).
 
     Args:
         rank: Rank ``r`` of ``B A`` (and of ``C`` with ``factor_c``).
-        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
-        dropout: Dropout probability on the input of the update path.
-        targets: Layers to adapt: a preset, a type name, module names or regexes, or a list.
         factor: How each weight dimension is split between ``C`` and ``B A``: ``-1`` for the most balanced split,
             or the largest size ``C`` may have along each dimension.
         factor_c: Also factor ``C`` into a rank-``r`` product.
-        train_head: Also train the classifier head.
-        train_bias: Also train the biases of the adapted layers.
 
     Example:
         >>> import timm
@@ -71,7 +66,7 @@ class LoKr(LowRankStrategy):
         train_bias: bool = False,
     ) -> None:
         super().__init__(rank, alpha, dropout, targets, train_head, train_bias)
-        factorize(1, factor)  # validates factor
+        check_factor(factor)
         self.factor = factor
         self.factor_c = bool(factor_c)
 

@@ -103,22 +103,12 @@ class LoRA(LowRankStrategy):
     Linear layers (attention, MLP) and Conv2d layers (grouped and depthwise included) can be adapted; see
     :mod:`cvft.strategies.targets` for the presets. Put freezing strategies *before* ``lora`` and
     ``gradual_unfreeze`` *after* it: gradual unfreezing then schedules only LoRA and head parameters.
+    The arguments not listed below are the low-rank family's (:class:`~cvft.strategies.lowrank.LowRankStrategy`).
 
     Args:
-        rank: Rank ``r`` of every update.
-        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
-        dropout: Dropout probability on the input of the update path.
-        targets: A named selector (``"auto"``, ``"pointwise"``, ``"attention"``, ``"mlp"``, ``"block_convs"``,
-            ``"spatial"``, ``"all_linear"``, ``"all_conv"``; see :mod:`cvft.strategies.selectors`), a legacy preset
-            (``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``, ``"resnet_blocks"``, ``"convnext_blocks"``), a type
-            name (``"Linear"``, ``"Conv2d"``), module names or regexes, or a list. The BatchNorm policy ``bn``
-            (``"train"``, ``"frozen"``, ``"adabn"``) is set with :meth:`~cvft.strategies.Strategy.with_bn` or a
-            ``bn`` key in a recipe.
         qkv_parts: Adapt only these thirds (``"q"``, ``"k"``, ``"v"``) of fused ``qkv`` projections, e.g.
             ``["q", "v"]`` as in the LoRA paper; ``None`` adapts all three.
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
-        train_head: Also train the classifier head.
-        train_bias: Also train the biases of the adapted layers.
 
     Example:
         >>> import timm

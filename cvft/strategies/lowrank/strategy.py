@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.lowrank.layer import LowRankLayer, check_low_rank_hyperparameters
 from cvft.strategies.lowrank.merge import low_rank_parameter_names
 from cvft.strategies.lowrank.targets import find_low_rank_targets
+from cvft.strategies.targets import check_targets
 
 __all__ = ["LayerFactory", "LowRankStrategy", "inject_low_rank", "wrap_layers"]
 
@@ -55,25 +55,30 @@ def inject_low_rank(model: nn.Module, targets: str | Sequence[str], make_layer: 
     return wrap_layers(model, find_low_rank_targets(model, targets), make_layer)
 
 
-class LowRankStrategy(Strategy):
+class LowRankStrategy(ParameterStrategy):
     """Common part of the low-rank strategies (LoRA, LoHA, LoKr, shared LoRA, QLoRA).
 
     Subclasses set ``name`` and implement :meth:`make_layer`; :meth:`layer_factory` and :meth:`prepare_targets`
-    are there when they need more.
+    are there when they need more. The arguments below are those of every low-rank strategy, documented here once:
+    a subclass keeps them in its signature, in this order, and documents only what it adds or means differently.
+    Every wrapper is a low-rank layer, so ``merge_low_rank``, ``unmerge_low_rank`` and ``export_plain_model`` apply
+    to them unchanged. The BatchNorm policy ``bn`` (``"train"``, ``"frozen"``, ``"adabn"``) is set with
+    :meth:`~cvft.strategies.Strategy.with_bn` or a ``bn`` key in a recipe.
 
     Args:
-        rank: Rank of the low-rank factors.
+        rank: Rank ``r`` of the update.
         alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
         dropout: Dropout probability on the input of the update path.
-        targets: A selector or preset, a type name, module names or regexes, or a list (see
+        targets: A named selector (``"auto"``, ``"pointwise"``, ``"attention"``, ``"mlp"``, ``"block_convs"``,
+            ``"spatial"``, ``"all_linear"``, ``"all_conv"``; see :mod:`cvft.strategies.selectors`), a legacy preset
+            (``"vit_attention"``, ``"vit_mlp"``, ``"vit_all"``, ``"resnet_blocks"``, ``"convnext_blocks"``), a type
+            name (``"Linear"``, ``"Conv2d"``), module names or regexes, or a list (see
             :mod:`cvft.strategies.lowrank.targets`).
         train_head: Also train the classifier head.
         train_bias: Also train the biases of the adapted layers.
     """
 
     name = "low_rank"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,
@@ -85,16 +90,11 @@ class LowRankStrategy(Strategy):
         train_bias: bool = False,
     ) -> None:
         check_low_rank_hyperparameters(self.name, rank, alpha, dropout)
-        if isinstance(targets, str):
-            targets_value: str | list[str] = targets
-        else:
-            targets_value = list(targets)
-            if not targets_value:
-                raise StrategyError(f"{self.name}: `targets` is empty; give a preset such as 'auto' or module names.")
+        targets = check_targets(self.name, targets)
         self.rank = rank
         self.alpha = float(alpha)
         self.dropout = float(dropout)
-        self.targets = targets_value
+        self.targets = targets
         self.train_head = bool(train_head)
         self.train_bias = bool(train_bias)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.prompts._family import SUPPORTED, require_vision_transformer
 from cvft.strategies.prompts.prefix_layer import PrefixAttention, PrefixEncoder, is_wrappable_attention
 from cvft.strategies.registry import register_strategy
@@ -78,7 +78,7 @@ def fold_prefix(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class PrefixTuning(Strategy):
+class PrefixTuning(ParameterStrategy):
     """Prefix tuning: learned key and value prefixes in every (or chosen) attention layer of a frozen ViT.
 
     Each wrapped block attends over ``num_tokens`` extra keys and values per head; queries and the output length
@@ -104,8 +104,6 @@ class PrefixTuning(Strategy):
     """
 
     name = "prefix_tuning"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.prompts._family import require_vision_transformer
 from cvft.strategies.registry import register_strategy
 
@@ -168,7 +168,7 @@ class VisualPrompts(nn.Module):
 
 
 @register_strategy
-class VPT(Strategy):
+class VPT(ParameterStrategy):
     """Visual Prompt Tuning: train prompt tokens (and the head) of a frozen timm Vision Transformer.
 
     ``num_tokens`` learned tokens join the sequence after the class and register tokens. VPT-shallow inserts them
@@ -198,8 +198,6 @@ class VPT(Strategy):
 
     name = "vpt"
     keeps_feature_maps = False  # prompt tokens in the block outputs; forward_intermediates is refused
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, num_tokens: int = 10, deep: bool = False, dropout: float = 0.0, train_head: bool = True) -> None:
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:

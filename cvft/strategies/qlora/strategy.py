@@ -32,19 +32,12 @@ def quantize_linear_layers(
 class QLoRA(LoRA):
     """QLoRA (Dettmers et al., 2023): the frozen base Linear weights go to 4-bit NF4, LoRA trains on top.
 
-    Everything else is :class:`~cvft.strategies.lora.LoRA`: targets, ranks, qkv parts, merge (into a dense,
-    dequantised layer; unmerge restores the NF4 one) and export. NF4 block scales are always double-quantised
-    (torchao's NF4 tensor); the bias, the head and normalisation layers stay in full precision.
+    Everything else is :class:`~cvft.strategies.lora.LoRA`: the other arguments (targets, ranks, qkv parts), merge
+    (into a dense, dequantised layer; unmerge restores the NF4 one) and export. NF4 block scales are always
+    double-quantised (torchao's NF4 tensor); the bias, the head and normalisation layers stay in full precision.
 
     Args:
-        rank: Rank of every update.
-        alpha: Scale numerator.
-        dropout: Dropout on the update's input.
         targets: Linear layers to quantise and adapt (default: all Linear layers of a ViT's blocks).
-        qkv_parts: Thirds of fused ``qkv`` projections to adapt.
-        use_rslora: rsLoRA scaling.
-        train_head: Train the classifier head.
-        train_bias: Train the adapted layers' biases.
         block_size: Values per NF4 absmax block.
         scaler_block_size: Blocks per second-level scale block.
 

@@ -64,16 +64,12 @@ class SharedLoRA(LowRankStrategy):
     """LoRA with the low-rank pair ``(A, B)`` shared by all adapted layers of one weight shape (Tied-LoRA style).
 
     Layer ``l`` learns ``W_l + (alpha / r) * s_l * B @ A`` with ``(A, B)`` shared by its shape group and a scalar
-    ``s_l`` of its own: ``r * (in + out)`` parameters per shape group plus one per layer. Targets as for ``lora``.
-    The wrappers are low-rank layers: ``merge_low_rank``, ``unmerge_low_rank`` and ``export_plain_model`` apply.
+    ``s_l`` of its own: ``r * (in + out)`` parameters per shape group plus one per layer. Targets are chosen as for
+    ``lora``; the arguments not listed below, and merging and export, are the low-rank family's
+    (:class:`~cvft.strategies.lowrank.LowRankStrategy`).
 
     Args:
         rank: Rank ``r`` of the shared pairs.
-        alpha: Scale numerator: updates are multiplied by ``alpha / rank``.
-        dropout: Dropout probability on the input of the update path.
-        targets: Layers to adapt: a preset, a type name, module names or regexes, or a list.
-        train_head: Also train the classifier head.
-        train_bias: Also train the biases of the adapted layers.
 
     Example:
         >>> import timm

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.side.layer import SideNetwork, TopBottleneck, TopTransformer
 
@@ -138,7 +138,7 @@ class SideModule(nn.Module):
 
 
 @register_strategy
-class SideTuning(Strategy):
+class SideTuning(ParameterStrategy):
     """Expand a frozen backbone by a trainable top block (``mode="top"``) or side network (``mode="side"``).
 
     The original parameters stay frozen and the original modules untouched; the model computes exactly what it
@@ -166,8 +166,6 @@ class SideTuning(Strategy):
     """
 
     name = "side_module"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,

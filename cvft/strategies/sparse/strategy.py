@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies.base import LossFn, Strategy
+from cvft.strategies.base import LossFn, ParameterStrategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.sparse.layer import SparseDelta, SparseDeltaLayer
 from cvft.strategies.sparse.selection import (
@@ -23,6 +23,7 @@ from cvft.strategies.sparse.selection import (
     selectable_layers,
     top_positions,
 )
+from cvft.strategies.targets import check_targets
 
 __all__ = ["SPARSE_DELTA_ATTR", "SparseFineTune", "sparse_layers", "sparse_selection", "merge_sparse"]
 
@@ -83,7 +84,7 @@ def merge_sparse(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class SparseFineTune(Strategy):
+class SparseFineTune(ParameterStrategy):
     """Selective fine-tuning: train only a budget of entries of the base weights, chosen by a criterion.
 
     The frozen weights get a sparse additive update held as one flat pair, ``sparse_delta.values`` (trainable,
@@ -120,8 +121,6 @@ class SparseFineTune(Strategy):
     """
 
     name = "sparse"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(
         self,
@@ -146,10 +145,7 @@ class SparseFineTune(Strategy):
             raise StrategyError(f"sparse: unknown scope {scope!r}; choose one of {list(SCOPES)}.")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise StrategyError(f"sparse: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
-        if not isinstance(targets, str):
-            targets = list(targets)
-            if not targets:
-                raise StrategyError("sparse: `targets` is empty; give 'all' or module names / regexes.")
+        targets = check_targets("sparse", targets, hint="'all' or module names / regexes")
         self.budget = budget
         self.criterion = criterion
         self.scope = scope

@@ -24,13 +24,14 @@ from torch import nn
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import require_head, set_trainable
 from cvft.strategies._modules import set_submodule
-from cvft.strategies.base import Strategy
+from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.lowrank import LowRankLayer
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.ssf.layer import SSFLayer, is_ssf_supported
 from cvft.strategies.targets import (
     PRESETS,
     candidate_layers,
+    check_targets,
     every_candidate,
     preset_shortcuts,
     resolve_targets,
@@ -128,7 +129,7 @@ def fold_ssf(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class SSF(Strategy):
+class SSF(ParameterStrategy):
     """Scale and shift features: freeze the backbone and learn a per-channel affine map after chosen layers.
 
     By default (``targets="auto"``) an SSF follows every Linear, Conv2d and norm layer outside the classifier
@@ -151,14 +152,9 @@ class SSF(Strategy):
     """
 
     name = "ssf"
-    takes_bn = True
-    default_bn = "frozen"  # not yet measured: the long-standing behaviour
 
     def __init__(self, targets: str | list[str] = "auto", init_std: float = 0.0, train_head: bool = True) -> None:
-        if not isinstance(targets, str):
-            targets = list(targets)
-            if not targets:
-                raise StrategyError("ssf: `targets` is empty; give a preset such as 'auto' or module names.")
+        targets = check_targets("ssf", targets)
         if not init_std >= 0:
             raise StrategyError(f"ssf: init_std must be >= 0 (0 starts at the identity), got {init_std!r}.")
         self.targets = targets
