@@ -59,7 +59,8 @@ def data_module(dataset: str, args: argparse.Namespace):
     if dataset == "shapes":
         root = write_shapes_detection(args.out / f"shapes_{args.num_images}", args.num_images, image_size=128)
         return DetectionDataModule(coco_json=root / "annotations.json", **common)
-    return DetectionDataModule(data_yaml=COCO128, **common)
+    classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
+    return DetectionDataModule(data_yaml=COCO128, classes=classes, **common)
 
 
 # --------------------------------------------------------------------------- one run, in its own process
@@ -147,6 +148,11 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _batches(text: str) -> int | float:
+    """Lightning's ``limit_*_batches``: a whole number counts batches (``1`` is one batch), a decimal is a share."""
+    return int(text) if text.strip().isdigit() else float(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="comma-separated data sets and/or strategies, e.g. shapes,lora")
@@ -158,17 +164,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fpn-channels", type=int, default=128)
     parser.add_argument("--num-images", type=int, default=400, help="size of the generated shapes set")
-    parser.add_argument("--limit-train-batches", type=float, default=1.0, help="share (<= 1) or number of batches")
-    parser.add_argument("--limit-val-batches", type=float, default=1.0, help="share (<= 1) or number of batches")
+    parser.add_argument("--limit-train-batches", type=_batches, default=1.0, help="share (0.5) or batches (3)")
+    parser.add_argument("--limit-val-batches", type=_batches, default=1.0, help="share (0.5) or batches (3)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", default=None, help="coco128: keep only these categories, e.g. person,car")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # child process: "data:strategy"
     args = parser.parse_args()
-    for name in ("limit_train_batches", "limit_val_batches"):
-        value = getattr(args, name)
-        setattr(args, name, int(value) if value > 1 else value)
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.run:

@@ -128,3 +128,31 @@ def test_worker_processes_and_checkpoint_classes(shapes_root):
     data.load_state_dict(state)
     with pytest.raises(CheckpointMismatchError):
         data.load_state_dict({"class_names": ["cat"]})
+
+
+def test_a_class_subset_keeps_only_its_boxes_reindexed_with_negatives_optional(shapes_root):
+    full = _data(shapes_root, val_fraction=0.0)
+    subset = _data(shapes_root, val_fraction=0.0, classes=["triangle", "circle"])
+    assert subset.num_classes == 2 and subset.class_names == ["triangle", "circle"]
+    assert subset.category_ids == [11, 3]
+    old_to_new = {2: 0, 0: 1}
+    by_path = {r.path: r for r in full.records("train")}
+    kept = subset.records("train")
+    assert [r.path for r in kept] == list(by_path)  # negatives kept: every image, same order
+    for record in kept:
+        before = by_path[record.path]
+        mask = np.isin(before.labels, list(old_to_new))
+        np.testing.assert_array_equal(record.boxes, before.boxes[mask])
+        assert record.labels.tolist() == [old_to_new[int(label)] for label in before.labels[mask]]
+    positives = _data(shapes_root, val_fraction=0.0, classes=["square"], keep_negatives=False).records("train")
+    expected = [r.path for r in full.records("train") if (r.labels == 1).any()]
+    assert [r.path for r in positives] == expected and all((r.labels == 0).all() for r in positives)
+    # validation keeps every image even without negatives in training (COCO evaluation of a subset)
+    split = _data(shapes_root, classes=["square"], keep_negatives=False)
+    assert len(split.records("val")) == len(_data(shapes_root).records("val"))
+
+
+@pytest.mark.parametrize(("classes", "message"), [(["sqare"], "close: square"), (["circle", "circle"], "distinct")])
+def test_an_unknown_or_repeated_subset_class_is_refused_naming_the_classes(shapes_root, classes, message):
+    with pytest.raises(DatasetError, match=message):
+        _ = _data(shapes_root, classes=classes).num_classes

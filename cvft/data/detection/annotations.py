@@ -13,6 +13,7 @@ box with zero or negative size, NaN, a malformed line, an unknown category, a mi
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -102,6 +103,50 @@ class DetectionAnnotations:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def select_classes(self, names: Sequence[str], keep_negatives: bool = True) -> DetectionAnnotations:
+        """Keep only the boxes of ``names``, re-indexed in the order given (a few-class subset of a dataset).
+
+        Args:
+            names: Class names to keep; class ``i`` of the result is ``names[i]`` (its original category id kept).
+            keep_negatives: Keep the images left without boxes (no kept class in them) as negatives, which teaches
+                the detector what is *not* a kept object; ``False`` drops them.
+
+        Returns:
+            New annotations; the records keep their paths, sizes and image ids.
+
+        Raises:
+            DatasetError: A name is not a class of the dataset, is repeated, or ``names`` is empty.
+
+        Example:
+            >>> import numpy as np
+            >>> boxes = np.array([[0, 0, 4, 4], [1, 1, 5, 5]], np.float32)
+            >>> record = DetectionRecord(Path("a.png"), boxes, np.array([0, 2]), 1, 8, 8)
+            >>> subset = DetectionAnnotations([record], ["person", "bicycle", "car"], [1, 2, 3]).select_classes(["car"])
+            >>> subset.class_names, subset.category_ids, subset.records[0].labels.tolist()
+            (['car'], [3], [0])
+        """
+        names = list(names)
+        unknown = [name for name in names if name not in self.class_names]
+        if not names or unknown or len(set(names)) != len(names):
+            hints = {name: difflib.get_close_matches(name, self.class_names, n=3) for name in unknown}
+            said = "; ".join(f"{name!r} (close: {', '.join(hint) or 'none'})" for name, hint in hints.items())
+            raise DatasetError(
+                f"classes={names}: "
+                + (f"not classes of this dataset: {said}. " if unknown else "give distinct class names. ")
+                + f"Its classes are {self.class_names}."
+            )
+        old_to_new = np.full(self.num_classes, -1, np.int64)
+        for new_index, name in enumerate(names):
+            old_to_new[self.class_names.index(name)] = new_index
+        records = []
+        for record in self.records:
+            labels = old_to_new[record.labels]
+            keep = labels >= 0
+            if keep.any() or keep_negatives:
+                records.append(record._replace(boxes=record.boxes[keep], labels=labels[keep]))
+        ids = [self.category_ids[self.class_names.index(name)] for name in names]
+        return DetectionAnnotations(records, names, ids)
 
 
 def read_coco(

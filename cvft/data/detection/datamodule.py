@@ -79,6 +79,12 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         class_names: Class names in index order. Given without labelled data (predicting), they define the classes;
             with labelled data they must match it.
         category_ids: Original category id of each class index, with ``class_names`` (default ``0..C-1``).
+        classes: Keep only these categories, by name, as classes ``0..len(classes)-1`` in the order given (their
+            original category ids kept): a few-class subset such as ``["person", "car"]`` of COCO. Boxes of other
+            categories are removed from every split. ``None``: all classes.
+        keep_negatives: With ``classes``, keep the training images left without boxes as negatives (``False``
+            drops them). Validation and test always keep every image, as COCO evaluation of a category subset does,
+            so false detections on the other images count.
 
     Example:
         >>> import tempfile
@@ -118,6 +124,8 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         predict_root: str | Path | None = None,
         class_names: list[str] | None = None,
         category_ids: list[int] | None = None,
+        classes: list[str] | None = None,
+        keep_negatives: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_names", "category_ids"])
@@ -137,6 +145,8 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         self.image_size = image_size
         self.min_visibility, self.hflip = min_visibility, hflip
         self.out_of_bounds, self.skip_crowd = out_of_bounds, skip_crowd
+        self.classes = list(classes) if classes is not None else None
+        self.keep_negatives = keep_negatives
         self._keep_shared_options(batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names)
         self._given_names = self._class_names  # checked against the labelled data's classes when it is read
         self._given_ids = list(category_ids) if category_ids is not None else None
@@ -187,12 +197,22 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         for split, other in splits.items():
             if split != "train":
                 _check_same_classes(train, other, split, self._source())
+        if self.classes is not None:
+            splits = {split: a.select_classes(self.classes) for split, a in splits.items()}
+            train = splits["train"]
+            if not any(len(record.labels) for record in train.records):
+                raise DatasetError(
+                    f"No training image of {self._source()} has a box of classes={self.classes}. "
+                    "Choose classes that occur in the training split."
+                )
         if self._given_names is not None:
             given = DetectionAnnotations([], self._given_names, self._given_ids or [])
             _check_same_classes(train, given, "class_names=", self._source())
         records = {split: a.records for split, a in splits.items()}
         if "val" not in records and self.val_fraction > 0:
             records["train"], records["val"] = _split_by_image(train.records, self.val_fraction, self.seed)
+        if self.classes is not None and not self.keep_negatives:  # after the split: validation keeps every image
+            records["train"] = [record for record in records["train"] if len(record.labels)]
         self._category_ids = train.category_ids
         return records, train.class_names
 
