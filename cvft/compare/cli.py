@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default=None,
         help="Continue this comparison folder (or 'last': the newest one with the same configs and overrides); "
-        "runs with a result.json are skipped, the rest run again.",
+        "runs with a result.json are skipped, the rest run again; strategies and seeds it lacks are added to it.",
     )
     parser.add_argument(
         "--metric", default=None, help="Metric to plot (default: the task's, e.g. test/acc or val/acc)."

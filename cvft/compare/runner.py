@@ -251,6 +251,28 @@ def _find_resume(resume: str | Path, root: Path, digest: str) -> Path:
     return folder
 
 
+def _extended_plan(
+    stored: dict[str, Any], strategies: list[tuple[str, list[Any]]], seeds: list[int]
+) -> tuple[list[tuple[str, list[Any]]], list[int]]:
+    """The resumed comparison's strategies and seeds: those planned before, then the ones this call adds.
+
+    Resuming never drops a planned row from the table; asking for a subset still finishes and tabulates the rest.
+
+    Raises:
+        ConfigError: A strategy label of this call was planned before with other specs.
+    """
+    planned = dict(stored.get("strategies") or {})
+    for label, specs in strategies:
+        if label in planned and json.dumps(planned[label], sort_keys=True) != json.dumps(specs, sort_keys=True):
+            raise ConfigError(
+                f"--resume: strategy {label!r} was planned in that comparison as {planned[label]}, now {specs}. "
+                "Give the new recipe another file name, or leave --resume out to start a new comparison."
+            )
+        planned.setdefault(label, specs)
+    seeds = [*stored.get("seeds", []), *(seed for seed in seeds if seed not in stored.get("seeds", []))]
+    return list(planned.items()), seeds
+
+
 def _fit_command(
     worker: Sequence[str], run: PlannedRun, configs: Sequence[Path], overrides: Sequence[str]
 ) -> list[str]:
@@ -305,6 +327,8 @@ def compare(
         seeds: ``seed_everything`` of each run (``"0,1,2"`` or a list); ``[0]`` by default.
         overrides: ``cvft fit`` options applied to every run after the configs (``["--data.root=images/"]``).
         resume: A comparison folder to continue (or ``"last"``); finished runs are skipped, the others rerun.
+            Strategies and seeds of this call that the comparison lacks are added to it; those it planned before
+            stay in its plan and table, so resuming with fewer never drops rows.
         metric: The metric to plot (``test/acc`` ...); the task's headline metric by default.
         worker: The command that runs one fit, given ``<fit.json> fit ...`` (default :data:`WORKER`).
         stream: Where progress goes (``sys.stdout`` by default).
@@ -338,6 +362,8 @@ def compare(
 
     if resume is not None:
         folder = _find_resume(resume, root, digest)
+        stored = read_json(folder / "plan.json") or {}
+        planned_strategies, seed_list = _extended_plan(stored, planned_strategies, seed_list)
     else:
         folder = root / "compare" / f"version_{claim_run_folder(root, 'compare')}"
     plan = [

@@ -127,3 +127,26 @@ def test_missing_config_exits_2(tmp_path, capsys):
         main(["compare", "--config", str(tmp_path / "absent.yaml"), "--strategies", "lora"])
     assert exit_.value.code == 2
     assert "absent.yaml does not exist" in capsys.readouterr().err
+
+
+def test_resume_with_other_strategies_extends_the_plan_and_keeps_the_earlier_rows(base_config, fake_worker):
+    first = compare(config=base_config, strategies="linear_probe", seeds=[0, 1])
+    assert len(_calls(fake_worker)) == 2
+    extended = compare(config=base_config, strategies="lora", seeds=[1, 2], resume=first.folder)
+    assert extended.folder == first.folder
+    assert extended["strategy"] == ["linear_probe", "lora"]
+    assert extended["runs_ok"] == [3, 3], "seed 2 joins the earlier strategy, lora runs all three seeds"
+    assert len(_calls(fake_worker)) == 2 + 4
+    plan = json.loads((first.folder / "plan.json").read_text())
+    assert list(plan["strategies"]) == ["linear_probe", "lora"] and plan["seeds"] == [0, 1, 2]
+    again = compare(config=base_config, strategies="lora", seeds=[0], resume="last")
+    assert again["strategy"] == ["linear_probe", "lora"] and len(_calls(fake_worker)) == 6
+
+
+def test_resume_refuses_a_label_planned_with_other_specs(base_config, fake_worker, tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model:\n  strategies:\n    - name: lora\n      rank: 2\n")
+    table = compare(config=base_config, strategies=[str(recipe)], seeds=[0])
+    recipe.write_text("model:\n  strategies:\n    - name: lora\n      rank: 4\n")
+    with pytest.raises(ConfigError, match="'mine' was planned"):
+        compare(config=base_config, strategies=[str(recipe)], seeds=[0], resume=table.folder)
