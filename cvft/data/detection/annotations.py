@@ -104,16 +104,15 @@ class DetectionAnnotations:
     def __len__(self) -> int:
         return len(self.records)
 
-    def select_classes(self, names: Sequence[str], keep_negatives: bool = True) -> DetectionAnnotations:
+    def select_classes(self, names: Sequence[str]) -> DetectionAnnotations:
         """Keep only the boxes of ``names``, re-indexed in the order given (a few-class subset of a dataset).
 
         Args:
             names: Class names to keep; class ``i`` of the result is ``names[i]`` (its original category id kept).
-            keep_negatives: Keep the images left without boxes (no kept class in them) as negatives, which teaches
-                the detector what is *not* a kept object; ``False`` drops them.
 
         Returns:
-            New annotations; the records keep their paths, sizes and image ids.
+            New annotations with every image, in the same order (those left without boxes are negatives); the
+            records keep their paths, sizes and image ids.
 
         Raises:
             DatasetError: A name is not a class of the dataset, is repeated, or ``names`` is empty.
@@ -143,8 +142,7 @@ class DetectionAnnotations:
         for record in self.records:
             labels = old_to_new[record.labels]
             keep = labels >= 0
-            if keep.any() or keep_negatives:
-                records.append(record._replace(boxes=record.boxes[keep], labels=labels[keep]))
+            records.append(record._replace(boxes=record.boxes[keep], labels=labels[keep]))
         ids = [self.category_ids[self.class_names.index(name)] for name in names]
         return DetectionAnnotations(records, names, ids)
 
