@@ -36,9 +36,9 @@ from real_tasks import ASSETS, lite0_weights
 
 COCO128 = ASSETS / "coco128_detection" / "config.yaml"
 DATASETS = ("shapes", "coco128")
-STRATEGIES = ("frozen", "lora", "full")
+STRATEGIES = ("frozen", "lora", "conv_adapter", "full")
 # strategy: (learning rate of neck and head, backbone lr as a share of it)
-LEARNING_RATES = {"frozen": (1e-3, 1.0), "lora": (1e-3, 1.0), "full": (1e-3, 0.3)}
+LEARNING_RATES = {"frozen": (1e-3, 1.0), "lora": (1e-3, 1.0), "conv_adapter": (1e-3, 1.0), "full": (1e-3, 0.3)}
 
 
 def strategies_for(strategy: str, backbone: str) -> list[Any] | None:
@@ -48,6 +48,8 @@ def strategies_for(strategy: str, backbone: str) -> list[Any] | None:
     if strategy == "lora":
         targets = POINTWISE if "efficientnet" in backbone else "auto"
         return [{"name": "lora", "rank": 8, "alpha": 16, "targets": targets}]
+    if strategy == "conv_adapter":  # the additive row: a pointwise bottleneck beside every block
+        return [{"name": "conv_adapter", "placement": "parallel_block", "kind": "pointwise", "reduction": 8}]
     return None
 
 
@@ -55,7 +57,13 @@ def data_module(dataset: str, args: argparse.Namespace):
     """The ``DetectionDataModule`` of ``shapes`` (generated into ``--out``) or ``coco128``."""
     from cvft.data.detection import DetectionDataModule, write_shapes_detection
 
-    common = {"image_size": args.image_size, "batch_size": args.batch_size, "num_workers": 0, "seed": args.seed}
+    common = {
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "num_workers": 0,
+        "seed": args.seed,
+        "augment": args.augment,
+    }
     if dataset == "shapes":
         root = write_shapes_detection(args.out / f"shapes_{args.num_images}", args.num_images, image_size=128)
         return DetectionDataModule(coco_json=root / "annotations.json", **common)
@@ -87,6 +95,7 @@ def run_one(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, 
         lr=lr,
         backbone_lr_scale=backbone_share,
         warmup_epochs=min(1.0, args.epochs / 4),
+        head_warmup_epochs=args.head_warmup_epochs if strategy != "frozen" else 0,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -110,6 +119,8 @@ def run_one(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, 
     return {
         "data": dataset,
         "strategy": strategy,
+        "seed": args.seed,
+        "head_warmup_epochs": args.head_warmup_epochs if strategy != "frozen" else 0,
         "head": args.head,
         "backbone": args.backbone,
         "weights": model.weights_source.split(" ")[0],
@@ -123,17 +134,34 @@ def run_one(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, 
 
 
 # --------------------------------------------------------------------------- the table
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
-    print("| data | strategy | trainable params | % of model | mAP | mAP50 | train images/s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    """One row per data set and strategy: mAP and mAP50 as mean ± std over seeds, median speed, largest RSS."""
+    print(
+        "| data | strategy | seeds | trainable params | % of model | mAP | mAP50 | train images/s | "
+        "run s | peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
-        if "error" in r:
-            print(f"| {r['data']} | {r['strategy']} | failed: {r['error']} ||||||")
+        rows.setdefault((r["data"], r["strategy"]), []).append(r)
+    for (data, strategy), runs in rows.items():
+        done = [r for r in runs if "error" not in r]
+        if not done:
+            print(f"| {data} | {strategy} | failed: {runs[0]['error']} ||||||||")
             continue
-        share = 100.0 * r["trainable"] / r["total"]
+        first = done[0]
+        share = 100.0 * first["trainable"] / first["total"]
         print(
-            f"| {r['data']} | {r['strategy']} | {r['trainable']:,} | {share:.1f} | {r['map']:.3f} | "
-            f"{r['map_50']:.3f} | {r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} |"
+            f"| {data} | {strategy} | {len(done)} | {first['trainable']:,} | {share:.1f} | "
+            f"{_mean_std([r['map'] for r in done])} | {_mean_std([r['map_50'] for r in done])} | "
+            f"{statistics.median(r['images_per_s'] for r in done):.2f} | "
+            f"{statistics.median(r['run_s'] for r in done):.0f} | {max(r['peak_rss_mib'] for r in done):.0f} |"
         )
 
 
@@ -167,7 +195,12 @@ def main() -> None:
     parser.add_argument("--limit-train-batches", type=_batches, default=1.0, help="share (0.5) or batches (3)")
     parser.add_argument("--limit-val-batches", type=_batches, default=1.0, help="share (0.5) or batches (3)")
     parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; runs interleave the strategies per seed")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--augment", default="default", choices=("none", "default", "strong"))
+    parser.add_argument(
+        "--head-warmup-epochs", type=int, default=0, help="train neck and head alone first (not the frozen row)"
+    )
     parser.add_argument("--classes", default=None, help="coco128: keep only these categories, e.g. person,car")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
@@ -191,28 +224,28 @@ def main() -> None:
     options = [
         f"--{key.replace('_', '-')}={value}"
         for key, value in vars(args).items()
-        if key not in ("only", "run") and value is not None
+        if key not in ("only", "run", "seeds", "seed") and value is not None
     ]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     results = []
-    for dataset in datasets:
-        for strategy in strategies:
-            child = [sys.executable, __file__, "--run", f"{dataset}:{strategy}", *options]
-            start = time.perf_counter()
-            proc = subprocess.run(child, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results.append({"data": dataset, "strategy": strategy, "error": tail[:120]})
-                print(f"{dataset} / {strategy}: FAILED ({tail[:200]})", flush=True)
-                continue
-            result = json.loads(line[len("RESULT ") :])
-            results.append(result)
-            print(
-                f"{dataset} / {strategy}: mAP {result['map']:.3f}, mAP50 {result['map_50']:.3f}, "
-                f"{result['trainable']:,} trainable, {result['images_per_s']:.1f} img/s "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+    for dataset, seed, strategy in [(d, seed, s) for d in datasets for seed in seeds for s in strategies]:
+        child = [sys.executable, __file__, "--run", f"{dataset}:{strategy}", f"--seed={seed}", *options]
+        start = time.perf_counter()
+        proc = subprocess.run(child, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"data": dataset, "strategy": strategy, "seed": seed, "error": tail[:120]})
+            print(f"{dataset} / {strategy} / seed {seed}: FAILED ({tail[:200]})", flush=True)
+            continue
+        result = json.loads(line[len("RESULT ") :]) | {"run_s": time.perf_counter() - start}
+        results.append(result)
+        print(
+            f"{dataset} / {strategy} / seed {seed}: mAP {result['map']:.3f}, mAP50 {result['map_50']:.3f}, "
+            f"{result['trainable']:,} trainable, {result['images_per_s']:.1f} img/s "
+            f"({result['run_s']:.0f} s)",
+            flush=True,
+        )
     if not results:
         sys.exit("nothing ran")
     print()

@@ -21,6 +21,8 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 
 import timm
 import torch
@@ -35,8 +37,11 @@ MODELS = {
 }
 
 
-def saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> int:
-    """Bytes of distinct tensors autograd keeps for backward in one training step (parameters excluded)."""
+def saved_activation_bytes(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> int:
+    """Bytes of distinct tensors autograd keeps for backward in one training step (parameters excluded).
+
+    ``loss_of()`` runs the model's forward and returns the loss; the step's backward runs here.
+    """
     parameters = {p.data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -46,10 +51,15 @@ def saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor, targets
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = F.cross_entropy(model(images), targets)
+        loss = loss_of()
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
+
+
+def classification_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``model`` on one batch."""
+    return F.cross_entropy(model(images), targets)
 
 
 def train_images_per_second(model, batches, warmup: int) -> float:
@@ -114,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.steps)
         ]
         images, targets = batches[0]
-        memory_ours = saved_activation_bytes(ours, images, targets)
-        memory_theirs = saved_activation_bytes(theirs, images, targets)
-        memory_full = saved_activation_bytes(plain, images, targets)
+        memory_ours = saved_activation_bytes(ours, partial(classification_loss, ours, images, targets))
+        memory_theirs = saved_activation_bytes(theirs, partial(classification_loss, theirs, images, targets))
+        memory_full = saved_activation_bytes(plain, partial(classification_loss, plain, images, targets))
         train_ratios, infer_ratios = [], []
         merged = export_plain_model(copy.deepcopy(ours))
         for _ in range(args.rounds):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from cvft.detection.features import MultiScaleFeatures, feature_levels
@@ -28,6 +28,7 @@ from cvft.detection.setup import (
     create_detection_backbone,
     refuse_replaced_feature_maps,
 )
+from cvft.errors import CvftError
 from cvft.strategies._freeze import freeze_batchnorm_stats, is_batchnorm
 from cvft.strategies.param_groups import no_weight_decay_names
 from cvft.tasks.base import FineTuningModule, head_param_groups
@@ -96,6 +97,10 @@ class ObjectDetector(FineTuningModule):
         weight_decay: Decoupled weight decay (never on biases and norms).
         momentum: SGD momentum.
         warmup_epochs: Linear warmup in epochs, then cosine decay to ``lr * min_lr_ratio``.
+        head_warmup_epochs: Train the neck and head alone for this many epochs first: the backbone's trainable
+            tensors (adapters, or every weight with full fine-tuning) join at epoch ``head_warmup_epochs``, so a
+            randomly initialised head does not push its first, large gradients into the backbone. Warm-up epochs
+            run at a frozen backbone's speed (no backward through it).
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         drop_path_rate: Stochastic depth rate passed to timm.
         grad_checkpointing: Recompute backbone activations in backward to save memory.
@@ -140,6 +145,7 @@ class ObjectDetector(FineTuningModule):
         weight_decay: float = 0.05,
         momentum: float = 0.9,
         warmup_epochs: float = 1.0,
+        head_warmup_epochs: int = 0,
         min_lr_ratio: float = 0.01,
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
@@ -155,6 +161,8 @@ class ObjectDetector(FineTuningModule):
         super().__init__()
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)
         check_numbers(fpn_channels, image_size, score_thresh, nms_thresh, detections_per_img, backbone_lr_scale)
+        if isinstance(head_warmup_epochs, bool) or not isinstance(head_warmup_epochs, int) or head_warmup_epochs < 0:
+            raise CvftError(f"head_warmup_epochs must be a whole number >= 0, got {head_warmup_epochs!r}.")
         self.save_task_hparams(check=("anchor_sizes", "aspect_ratios"))
         self.hparams.update(class_names=class_names, category_ids=category_ids, num_classes=len(class_names))
         check_optimizer(optimizer)
@@ -179,6 +187,7 @@ class ObjectDetector(FineTuningModule):
         self.label_offset = label_offset(head)
         self.val_map, self.test_map = detection_map(map_backend), detection_map(map_backend)
         self._warned_degenerate = False
+        self._held_by_head_warmup: list[nn.Parameter] = []
         if adapter is not None:
             self.load_adapter(adapter)
 
@@ -277,9 +286,29 @@ class ObjectDetector(FineTuningModule):
 
     # ------------------------------------------------------------------ strategies during fit
     def on_train_epoch_start(self) -> None:
-        """Run the strategies' epoch schedules (gradual unfreezing); BatchNorm statistics stay fixed if asked."""
+        """Run the strategies' epoch schedules and the head warm-up; BatchNorm statistics stay fixed if asked."""
         super().on_train_epoch_start()
+        self._head_warmup(self.current_epoch)
         self._freeze_bn_stats()
+
+    def _head_warmup(self, epoch: int) -> None:
+        """Hold the backbone's trainable tensors frozen before ``head_warmup_epochs``; release them after.
+
+        Decided from ``epoch`` alone, so a run resumed inside or after the warm-up trains the same tensors.
+        """
+        if epoch < self.hparams.head_warmup_epochs:
+            trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+            for param in trainable:
+                param.requires_grad_(False)
+            self._held_by_head_warmup += trainable
+            if trainable:
+                _logger.info("head warm-up: the backbone trains from epoch %d", self.hparams.head_warmup_epochs)
+        elif self._held_by_head_warmup:
+            for param in self._held_by_head_warmup:
+                param.requires_grad_(True)
+            held = len(self._held_by_head_warmup)
+            _logger.info("epoch %d: head warm-up over, %d backbone tensors train", epoch, held)
+            self._held_by_head_warmup = []
 
     def backbone_lr_scales(self) -> dict[str, float]:
         """The strategies' learning-rate scales times ``backbone_lr_scale``, for every backbone parameter."""

@@ -189,3 +189,55 @@ def test_map_backend_and_argument_errors(monkeypatch):
         ObjectDetector(3, class_names=["a"], backbone="test_resnet", pretrained=False)
     with pytest.raises(CvftError, match="Unknown detection head"):
         ObjectDetector(2, backbone="test_resnet", pretrained=False, head="yolo")
+
+
+class _Snapshots(pl.Callback):
+    """The backbone's LoRA tensors and the head's tensors at the end of every training epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        named = dict(module.named_parameters())
+        self.epochs.append(
+            {
+                "lora": {k: p.detach().clone() for k, p in named.items() if "lora_" in k},
+                "head": {k: p.detach().clone() for k, p in named.items() if k.startswith("detector.head")},
+                "trainable": {k for k, p in named.items() if p.requires_grad and k.startswith("backbone.")},
+            }
+        )
+
+
+def test_head_warmup_holds_the_backbone_then_releases_it():
+    torch.manual_seed(0)
+    model = make_detector(strategies=[{"name": "lora", "rank": 2}], head_warmup_epochs=1, lr=1e-2, warmup_epochs=0.0)
+    lora_names = {k for k, p in model.named_parameters() if p.requires_grad and k.startswith("backbone.")}
+    assert lora_names and all("lora_" in k for k in lora_names)
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    batches = [tiny_batch()] * 2
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    snapshots = _Snapshots()
+    trainer = pl.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+        enable_model_summary=False, callbacks=[snapshots],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=loader)
+    warm, after = snapshots.epochs
+    assert warm["trainable"] == set() and after["trainable"] == lora_names
+    assert all(torch.equal(warm["lora"][k], start[k]) for k in lora_names)  # held bit-identical in warm-up
+    assert any(not torch.equal(warm["head"][k], start[k]) for k in warm["head"])  # while the head trained
+    assert any(not torch.equal(after["lora"][k], start[k]) for k in lora_names)  # then LoRA trains
+
+
+def test_head_warmup_is_decided_by_the_epoch_so_resumed_runs_agree():
+    model = make_detector(strategies=["lora"], head_warmup_epochs=2)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad and k.startswith("backbone.")}
+    model._head_warmup(2)  # resumed after the warm-up: nothing is held
+    assert {k for k, p in model.named_parameters() if p.requires_grad and k.startswith("backbone.")} == trainable
+    model._head_warmup(1)  # resumed inside it: held
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model._head_warmup(2)
+    assert {k for k, p in model.named_parameters() if p.requires_grad and k.startswith("backbone.")} == trainable
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CvftError, match="head_warmup_epochs"):
+            make_detector(head_warmup_epochs=bad)

@@ -6,6 +6,12 @@ Every low-rank method (LoRA, LoHA, LoKr, shared LoRA, QLoRA) wraps one ``nn.Line
 LoRA, where the family started). The base class owns what the family shares: hyper-parameter checks, scaling,
 dropout on the update path, and folding the update into the base weight (:meth:`~LowRankLayer.merge`) and out again
 (:meth:`~LowRankLayer.unmerge`), so one merge serves every method.
+
+Convolutions are trained through the updated weight: ``conv(x, W + scaling * delta)`` is one convolution, where
+the branch ``base(x) + scaling * B(A(x))`` is two or three (a rank-``r`` convolution is memory-bound and slow on
+CPUs, and LoHA/LoKr would run a second full convolution). Both compute the same function; the gradients reach the
+factors through ``delta_weight``. Linear layers keep the branch (on tokens it is the cheaper of the two), and so
+does any layer with dropout on the update's input, which has no weight form.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class LowRankLayer(nn.Module):
 
     #: Name of the method in error messages (``"lora"``, ``"loha"`` ...).
     method: ClassVar[str] = "low_rank"
+    #: Apply the update to a convolution as ``conv(x, W + scaling * delta)`` rather than as a branch (see above).
+    fuse_conv_update: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool = False) -> None:
         super().__init__()
@@ -99,11 +107,33 @@ class LowRankLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        """``base(x) + scaling * update(dropout(x))``; only ``base(x)`` once merged."""
-        out = self.base(x)
+        """``base(x) + scaling * update(dropout(x))``; only ``base(x)`` once merged.
+
+        A convolution without dropout computes this as one convolution with the updated weight.
+        """
         if self.merged:
-            return out
-        return out + self.scaling * self.lora_forward(self.lora_dropout(x))
+            return self.base(x)
+        if self.fuses_update():
+            weight = self.base.weight
+            return self.conv_with_weight(x, weight + (self.scaling * self.delta_weight()).to(weight.dtype))
+        return self.base(x) + self.scaling * self.lora_forward(self.lora_dropout(x))
+
+    def fuses_update(self) -> bool:
+        """Whether :meth:`forward` runs the base convolution with the updated weight instead of a branch."""
+        return (
+            self.fuse_conv_update
+            and isinstance(self.lora_dropout, nn.Identity)
+            and (type(self.base) is nn.Conv2d or type(self.base).__name__ == "Conv2dSame")
+        )
+
+    def conv_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base convolution (its bias, stride, padding, dilation, groups) applied with ``weight``."""
+        base = self.base
+        if type(base) is nn.Conv2d:
+            return base._conv_forward(x, weight, base.bias)
+        from timm.layers.conv2d_same import conv2d_same  # timm's dynamic TF "same" padding
+
+        return conv2d_same(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
 
     @torch.no_grad()
     def merge(self) -> None:
