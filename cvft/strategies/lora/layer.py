@@ -228,6 +228,16 @@ class LoRAConv2d(LoRALayer):
         b = self.lora_B.weight.reshape(groups, out_channels // groups, rank)  # (g, out/g, r)
         return torch.bmm(b, a).reshape(self.base.weight.shape)
 
+    def prefers_fused(self, x: Tensor) -> bool:
+        """Fuse when the branch would keep at least as much for backward as the fused form.
+
+        The branch keeps ``A(x)`` (``N x groups * rank x H_out x W_out``), the fused form the updated weight.
+        """
+        stride_h, stride_w = self.base.stride
+        out_h, out_w = math.ceil(x.shape[-2] / stride_h), math.ceil(x.shape[-1] / stride_w)
+        branch = x.shape[0] * self.base.groups * self.rank * out_h * out_w if x.dim() == 4 else 0
+        return branch >= self.base.weight.numel()
+
     def lora_forward(self, x: Tensor) -> Tensor:
         """``B(A(x))``, after the base's dynamic "same" padding for Conv2dSame layers."""
         if self.same_padding:

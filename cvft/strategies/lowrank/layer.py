@@ -7,11 +7,14 @@ LoRA, where the family started). The base class owns what the family shares: hyp
 dropout on the update path, and folding the update into the base weight (:meth:`~LowRankLayer.merge`) and out again
 (:meth:`~LowRankLayer.unmerge`), so one merge serves every method.
 
-Convolutions are trained through the updated weight: ``conv(x, W + scaling * delta)`` is one convolution, where
-the branch ``base(x) + scaling * B(A(x))`` is two or three (a rank-``r`` convolution is memory-bound and slow on
-CPUs, and LoHA/LoKr would run a second full convolution). Both compute the same function; the gradients reach the
-factors through ``delta_weight``. Linear layers keep the branch (on tokens it is the cheaper of the two), and so
-does any layer with dropout on the update's input, which has no weight form.
+Convolutions can train through the updated weight: ``conv(x, W + scaling * delta)`` is one convolution, where the
+branch ``base(x) + scaling * update(x)`` is two or three. Both compute the same function; the gradients reach the
+factors through ``delta_weight``. The fused form keeps the updated weight for backward, the branch keeps the
+update's intermediate activations, so each layer takes the one that keeps less (:meth:`LowRankLayer.prefers_fused`):
+LoHA/LoKr's branch is a second full convolution and always loses; LoRA's rank-``r`` branch wins on small, deep
+feature maps and loses on large ones, where its memory-bound rank-``r`` convolutions are also the slow part of a
+CPU step. Linear layers keep the branch (on tokens it is the cheaper of the two), and so does any layer with dropout
+on the update's input, which has no weight form.
 """
 
 from __future__ import annotations
@@ -113,18 +116,22 @@ class LowRankLayer(nn.Module):
         """
         if self.merged:
             return self.base(x)
-        if self.fuses_update():
+        if self.fuses_update() and self.prefers_fused(x):
             weight = self.base.weight
             return self.conv_with_weight(x, weight + (self.scaling * self.delta_weight()).to(weight.dtype))
         return self.base(x) + self.scaling * self.lora_forward(self.lora_dropout(x))
 
     def fuses_update(self) -> bool:
-        """Whether :meth:`forward` runs the base convolution with the updated weight instead of a branch."""
+        """Whether the layer can run as the base convolution with the updated weight (a convolution, no dropout)."""
         return (
             self.fuse_conv_update
             and isinstance(self.lora_dropout, nn.Identity)
             and (type(self.base) is nn.Conv2d or type(self.base).__name__ == "Conv2dSame")
         )
+
+    def prefers_fused(self, x: Tensor) -> bool:
+        """For an input ``x``, whether the fused form keeps no more for backward than the branch (here: always)."""
+        return True
 
     def conv_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base convolution (its bias, stride, padding, dilation, groups) applied with ``weight``."""
