@@ -6,8 +6,9 @@ slows them alike. Reported per strategy: the median seconds of a training step (
 images/s and its ratio to full fine-tuning (target for the PEFT rows: >= 1.0), the bytes autograd saves for backward
 in one step (activation memory; deterministic on CPU; target <= full) and the trainable parameters.
 
-``lora (branch)`` is LoRA computed as ``base(x) + B(A(x))``, the form PEFT uses and cvft used before it trained
-convolutions through the updated weight ``conv(x, W + scaling * B @ A)``; it shows what the fused form saves.
+``lora (branch)`` is LoRA computed as ``base(x) + B(A(x))`` in every layer, the form PEFT uses and cvft used
+before; ``lora`` lets each layer choose (:meth:`~cvft.strategies.lowrank.LowRankLayer.prefers_fused`: the updated
+weight ``conv(x, W + scaling * B @ A)`` on large feature maps, the branch on small ones).
 
 Batches are real COCO128 photos when ``../shared/assets`` is present (random images otherwise), letterboxed to
 ``--image-size``. The end-to-end numbers (``cvft``'s training loop, data loading and validation included) are in
