@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies.lowrank.layer import LowRankLayer, check_low_rank_hyperparameters, low_rank_scaling
+from cvft.strategies.lowrank.layer import (
+    LowRankLayer,
+    check_low_rank_hyperparameters,
+    is_conv2d_same,
+    low_rank_scaling,
+)
 
 __all__ = [
     "LoRALayer",
@@ -66,10 +71,6 @@ class LoRALayer(LowRankLayer):
     def _reset(a: nn.Module, b: nn.Module) -> None:
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
-
-
-def _is_conv2d_same(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv2dSame"
 
 
 class LoRALinear(LoRALayer):
@@ -196,7 +197,7 @@ class LoRAConv2d(LoRALayer):
         super().__init__(base, rank, alpha, dropout, use_rslora)
         #: timm's Conv2dSame (TF "same" padding, e.g. tf_efficientnet_*) pads the input dynamically before a conv
         #: with padding 0; the update path pads the same way, so it still composes into one conv of the base's shape.
-        self.same_padding = _is_conv2d_same(base)
+        self.same_padding = is_conv2d_same(base)
         groups = base.groups
         self.lora_A = nn.Conv2d(
             base.in_channels,
@@ -214,7 +215,7 @@ class LoRAConv2d(LoRALayer):
 
     def check_base(self, base: nn.Module) -> None:
         """Refuse anything but a plain ``nn.Conv2d`` or timm's ``Conv2dSame``."""
-        if type(base) is not nn.Conv2d and not _is_conv2d_same(base):
+        if type(base) is not nn.Conv2d and not is_conv2d_same(base):
             raise StrategyError(
                 f"LoRAConv2d wraps nn.Conv2d (and timm's Conv2dSame) layers, got {type(base).__name__}; "
                 "target a different module or leave this one out of `targets`."

@@ -58,6 +58,11 @@ def low_rank_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def is_conv2d_same(module: nn.Module) -> bool:
+    """Whether ``module`` is timm's ``Conv2dSame`` (TF "same" padding, computed from the input's size)."""
+    return type(module).__name__ == "Conv2dSame"
+
+
 class LowRankLayer(nn.Module):
     """Common part of the low-rank wrappers: the frozen ``base`` layer, scaling, dropout and the merged state.
 
@@ -126,7 +131,7 @@ class LowRankLayer(nn.Module):
         return (
             self.fuse_conv_update
             and isinstance(self.lora_dropout, nn.Identity)
-            and (type(self.base) is nn.Conv2d or type(self.base).__name__ == "Conv2dSame")
+            and (type(self.base) is nn.Conv2d or is_conv2d_same(self.base))
         )
 
     def prefers_fused(self, x: Tensor) -> bool:
