@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from cvft import __version__
 from cvft.backbones.weights import read_safetensors, write_safetensors_atomic
-from cvft.errors import CheckpointMismatchError, WeightsError
+from cvft.errors import CheckpointMismatchError, StrategyError, WeightsError
 from cvft.strategies._freeze import has_frozen_stats, is_batchnorm
-from cvft.strategies.base import ADAPTER_BUFFERS_ATTR
+from cvft.strategies.base import ADAPTER_BUFFERS_ATTR, ADAPTER_FIT_ATTR
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -211,6 +211,19 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _fit_shapes(model: nn.Module, tensors: Mapping[str, Tensor], path: str | Path) -> None:
+    """Let modules that define ``fit_adapter_tensors`` resize to ``tensors`` (a selection of another size)."""
+    for module_name, module in model.named_modules():
+        fit = getattr(module, ADAPTER_FIT_ATTR, None)
+        if not callable(fit):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        try:
+            fit({key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)})
+        except StrategyError as error:
+            raise CheckpointMismatchError(f"Adapter {path} does not fit this model: {error}") from None
+
+
 def load_adapter(model: nn.Module, path: str | Path, backbone: str | None = None) -> AdapterInfo:
     """Copy an adapter's tensors into ``model`` (already built with the same strategies) and return its metadata.
 
@@ -232,6 +245,7 @@ def load_adapter(model: nn.Module, path: str | Path, backbone: str | None = None
             f"Adapter {path} was trained on backbone {info.backbone!r}, not {backbone!r}. Create the model with "
             f"backbone={info.backbone!r} (and the same pretrained weights) before loading it."
         )
+    _fit_shapes(model, tensors, path)
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     missing = sorted(k for k in tensors if k not in state)
     wrong = sorted(k for k in tensors if k in state and state[k].shape != tensors[k].shape)
@@ -322,6 +336,7 @@ class AdapterSet:
         self.active = name
 
     def _copy_in(self, tensors: Mapping[str, Tensor]) -> None:
+        _fit_shapes(self.model, tensors, "in memory")
         state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         with torch.no_grad():
             for key, tensor in tensors.items():

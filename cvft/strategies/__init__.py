@@ -15,6 +15,7 @@ from cvft.strategies.continual import EWC, L2SP, ContinualStrategy, LwF, MultiHe
 from cvft.strategies.contrastive import SupCon, supcon_loss
 from cvft.strategies.distillation import Distillation, feature_distillation_loss, kd_loss
 from cvft.strategies.domain import AdaBN, AdaBNCallback, PseudoLabel, adabn
+from cvft.strategies.filter_select import FilterSelect, merge_filter_select
 from cvft.strategies.freezing import (
     BitFit,
     ClassifierOnly,
@@ -101,6 +102,8 @@ __all__ = [
     "export_plain_model",
     "SparseFineTune",
     "merge_sparse",
+    "FilterSelect",
+    "merge_filter_select",
     "ConvAdapter",
     "ViTAdapter",
     "SharedAdapter",

@@ -392,3 +392,10 @@ class StrategyStack:
 #: (state a strategy chose from data, such as the indices sparse tuning selected); see :mod:`cvft.adapter_files`.
 ADAPTER_BUFFERS_ATTR = "adapter_buffer_names"
 __all__ += ["ADAPTER_BUFFERS_ATTR"]
+
+#: A module whose trained tensors may have another shape in an adapter file (a selection's size, e.g. the rows
+#: ``filter_select`` chose with a global scope) defines a method of this name, ``fit_adapter_tensors(tensors)``;
+#: :func:`cvft.adapter_files.load_adapter` calls it with the file's tensors under the module (prefix removed) before
+#: checking shapes, so that the module can resize itself to them.
+ADAPTER_FIT_ATTR = "fit_adapter_tensors"
+__all__ += ["ADAPTER_FIT_ATTR"]

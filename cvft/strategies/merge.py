@@ -1,9 +1,9 @@
 """Folding every mergeable method into the model at once, and telling which ones cannot be folded.
 
-Low-rank updates (LoRA, LoHA, LoKr, shared LoRA, QLoRA), sparse deltas and SSF affines fold exactly into the weights
-they modify, so a model fine-tuned with them becomes a plain timm model again. Prefix re-parameterisation folds into
-plain prefixes. Bottleneck adapters, prompts, prefixes and side modules add computation a plain timm model does not
-have; :func:`unfoldable_modules` names them so that exporters can say so.
+Low-rank updates (LoRA, LoHA, LoKr, shared LoRA, QLoRA), sparse deltas, filter (row) deltas and SSF affines fold
+exactly into the weights they modify, so a model fine-tuned with them becomes a plain timm model again. Prefix
+re-parameterisation folds into plain prefixes. Bottleneck adapters, prompts, prefixes and side modules add
+computation a plain timm model does not have; :func:`unfoldable_modules` names them so that exporters can say so.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from cvft.strategies.aux import remove_aux_modules
+from cvft.strategies.filter_select import merge_filter_select
 from cvft.strategies.lowrank import export_plain_model
 from cvft.strategies.prompts import fold_prefix
 from cvft.strategies.sparse import merge_sparse
@@ -22,7 +23,7 @@ __all__ = ["fold_all", "unfoldable_modules"]
 
 
 def fold_all(model: nn.Module) -> nn.Module:
-    """Fold, in place, every method that can be folded: low-rank updates, sparse deltas, SSF and prefix encoders.
+    """Fold, in place, every method that can be folded: low-rank updates, sparse and row deltas, SSF, prefix encoders.
 
     Outputs stay the same (up to float rounding); wrappers are replaced by the plain layers they wrapped, and
     training-only modules (``model.cvft_aux``: projection heads, feature projectors) are dropped.
@@ -38,6 +39,7 @@ def fold_all(model: nn.Module) -> nn.Module:
     """
     export_plain_model(model)
     merge_sparse(model)
+    merge_filter_select(model)
     fold_ssf(model)
     fold_prefix(model)
     remove_aux_modules(model)

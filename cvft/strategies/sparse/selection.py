@@ -58,14 +58,15 @@ def _is_wrapper(module: nn.Module) -> bool:
 _SHORTCUTS = {"all": every_candidate, **selector_shortcuts()}
 
 
-def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") -> list[str]:
-    r"""Names of the layers whose weights sparse tuning may update, in model order.
+def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all", method: str = "sparse") -> list[str]:
+    r"""Names of the layers whose weights sparse tuning (and ``filter_select``) may update, in model order.
 
     Args:
         model: The model to search.
         targets: ``"all"`` (every Linear and Conv2d weight outside the classifier head), a named selector of
             :mod:`cvft.strategies.selectors` (``"attention"``, ``"pointwise"`` ...), or module names, weight
             names (``"blocks.0.attn.qkv.weight"``) or regexes full-matching either, alone or in a list.
+        method: The strategy named in error messages (``filter_select`` resolves its targets here too).
 
     Raises:
         StrategyError: A target matches no candidate layer; the message lists the candidates.
@@ -82,7 +83,7 @@ def selectable_layers(model: nn.Module, targets: str | Sequence[str] = "all") ->
     what = f"Linear or Conv2d weight of {type(model).__name__} outside the classifier head"
     hint = f"Give 'all', a named selector ({', '.join(SELECTORS)}), module names, weight names or regexes."
     return resolve_targets(
-        "sparse", model, targets, candidates, _SHORTCUTS, description=what, hint=hint, weight_names=True
+        method, model, targets, candidates, _SHORTCUTS, description=what, hint=hint, weight_names=True
     )
 
 
