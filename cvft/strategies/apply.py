@@ -60,7 +60,8 @@ def apply_strategies(
         raise StrategyError(
             f"{needy} chooses from data: pass training batches, e.g. "
             "apply_strategies(model, specs, calibration_data=train_loader, loss_fn=F.cross_entropy) with "
-            "(images, targets) batches, or choose a data-free option (sparse: criterion='magnitude')."
+            "(images, targets) batches, or choose a data-free option (sparse: criterion='magnitude', filter_select: "
+            "criterion='l1')."
         )
     stack.setup(model)
     if stack.needs_data:

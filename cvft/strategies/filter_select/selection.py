@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies._freeze import is_batchnorm
 from cvft.strategies.base import LossFn
 from cvft.strategies.sparse.selection import selectable_layers
 
@@ -108,6 +109,11 @@ def bn_scale_scores(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
         True
     """
     layers = {name: model.get_submodule(name) for name in names}
+    if not any(is_batchnorm(m) for m in model.modules()):
+        raise StrategyError(
+            "filter_select: criterion='bn_scale' ranks filters by the |gamma| of the BatchNorm that follows them, but "
+            f"{type(model).__name__} has no BatchNorm layer; choose criterion='l1' or 'taylor'."
+        )
     # id of an output tensor -> (the layer that produced it, the tensor, held so that its id is not reused)
     producers: dict[int, tuple[str, Tensor]] = {}
     followers: dict[str, nn.Module] = {}
@@ -127,7 +133,7 @@ def bn_scale_scores(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
     for name, layer in layers.items():
         handles.append(layer.register_forward_hook(record_output(name)))
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if is_batchnorm(module):
             handles.append(module.register_forward_pre_hook(find_producer))
     modes = [(module, module.training) for module in model.modules()]
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
