@@ -1,6 +1,6 @@
 """``cvft export``: a trained classifier as a plain timm model (no cvft needed to load it), and optionally ONNX.
 
-Every low-rank update, sparse delta and SSF affine is folded into the weights it modifies and the wrappers are
+Every low-rank update, sparse or row delta and SSF affine is folded into the weights it modifies and the wrappers are
 removed, so the written state dict has exactly the keys of ``timm.create_model(backbone, num_classes=...)`` and runs
 at the plain model's speed. Methods that add computation (bottleneck adapters, prompts, prefixes, side modules) cannot
 become a plain timm model: for them export ONNX only (``--onnx`` without ``--output``) or share the adapter file::

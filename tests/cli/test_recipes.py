@@ -33,6 +33,7 @@ def test_there_is_a_recipe_for_each_additive_and_selective_method():
         "prefix_tuning",
         "ssf",
         "sparse",
+        "filter_select",
         "side_module",
         "shared_lora",
     } <= names

@@ -25,6 +25,7 @@ RESNET_SPECS = {
     "bitfit": {},
     "ssf": {},
     "sparse": {"budget": 0.01},
+    "filter_select": {"k": 0.1},
     "conv_adapter": {},
     "shared_adapter": {},
     "side_module": {},

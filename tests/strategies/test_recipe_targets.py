@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from cvft.backbones.layer_groups import head_parameter_names
+from cvft.strategies.filter_select import filter_layers
 from cvft.strategies.lora import find_targets
 from cvft.strategies.selectors import SELECTORS
 from cvft.strategies.sparse.selection import selectable_layers
@@ -25,7 +26,11 @@ from cvft.strategies.ssf import find_ssf_targets
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
 #: keywords a strategy defines itself, with the selectors they stand for
-OWN_KEYWORDS = {("sparse", "all"): ("all_linear", "all_conv"), ("ssf", "auto"): ("all_linear", "all_conv", "norms")}
+OWN_KEYWORDS = {
+    ("sparse", "all"): ("all_linear", "all_conv"),
+    ("filter_select", "all"): ("all_linear", "all_conv"),
+    ("ssf", "auto"): ("all_linear", "all_conv", "norms"),
+}
 
 
 def _with_targets(path: Path) -> list[dict]:
@@ -114,7 +119,8 @@ def test_recipe_targets_are_named_intents_resolving_to_exactly_the_intended_laye
             )
             intents.extend(own or [entry])
         expected = set().union(*(_expected(model, intent) for intent in intents))
-        resolve = {"sparse": selectable_layers, "ssf": find_ssf_targets}.get(strategy["name"], find_targets)
+        resolvers = {"sparse": selectable_layers, "filter_select": filter_layers, "ssf": find_ssf_targets}
+        resolve = resolvers.get(strategy["name"], find_targets)
         resolved = set(resolve(model, strategy["targets"]))
         assert resolved and resolved == expected, (path.name, sorted(resolved ^ expected)[:5])
 
