@@ -64,6 +64,13 @@ def _listing(sites: Sequence[BlockSite]) -> str:
     return ", ".join(f"{s.index} ({s.name})" for s in sites) or "none"
 
 
+def _qualifying(eligible: Sequence[BlockSite]) -> str:
+    return (
+        f"only {len(eligible)} blocks can be copied as the identity (block_expansion supports blocks that keep their "
+        f"input's shape): {_listing(eligible)}"
+    )
+
+
 def _resolve(key: str, indices: Sequence[int], count: int, what: str) -> list[int]:
     resolved = [i + count if i < 0 else i for i in indices]
     bad = [i for i, r in zip(indices, resolved, strict=True) if not 0 <= r < count]
@@ -102,16 +109,15 @@ def choose_sources(
     if num_blocks is not None:
         if num_blocks > len(eligible):
             raise StrategyError(
-                f"block_expansion: num_blocks={num_blocks}, but only {len(eligible)} blocks can be copied as the "
-                f"identity: {_listing(eligible)}. Ask for at most {len(eligible)} (one copy per block)."
+                f"block_expansion: num_blocks={num_blocks}, but {_qualifying(eligible)}. Ask for at most "
+                f"{len(eligible)} (one copy per block)."
             )
         return [eligible[(group * len(eligible)) // num_blocks - 1] for group in range(1, num_blocks + 1)]
     if every is not None:
         chosen = eligible[every - 1 :: every]
         if not chosen:
             raise StrategyError(
-                f"block_expansion: every={every} is more than the {len(eligible)} blocks that can be copied as the "
-                f"identity ({_listing(eligible)}); choose every <= {len(eligible)}."
+                f"block_expansion: every={every}, but {_qualifying(eligible)}; choose every <= {len(eligible)}."
             )
         return chosen
     if after is not None:
@@ -124,8 +130,9 @@ def choose_sources(
     if refused:
         reasons = "; ".join(f"{s.index} ({s.name}): {s.reason}" for s in refused)
         raise StrategyError(
-            f"block_expansion: cannot copy these blocks as the identity: {reasons}. Blocks that can: "
-            f"{_listing(eligible)}; pass their indices in `after`, or use num_blocks / every."
+            f"block_expansion: cannot copy these blocks as the identity: {reasons}. Blocks that can (it supports "
+            f"blocks that keep their input's shape): {_listing(eligible)}; pass their indices in `after`, or use "
+            "num_blocks / every."
         )
     return chosen
 
