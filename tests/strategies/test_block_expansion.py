@@ -328,3 +328,17 @@ def test_expanding_twice_is_refused():
     model = _expanded("test_vit")
     with pytest.raises(StrategyError, match="already expanded"):
         apply_strategies(model, [_spec("test_vit")])
+
+
+def test_object_detector_reads_the_expanded_vit():
+    from cvft.tasks import ObjectDetector
+
+    torch.manual_seed(0)
+    detector = ObjectDetector(num_classes=3, backbone="test_vit", pretrained=False, image_size=64, fpn_channels=32,
+                              strategies=[{"name": "block_expansion", "num_blocks": 1}])  # fmt: skip
+    backbone = detector.backbone
+    assert len(backbone.blocks) == 7 and feature_levels(backbone).indices == [6]  # the copy of block 5, the last
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("blocks.6.") for n in trainable)
+    with torch.no_grad():
+        assert isinstance(detector.eval()([torch.rand(3, 64, 64)]), list)
