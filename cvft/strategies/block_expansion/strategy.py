@@ -5,7 +5,7 @@ network: after some of its blocks it inserts a copy of that block whose residual
 every original weight and trains only the copies (and the classifier head). The model computes exactly what it did
 before set-up; the copies then learn the new task from the pretrained block's weights.
 
-Where the copies go (exactly one option). Blocks are counted over the whole model in forward order (``index``: a
+Where the copies go (at most one option; none means ``num_blocks=1``). Blocks are counted over the whole model in forward order (``index``: a
 ViT's ``blocks.<i>``; a ResNet's ``layer1.0``, ``layer1.1``, ..., ``layer4.<last>``). A block qualifies when its copy
 can start as the identity (every ViT block; CNN blocks that keep their input's shape, see
 :mod:`cvft.strategies.block_expansion.blocks`):
@@ -147,7 +147,7 @@ class BlockExpansion(ParameterStrategy):
     model), so ``forward_features`` and ``forward_intermediates`` keep working; a ViT's ``feature_info`` gains the
     new blocks. Adapter files hold the new blocks (and head); the same options re-create them on a fresh model.
     ``cvft export`` writes a state dict a deeper timm model loads (``depth`` / ``layers`` / ``depths``).
-    Give exactly one placement option; without any, ``num_blocks=1`` (one copy after the last qualifying block).
+    Give at most one placement option; without any, ``num_blocks=1`` (one copy after the last qualifying block).
 
     Args:
         num_blocks: Number of copies, spread evenly over the qualifying blocks.
@@ -182,7 +182,7 @@ class BlockExpansion(ParameterStrategy):
         given = [key for key, value in zip(_OPTIONS, values, strict=True) if value is not None]
         if len(given) > 1:
             raise StrategyError(
-                f"block_expansion: give exactly one of {', '.join(_OPTIONS)}, got {', '.join(given)}; they are "
+                f"block_expansion: give at most one of {', '.join(_OPTIONS)}, got {', '.join(given)}; they are "
                 "different ways to say where the new blocks go."
             )
         if not given:
