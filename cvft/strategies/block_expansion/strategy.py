@@ -5,10 +5,10 @@ network: after some of its blocks it inserts a copy of that block whose residual
 every original weight and trains only the copies (and the classifier head). The model computes exactly what it did
 before set-up; the copies then learn the new task from the pretrained block's weights.
 
-Where the copies go (at most one option; none means ``num_blocks=1``). Blocks are counted over the whole model in forward order (``index``: a
-ViT's ``blocks.<i>``; a ResNet's ``layer1.0``, ``layer1.1``, ..., ``layer4.<last>``). A block qualifies when its copy
-can start as the identity (every ViT block; CNN blocks that keep their input's shape, see
-:mod:`cvft.strategies.block_expansion.blocks`):
+Where the copies go (at most one option; none means ``num_blocks=1``). Blocks are counted over the whole model in
+forward order (``index``: a ViT's ``blocks.<i>``; a ResNet's ``layer1.0``, ``layer1.1``, ..., ``layer4.<last>``).
+A block qualifies when its copy can start as the identity (every ViT block; CNN blocks that keep their input's shape,
+see :mod:`cvft.strategies.block_expansion.blocks`):
 
 * ``num_blocks=n``: spread evenly, as in the paper: the qualifying blocks are split into ``n`` equal groups and a copy
   follows the last block of each group (a 12-block ViT with ``n=4``: after blocks 2, 5, 8, 11);
@@ -91,7 +91,7 @@ def choose_sources(
     after: Sequence[int] | None = None,
     after_stages: Sequence[int] | None = None,
 ) -> list[BlockSite]:
-    """The blocks to copy, for exactly one of the placement options (see the module docstring).
+    """The blocks to copy, for at most one of the placement options (none: ``num_blocks=1``) (see the module docstring).
 
     Raises:
         StrategyError: An index out of range or repeated, a block that cannot start as the identity, or more
@@ -106,6 +106,8 @@ def choose_sources(
         ['blocks.0', 'blocks.5']
     """
     eligible = [s for s in sites if s.eligible]
+    if num_blocks is None and every is None and after is None and after_stages is None:
+        num_blocks = 1
     if num_blocks is not None:
         if num_blocks > len(eligible):
             raise StrategyError(
