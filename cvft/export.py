@@ -2,8 +2,11 @@
 
 Every low-rank update, sparse or row delta and SSF affine is folded into the weights it modifies and the wrappers are
 removed, so the written state dict has exactly the keys of ``timm.create_model(backbone, num_classes=...)`` and runs
-at the plain model's speed. Methods that add computation (bottleneck adapters, prompts, prefixes, side modules) cannot
-become a plain timm model: for them export ONNX only (``--onnx`` without ``--output``) or share the adapter file::
+at the plain model's speed. A model grown by ``block_expansion`` is a deeper model of the same timm family: its state
+dict loads into ``timm.create_model(backbone, num_classes=..., **timm_kwargs)``, with the depth arguments
+(``depth``, ``layers`` or ``depths``) recorded in the file's ``timm_kwargs`` metadata. Methods that add computation
+(bottleneck adapters, prompts, prefixes, side modules) cannot become a plain timm model: for them export ONNX only
+(``--onnx`` without ``--output``) or share the adapter file::
 
     cvft export --ckpt runs/cvft/version_0/checkpoints/best.ckpt --output model.safetensors --onnx model.onnx
     cvft export --adapter adapter.safetensors --weights base.safetensors --output model.safetensors
@@ -12,6 +15,7 @@ Loading the result without cvft::
 
     model = timm.create_model("vit_small_patch16_224", num_classes=10)
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+    # after block_expansion: timm.create_model(..., **json.loads(metadata["timm_kwargs"])), e.g. depth=8
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from cvft.backbones.weights import write_safetensors_atomic
 from cvft.errors import CvftError
+from cvft.strategies.block_expansion import inserted_block_names, timm_depth_kwargs
 from cvft.strategies.merge import fold_all, unfoldable_modules
 from cvft.tasks import ImageClassifier
 from cvft.tasks.schedules import timm_kwargs
@@ -37,7 +42,9 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
     """Merge ``model``'s updates into a plain timm backbone (in place) and write its state dict to ``output``.
 
     The safetensors metadata records the timm name, the class names and, for a model calibrated by temperature
-    scaling, its ``temperature`` (divide the plain model's logits by it to get the calibrated probabilities).
+    scaling, its ``temperature`` (divide the plain model's logits by it to get the calibrated probabilities). A model
+    expanded by ``block_expansion`` also records ``timm_kwargs`` (the new depth, e.g. ``{"depth": 8}``: pass them to
+    ``timm.create_model``) and ``expanded_blocks`` (module names of the inserted blocks).
 
     Example:
         >>> import tempfile, timm
@@ -49,6 +56,8 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
     backbone = fold_all(model.backbone)
     hp = model.hparams
     kwargs = timm_kwargs(hp.get("backbone_kwargs"), hp.get("drop_path_rate"), hp.get("drop_rate"))
+    depth_kwargs = timm_depth_kwargs(backbone)  # a deeper model of the same family after block_expansion
+    kwargs.update(depth_kwargs)
     with torch.device("meta"):
         plain = timm.create_model(
             hp.backbone, pretrained=False, num_classes=model.num_classes, in_chans=hp.in_chans, **kwargs
@@ -70,6 +79,9 @@ def export_classifier(model: ImageClassifier, output: str | Path) -> Path:
     temperature = float(getattr(model, "temperature", 1.0))
     if temperature != 1.0:
         metadata["temperature"] = repr(temperature)
+    if depth_kwargs:
+        metadata["timm_kwargs"] = json.dumps(depth_kwargs)
+        metadata["expanded_blocks"] = json.dumps(inserted_block_names(backbone))
     return write_safetensors_atomic(backbone.state_dict(), output, metadata, hint="Choose a writable output path.")
 
 
@@ -116,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     if args.output:
         path = export_classifier(model, args.output)
-        print(f"wrote {path} (timm {model.hparams.backbone}, {model.num_classes} classes)")
+        depth = timm_depth_kwargs(model.backbone)
+        rebuild = f", create it with {', '.join(f'{k}={v}' for k, v in depth.items())}" if depth else ""
+        print(f"wrote {path} (timm {model.hparams.backbone}, {model.num_classes} classes{rebuild})")
     if args.onnx:
         fold_all(model.backbone)
         size = args.image_size or model.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1]

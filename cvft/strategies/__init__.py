@@ -10,6 +10,7 @@ from cvft._deprecation import moved_names
 from cvft.strategies.adapters import ConvAdapter, SharedAdapter, ViTAdapter, remove_adapters
 from cvft.strategies.apply import apply_strategies
 from cvft.strategies.base import ParameterStrategy, Strategy, StrategyStack
+from cvft.strategies.block_expansion import BlockExpansion
 from cvft.strategies.callback import StrategyCallback
 from cvft.strategies.continual import EWC, L2SP, ContinualStrategy, LwF, MultiHeadNet
 from cvft.strategies.contrastive import SupCon, supcon_loss
@@ -66,6 +67,7 @@ __all__ = [
     "SSF",
     "fold_ssf",
     "SideTuning",
+    "BlockExpansion",
     "SharedLoRA",
     "Strategy",
     "ParameterStrategy",
