@@ -22,6 +22,7 @@ from cvft.detection.features import feature_levels
 from cvft.errors import StrategyError
 from cvft.export import export_classifier
 from cvft.strategies import StrategyCallback, apply_strategies
+from cvft.strategies.block_expansion import find_block_sites, inserted_block_names, timm_depth_kwargs
 from cvft.tasks import ImageClassifier
 
 SIZE = 64  # large enough for a 4-stage CNN to keep a 2x2 final map
@@ -342,3 +343,27 @@ def test_object_detector_reads_the_expanded_vit():
     assert trainable and all(n.startswith("blocks.6.") for n in trainable)
     with torch.no_grad():
         assert isinstance(detector.eval()([torch.rand(3, 64, 64)]), list)
+
+
+def test_efficientnet_inverted_residuals_start_as_the_identity():
+    """EfficientNet-Lite0: copies of skip blocks (zeroed last BatchNorm), eval and train mode; downsampling refused."""
+    reference = _model("tf_efficientnet_lite0")
+    model = _model("tf_efficientnet_lite0")
+    apply_strategies(model, [{"name": "block_expansion", "num_blocks": 3}])
+    sites = find_block_sites(reference)
+    eligible = [s.name for s in sites if s.eligible]
+    assert eligible and all(reference.get_submodule(n).has_skip for n in eligible)
+    assert not any(s.eligible for s in sites if not reference.get_submodule(s.name).has_skip)
+    new = set(inserted_block_names(model))
+    assert len(new) == 3
+    seen = []
+    for block in new:
+        model.get_submodule(block).register_forward_hook(lambda m, a, out: seen.append((a[0] - out).abs().max()))
+    with torch.no_grad():
+        assert (model.eval()(_images()) - reference(_images())).abs().max() < 1e-6
+        model.train()(_images())
+    assert len(seen) == 6 and max(seen) < 1e-6
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if n.startswith("classifier.") or any(n.startswith(b + ".") for b in new)}
+    with pytest.raises(StrategyError, match="onnx"):
+        timm_depth_kwargs(model)

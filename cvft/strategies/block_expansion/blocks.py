@@ -10,6 +10,9 @@ Each supported block says how (the output layers of every residual branch, weigh
   input, which is the (non-negative) output of the block the copy was taken from.
 * ``ConvNeXtBlock``: ``mlp.fc2`` (the last pointwise layer; a Linear, or a 1x1 conv with ``conv_mlp``), so the
   layer-scale ``gamma`` keeps its pretrained value. Only blocks with an identity ``shortcut`` and stride 1 qualify.
+* EfficientNet / MobileNet ``InvertedResidual`` and ``DepthwiseSeparableConv``: the BatchNorm after the last
+  pointwise conv (``bn3`` / ``bn2``, which has no activation). Only blocks with a skip (``has_skip``: same channels,
+  stride 1) qualify; nothing follows the sum.
 
 Blocks are found as the children of ``nn.Sequential`` containers whose children are all supported blocks (a ViT's
 ``blocks``, a ResNet's ``layer1``..``layer4``, a ConvNeXt's ``stages.<i>.blocks``), in forward order. Only these exact
@@ -29,7 +32,8 @@ __all__ = ["BlockSite", "find_block_sites", "identity_layers", "zero_residual_br
 
 #: What the strategy supports, for error messages.
 SUPPORTED_BLOCKS = (
-    "timm ViTs (vision_transformer.Block), ResNets (BasicBlock, Bottleneck) and ConvNeXts (ConvNeXtBlock)"
+    "timm ViTs (vision_transformer.Block), ResNets (BasicBlock, Bottleneck), ConvNeXts (ConvNeXtBlock) and "
+    "EfficientNets / MobileNets (InvertedResidual, DepthwiseSeparableConv)"
 )
 
 
@@ -60,11 +64,12 @@ class BlockSite:
 
 
 def _block_classes() -> tuple[type[nn.Module], ...]:
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
     from timm.models.convnext import ConvNeXtBlock
     from timm.models.resnet import BasicBlock, Bottleneck
     from timm.models.vision_transformer import Block
 
-    return Block, BasicBlock, Bottleneck, ConvNeXtBlock
+    return Block, BasicBlock, Bottleneck, ConvNeXtBlock, InvertedResidual, DepthwiseSeparableConv
 
 
 def _is_supported(module: nn.Module) -> bool:
@@ -85,6 +90,7 @@ def identity_layers(block: nn.Module) -> tuple[list[nn.Module], str]:
         >>> identity_layers(model.layer2[0])[1]
         'it changes the shape (downsample shortcut)'
     """
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
     from timm.models.convnext import ConvNeXtBlock
     from timm.models.resnet import BasicBlock, Bottleneck
     from timm.models.vision_transformer import Block
@@ -106,6 +112,14 @@ def identity_layers(block: nn.Module) -> tuple[list[nn.Module], str]:
             return [], "its shortcut is not the identity (channels or stride change)"
         layers = [getattr(block.mlp, "fc2", None)]
         wanted = (nn.Linear, nn.Conv2d)
+    elif kind in (InvertedResidual, DepthwiseSeparableConv):
+        if not block.has_skip:
+            return [], "it has no identity shortcut (channels or stride change)"
+        last_norm = block.bn3 if kind is InvertedResidual else block.bn2
+        if not isinstance(getattr(last_norm, "act", nn.Identity()), nn.Identity):
+            return [], f"its last BatchNorm is followed by an activation ({type(last_norm.act).__name__})"
+        layers = [last_norm]
+        wanted = (nn.BatchNorm2d,)
     else:
         return [], f"{kind.__name__} is not a supported block"
     if not all(isinstance(layer, wanted) and getattr(layer, "bias", None) is not None for layer in layers):
