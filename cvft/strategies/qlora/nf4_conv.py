@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvft.strategies._modules import dense_conv_like
 from cvft.strategies.qlora.nf4 import _largest_divisor_at_most, require_torchao
 
 __all__ = ["NF4Conv2d", "QUANTIZE_DEPTHWISE", "is_depthwise"]
@@ -98,30 +99,7 @@ class NF4Conv2d(nn.Conv2d):
 
     def dequantize(self) -> nn.Conv2d:
         """A dense convolution of the same class and geometry with the dequantised weight (what a merge folds into)."""
-        geometry = {
-            "stride": self.stride,
-            "dilation": self.dilation,
-            "groups": self.groups,
-            "bias": self.bias is not None,
-        }
-        if self.same_padding:
-            from timm.layers.conv2d_same import Conv2dSame
-
-            dense: nn.Conv2d = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, **geometry)
-        else:
-            dense = nn.Conv2d(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                padding=self.padding,
-                padding_mode=self.padding_mode,
-                **geometry,
-            )
-        weight = self.dense_weight().detach().clone()
-        dense.weight = nn.Parameter(weight, requires_grad=False)
-        if self.bias is not None:
-            dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return dense.to(weight.device)
+        return dense_conv_like(self, self.dense_weight(), self.same_padding)
 
     def extra_repr(self) -> str:
         """Shape and quantisation settings."""
