@@ -90,7 +90,7 @@ def int8_state_dict(model: nn.Module) -> dict[str, Tensor]:
         >>> import timm
         >>> tensors = int8_state_dict(timm.create_model("test_resnet", num_classes=3))
         >>> tensors["layer1.0.conv1.weight"].dtype, tensors["layer1.0.conv1.weight.int8_scale"].shape
-        (torch.int8, torch.Size([24]))
+        (torch.int8, torch.Size([32]))
     """
     tensors = {key: value.detach() for key, value in model.state_dict().items()}
     for name in _quantized_layers(model):

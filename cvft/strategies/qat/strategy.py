@@ -28,7 +28,7 @@ def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
         >>> model = timm.create_model("test_resnet", num_classes=3)
         >>> QAT().setup(model)
         >>> list(qat_layers(model))[:2]
-        ['conv1', 'layer1.0.conv1']
+        ['conv1.0', 'conv1.3']
     """
     from cvft.strategies.qat.layer import QATConv2d, QATLinear
 
