@@ -10,7 +10,8 @@ function; a type-only import counts too):
 4. what tasks are built from: ``adapters`` / ``adapter_files`` (the adapter file format, over strategies),
    ``continual``, ``detection`` (heads, features and adapter files of detectors);
 5. ``tasks``, with the Lightning ``callbacks`` and ``medical`` (metrics, report callback, explanations);
-6. tools over tasks: ``export`` (and ``export_quantized``), ``workflows`` (runs chained), ``tuning`` (the learning-rate and batch-size finders);
+6. tools over tasks: ``export`` (and ``export_quantized``), ``workflows`` (runs chained), ``tuning`` (the
+   learning-rate and batch-size finders);
 7. the command line: ``cli`` (with ``medical.explain_cli``, the ``cvft explain`` tool);
 8. ``compare``, which runs ``cvft fit`` many times.
 

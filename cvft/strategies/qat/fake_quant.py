@@ -11,8 +11,8 @@ per-tensor activation setting, and its int8 dynamic-activation inference quantis
 that training and export share.
 
 Gradients: torchao's fake quantisation is a straight-through estimator: the gradient passes unchanged to every value
-that was rounded within ``[-128, 127]`` and is zero where a value was clipped (at most the absmax of a channel, which
-lands half a step beyond 127 with torchao's symmetric scale ``absmax / 127.5``).
+inside a channel's range and is zero at its edge (the channel's absmax, which torchao's symmetric scale
+``absmax / 127.5`` puts half a step outside ``[-128, 127]``, is clipped).
 """
 
 from __future__ import annotations
