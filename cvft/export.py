@@ -10,6 +10,10 @@ dict loads into ``timm.create_model(backbone, num_classes=..., **timm_kwargs)``,
 
     cvft export --ckpt runs/cvft/version_0/checkpoints/best.ckpt --output model.safetensors --onnx model.onnx
     cvft export --adapter adapter.safetensors --weights base.safetensors --output model.safetensors
+    cvft export --ckpt best.ckpt --output model-int8.safetensors --quantize int8-weight-only
+
+``--quantize int8-weight-only|int8-dynamic`` writes int8 weights plus per-channel scales in safetensors (no pickle;
+see :mod:`cvft.export_quantized`) and prints the file size and the CPU latency against float32.
 
 Loading the result without cvft::
 
@@ -117,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="output .safetensors state dict (plain timm keys)")
     parser.add_argument("--onnx", help="also write this ONNX file")
     parser.add_argument("--image-size", type=int, help="ONNX input size (default: the backbone's pretrained size)")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8-weight-only", "int8-dynamic"],
+        help="write --output with int8 weights (torchao, cvft[qlora]) and report size and CPU latency vs float32",
+    )
     args = parser.parse_args(argv)
+    if args.quantize and not args.output:
+        parser.error("--quantize needs --output (the int8 .safetensors file)")
     if not (args.output or args.onnx):
         parser.error("give --output (a plain timm state dict), --onnx, or both")
 
@@ -126,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = ImageClassifier.from_adapter(args.adapter, pretrained=args.pretrained, weights=args.weights)
     model.eval()
-    if args.output:
+    if args.output and args.quantize:
+        from cvft.export_quantized import export_quantized
+
+        backbone = fold_all(model.backbone)
+        metadata = {"backbone": model.hparams.backbone, "num_classes": str(model.num_classes),
+                    "class_names": json.dumps(model.class_names)}  # fmt: skip
+        print(export_quantized(backbone, args.output, args.quantize, metadata).summary())
+    elif args.output:
         path = export_classifier(model, args.output)
         depth = timm_depth_kwargs(model.backbone)
         rebuild = f", create it with {', '.join(f'{k}={v}' for k, v in depth.items())}" if depth else ""

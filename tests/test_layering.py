@@ -10,7 +10,8 @@ function; a type-only import counts too):
 4. what tasks are built from: ``adapters`` / ``adapter_files`` (the adapter file format, over strategies),
    ``continual``, ``detection`` (heads, features and adapter files of detectors);
 5. ``tasks``, with the Lightning ``callbacks`` and ``medical`` (metrics, report callback, explanations);
-6. tools over tasks: ``export``, ``workflows`` (runs chained), ``tuning`` (the learning-rate and batch-size finders);
+6. tools over tasks: ``export`` (and ``export_quantized``), ``workflows`` (runs chained), ``tuning`` (the
+   learning-rate and batch-size finders);
 7. the command line: ``cli`` (with ``medical.explain_cli``, the ``cvft explain`` tool);
 8. ``compare``, which runs ``cvft fit`` many times.
 
@@ -34,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cvft.strategies",),
     ("cvft.adapters", "cvft.adapter_files", "cvft.continual", "cvft.detection"),
     ("cvft.tasks", "cvft.callbacks", "cvft.medical"),
-    ("cvft.export", "cvft.workflows", "cvft.tuning"),
+    ("cvft.export", "cvft.export_quantized", "cvft.workflows", "cvft.tuning"),
     ("cvft.cli", "cvft.cli_base", "cvft.cli_detection", "cvft.medical.explain_cli"),
     ("cvft.compare",),
 ]

@@ -35,6 +35,7 @@ from cvft.strategies.lokr import LoKr
 from cvft.strategies.lora import LoRA, export_plain_model, merge_lora, unmerge_lora
 from cvft.strategies.param_groups import add_param_groups, build_param_groups, no_weight_decay_names
 from cvft.strategies.prompts import VPT, PrefixTuning, fold_prefix
+from cvft.strategies.qat import QAT, convert_qat
 from cvft.strategies.qlora import QLoRA
 from cvft.strategies.registry import (
     StrategySpec,
@@ -101,6 +102,8 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "QLoRA",
+    "QAT",
+    "convert_qat",
     "export_plain_model",
     "SparseFineTune",
     "merge_sparse",

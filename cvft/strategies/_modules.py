@@ -6,11 +6,11 @@ model's pooled features (contrastive projection heads, feature distillation).
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 
-__all__ = ["feature_width", "set_submodule"]
+__all__ = ["dense_conv_like", "feature_width", "set_submodule"]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -52,3 +52,35 @@ def feature_width(model: nn.Module, needed_by: str = "This strategy", fix: str =
             f"{type(model).__name__} does not.{' ' + fix if fix else ''}"
         )
     return int(width)
+
+
+def dense_conv_like(conv: nn.Conv2d, weight: Tensor, same_padding: bool = False) -> nn.Conv2d:
+    """A frozen plain ``nn.Conv2d`` (timm's ``Conv2dSame`` with ``same_padding``) of ``conv``'s geometry and bias.
+
+    What quantised convolutions (NF4, fake-quantised) give back when a merge or an export needs a dense layer.
+
+    Example:
+        >>> import torch
+        >>> conv = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        >>> dense = dense_conv_like(conv, torch.zeros(4, 2, 3, 3))
+        >>> dense.stride, dense.padding, bool(dense.weight.requires_grad)
+        ((2, 2), (1, 1), False)
+    """
+    geometry = {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups, "bias": conv.bias is not None}
+    if same_padding:
+        from timm.layers.conv2d_same import Conv2dSame
+
+        dense: nn.Conv2d = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, **geometry)
+    else:
+        dense = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            padding=conv.padding,
+            padding_mode=conv.padding_mode,
+            **geometry,
+        )
+    dense.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if conv.bias is not None:
+        dense.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+    return dense.to(weight.device)

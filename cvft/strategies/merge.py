@@ -16,6 +16,7 @@ from cvft.strategies.aux import remove_aux_modules
 from cvft.strategies.filter_select import merge_filter_select
 from cvft.strategies.lowrank import export_plain_model
 from cvft.strategies.prompts import fold_prefix
+from cvft.strategies.qat import convert_qat
 from cvft.strategies.sparse import merge_sparse
 from cvft.strategies.ssf import fold_ssf
 
@@ -24,6 +25,9 @@ __all__ = ["fold_all", "unfoldable_modules"]
 
 def fold_all(model: nn.Module) -> nn.Module:
     """Fold, in place, every method that can be folded: low-rank updates, sparse and row deltas, SSF, prefix encoders.
+
+    Fake-quantised (``qat``) layers become plain layers with their trained float weights again (torchao's convert
+    step); quantise the result to int8 (``cvft export --quantize``) to get the model QAT trained for.
 
     Outputs stay the same (up to float rounding); wrappers are replaced by the plain layers they wrapped, and
     training-only modules (``model.cvft_aux``: projection heads, feature projectors) are dropped.
@@ -38,6 +42,7 @@ def fold_all(model: nn.Module) -> nn.Module:
         True
     """
     export_plain_model(model)
+    convert_qat(model)  # fake-quantised layers back to plain ones with the trained float weights
     merge_sparse(model)
     merge_filter_select(model)
     fold_ssf(model)

@@ -119,3 +119,65 @@ def test_export_refuses_methods_that_add_computation_and_names_the_way_out(tmp_p
     with pytest.raises(CvftError, match=r"visual_prompts.*--onnx"):
         export_classifier(model, tmp_path / "plain.safetensors")
     assert not (tmp_path / "plain.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- --quantize (torchao)
+def test_int8_export_of_a_qat_model_gives_the_weights_it_trained_with(tmp_path):
+    pytest.importorskip("torchao")
+    from cvft.export_quantized import export_quantized, load_int8_state_dict, quantized_runtime
+    from cvft.strategies import apply_strategies
+    from cvft.strategies.merge import fold_all
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    apply_strategies(model, ["qat"])
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fake_quantized = model(images)
+    plain = fold_all(model)  # torchao's convert: float weights back in plain layers
+    with torch.no_grad():
+        float32 = plain(images)
+    report = export_quantized(plain, tmp_path / "m.safetensors", "int8-weight-only", {"backbone": "test_resnet"},
+                              images=images, validation=[(images, float32.argmax(1))], repeats=1)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # atomic: no temporary file left
+    assert report.file_bytes < 0.5 * report.float_bytes and report.accuracy_float == 1.0
+    loaded = timm.create_model("test_resnet", num_classes=3).eval()
+    loaded.load_state_dict(load_int8_state_dict(tmp_path / "m.safetensors"), strict=True)  # safetensors: no pickle
+    with torch.no_grad():
+        # the stored int8 weights are exactly QAT's fake-quantised ones (same torchao primitives)
+        torch.testing.assert_close(loaded(images), fake_quantized, rtol=1e-5, atol=1e-5)
+        # torchao's int8 runtime (its own Linear kernels) and the float model, within stated tolerances
+        torch.testing.assert_close(quantized_runtime(plain, "int8-weight-only")(images), fake_quantized,
+                                   rtol=1e-3, atol=1e-3)  # fmt: skip
+        assert (loaded(images) - float32).abs().max() < 0.05 * float32.abs().max()
+
+
+def test_cvft_export_quantize_writes_int8_and_reports(tmp_path, trained_lora_adapter, capsys):
+    pytest.importorskip("torchao")
+    from safetensors import safe_open
+
+    _, adapter, base = trained_lora_adapter
+    output = tmp_path / "int8.safetensors"
+    argv = ["export", "--adapter", str(adapter), "--weights", str(base), "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--quantize", "int8-dynamic"])
+    assert exit_info.value.code == 0
+    with safe_open(str(output), "pt") as handle:
+        assert handle.metadata()["scheme"] == "int8-dynamic"
+        assert handle.get_tensor("blocks.0.attn.qkv.weight").dtype == torch.int8
+    out = capsys.readouterr().out
+    assert "of float32" in out and "CPU latency" in out
+
+
+def test_cvft_export_quantize_without_torchao_names_the_extra(tmp_path, trained_lora_adapter, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    _, adapter, base = trained_lora_adapter
+    argv = ["export", "--adapter", str(adapter), "--weights", str(base), "--output", str(tmp_path / "q.safetensors")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--quantize", "int8-weight-only"])
+    assert exit_info.value.code == 2
+    assert 'pip install "cvft[qlora]"' in capsys.readouterr().err
+    assert not (tmp_path / "q.safetensors").exists()

@@ -6,11 +6,13 @@ Rows of the core and low-rank strategies live in ``test_matrix.py``; other strat
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pytest
 from strategy_testkit import MODELS, body_group, head_names, module_parameter_names
 from torch import nn
 
@@ -257,6 +259,14 @@ class Row:
     #: Folds the method into the model (merge LoRA, fold SSF ...) in place; the output must not change. None: the
     #: method offers no merge.
     merge: Callable[[nn.Module], Any] | None = None
+    #: Optional packages the row needs (``("torchao",)`` for the quantisation methods); skipped without them.
+    requires: tuple[str, ...] = ()
+
+    @property
+    def marks(self) -> list[Any]:
+        """A skip mark when a package in :attr:`requires` is not installed."""
+        missing = [name for name in self.requires if importlib.util.find_spec(name) is None]
+        return [pytest.mark.skip(reason=f"needs {', '.join(missing)}")] if missing else []
 
     def specs_of(self, model_name: str) -> list[Any]:
         return self.specs_for(model_name) if self.specs_for is not None else self.specs

@@ -232,6 +232,7 @@ ROWS = [
         merge=merge_low_rank,
         lr=3e-2,
         models=("test_vit",),
+        requires=("torchao",),
         # NF4 rounding of the base weights changes the function; test_qlora compares with the dequantised base
         unchanged_at_init=False,
     ),
@@ -242,12 +243,17 @@ for _path in sorted(Path(__file__).parent.glob("rows_*.py")):
 ROWS_BY_ID = {row.id: row for row in ROWS}
 assert len(ROWS_BY_ID) == len(ROWS), "row ids must be unique"
 
-MATRIX = [pytest.param(row, model, id=f"{row.id}-{model}") for row in ROWS for model in row.models]
+MATRIX = [pytest.param(row, model, id=f"{row.id}-{model}", marks=row.marks) for row in ROWS for model in row.models]
 OTHER_FAMILY = [
-    pytest.param(row, model, id=f"{row.id}-{model}") for row in ROWS for model in MODELS if model not in row.models
+    pytest.param(row, model, id=f"{row.id}-{model}", marks=row.marks)
+    for row in ROWS
+    for model in MODELS
+    if model not in row.models
 ]
 MERGE_MATRIX = [p for p in MATRIX if p.values[0].merge is not None]
-RESNET_MATRIX = [pytest.param(row, "test_resnet", id=row.id) for row in ROWS if "test_resnet" in row.models]
+RESNET_MATRIX = [
+    pytest.param(row, "test_resnet", id=row.id, marks=row.marks) for row in ROWS if "test_resnet" in row.models
+]
 
 
 def test_every_registered_strategy_has_a_row():

@@ -18,6 +18,7 @@ from cvft.strategies.lowrank.layer import (
     LowRankLayer,
     check_low_rank_hyperparameters,
     is_conv2d_same,
+    is_quantized_conv,
     low_rank_scaling,
 )
 
@@ -197,7 +198,7 @@ class LoRAConv2d(LoRALayer):
         super().__init__(base, rank, alpha, dropout, use_rslora)
         #: timm's Conv2dSame (TF "same" padding, e.g. tf_efficientnet_*) pads the input dynamically before a conv
         #: with padding 0; the update path pads the same way, so it still composes into one conv of the base's shape.
-        self.same_padding = is_conv2d_same(base)
+        self.same_padding = is_conv2d_same(base) or bool(getattr(base, "same_padding", False))
         groups = base.groups
         self.lora_A = nn.Conv2d(
             base.in_channels,
@@ -214,8 +215,8 @@ class LoRAConv2d(LoRALayer):
         self._reset(self.lora_A, self.lora_B)
 
     def check_base(self, base: nn.Module) -> None:
-        """Refuse anything but a plain ``nn.Conv2d`` or timm's ``Conv2dSame``."""
-        if type(base) is not nn.Conv2d and not is_conv2d_same(base):
+        """Refuse anything but a plain ``nn.Conv2d``, timm's ``Conv2dSame`` or a quantised one (NF4, fake-quantised)."""
+        if type(base) is not nn.Conv2d and not is_conv2d_same(base) and not is_quantized_conv(base):
             raise StrategyError(
                 f"LoRAConv2d wraps nn.Conv2d (and timm's Conv2dSame) layers, got {type(base).__name__}; "
                 "target a different module or leave this one out of `targets`."
@@ -227,7 +228,8 @@ class LoRAConv2d(LoRALayer):
         out_channels = self.base.out_channels
         a = self.lora_A.weight.reshape(groups, rank, -1)  # (g, r, in/g * kh * kw)
         b = self.lora_B.weight.reshape(groups, out_channels // groups, rank)  # (g, out/g, r)
-        return torch.bmm(b, a).reshape(self.base.weight.shape)
+        in_per_group = self.base.in_channels // groups  # not base.weight.shape: an NF4 weight is stored flattened
+        return torch.bmm(b, a).reshape(out_channels, in_per_group, *self.base.kernel_size)
 
     def prefers_fused(self, x: Tensor) -> bool:
         """Fuse when the branch would keep at least as much for backward as the fused form.

@@ -63,6 +63,19 @@ def is_conv2d_same(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv2dSame"
 
 
+def is_quantized_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolution held quantised (QLoRA's NF4, QAT's fake-quantised weight).
+
+    Such a layer computes a plain convolution of its own and gives a dense copy of itself through ``dequantize()``,
+    which :meth:`LowRankLayer.merge` folds the update into (and :meth:`LowRankLayer.unmerge` throws away again).
+
+    Example:
+        >>> is_quantized_conv(nn.Conv2d(2, 2, 1))
+        False
+    """
+    return isinstance(module, nn.Conv2d) and callable(getattr(module, "dequantize", None))
+
+
 class LowRankLayer(nn.Module):
     """Common part of the low-rank wrappers: the frozen ``base`` layer, scaling, dropout and the merged state.
 
