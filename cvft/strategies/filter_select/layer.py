@@ -122,22 +122,24 @@ class FilterDeltaLayer(nn.Module):
     def effective_weight(self) -> Tensor:
         """``base.weight`` with ``delta`` added to the selected rows (the base weight itself when none is selected)."""
         weight = self.base.weight
-        if self.rows.numel() == 0:
+        if self.rows.numel() == 0 and not self.delta.requires_grad:
             return weight
         return weight.index_add(0, self.rows, self.delta.to(weight.dtype))
 
     def effective_bias(self) -> Tensor | None:
         """``base.bias`` with ``bias_delta`` added to the selected rows (when the bias trains)."""
         bias = self.base.bias
-        if not self.train_bias or self.rows.numel() == 0:
+        if not self.train_bias or (self.rows.numel() == 0 and not self.bias_delta.requires_grad):
             return bias
         return bias.index_add(0, self.rows, self.bias_delta.to(bias.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         """The base layer's computation with the effective weight and bias."""
         base = self.base
-        if self.rows.numel() == 0:
+        if self.rows.numel() == 0 and not self.delta.requires_grad:
             return base(x)
+        # a trainable delta joins the graph even when empty (a global choice left the layer out): DDP expects a
+        # gradient from every parameter that requires one
         weight, bias = self.effective_weight(), self.effective_bias()
         if type(base) is nn.Linear:
             return F.linear(x, weight, bias)
