@@ -10,10 +10,11 @@ dict loads into ``timm.create_model(backbone, num_classes=..., **timm_kwargs)``,
 
     cvft export --ckpt runs/cvft/version_0/checkpoints/best.ckpt --output model.safetensors --onnx model.onnx
     cvft export --adapter adapter.safetensors --weights base.safetensors --output model.safetensors
-    cvft export --ckpt best.ckpt --output model-int8.safetensors --quantize int8-weight-only
+    cvft export --ckpt best.ckpt --output model-int8.safetensors --quantize int8-weight-only --val-root data/val
 
 ``--quantize int8-weight-only|int8-dynamic`` writes int8 weights plus per-channel scales in safetensors (no pickle;
-see :mod:`cvft.export_quantized`) and prints the file size and the CPU latency against float32.
+see :mod:`cvft.export_quantized`) and prints the file size and the CPU latency against float32; with ``--val-root``
+(a folder of class folders) also the accuracy of the int8 model against float32.
 
 Loading the result without cvft::
 
@@ -126,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["int8-weight-only", "int8-dynamic"],
         help="write --output with int8 weights (torchao, cvft[qlora]) and report size and CPU latency vs float32",
     )
+    parser.add_argument(
+        "--val-root",
+        help="with --quantize: a folder of class folders (named like the model's classes) to report accuracy on",
+    )
     args = parser.parse_args(argv)
+    if args.val_root and not args.quantize:
+        parser.error("--val-root reports the accuracy of a --quantize export; add --quantize")
     if args.quantize and not args.output:
         parser.error("--quantize needs --output (the int8 .safetensors file)")
     if not (args.output or args.onnx):
@@ -138,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         model = ImageClassifier.from_adapter(args.adapter, pretrained=args.pretrained, weights=args.weights)
     model.eval()
     if args.output and args.quantize:
-        from cvft.export_quantized import export_quantized
+        from cvft.export_quantized import export_quantized, folder_batches
 
         backbone = fold_all(model.backbone)
         metadata = {"backbone": model.hparams.backbone, "num_classes": str(model.num_classes),
                     "class_names": json.dumps(model.class_names)}  # fmt: skip
-        print(export_quantized(backbone, args.output, args.quantize, metadata).summary())
+        validation = folder_batches(args.val_root, backbone, list(model.class_names)) if args.val_root else None
+        print(export_quantized(backbone, args.output, args.quantize, metadata, validation=validation).summary())
     elif args.output:
         path = export_classifier(model, args.output)
         depth = timm_depth_kwargs(model.backbone)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.backbones.weights import write_safetensors_atomic
-from cvft.errors import CvftError
+from cvft.errors import CvftError, DatasetError
 
 __all__ = ["QUANTIZE_SCHEMES", "QuantizedExportReport", "int8_state_dict", "load_int8_state_dict",
            "quantized_runtime", "median_latency", "accuracy", "export_quantized"]  # fmt: skip
@@ -196,6 +196,44 @@ class QuantizedExportReport:
     def as_dict(self) -> dict:
         """The report as a plain dict."""
         return asdict(self)
+
+
+def folder_batches(
+    root: str | Path, backbone: nn.Module, class_names: list[str], batch_size: int = 32
+) -> list[tuple[Tensor, Tensor]]:
+    """``(images, labels)`` batches of a folder of class folders, labels as indices into ``class_names``.
+
+    Images are prepared as the backbone was pretrained (timm's evaluation transform of its data config).
+
+    Args:
+        root: Folder with one sub-folder of images per class, named like the model's classes (a subset is fine).
+        backbone: The timm model whose data config (size, crop, mean, std) prepares the images.
+        class_names: The model's classes, in the order of its logits.
+        batch_size: Images per batch.
+
+    Raises:
+        DatasetError: ``root`` is not a folder of class folders, or names a class the model does not have.
+    """
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"--val-root {root} is not a folder; give a folder with one sub-folder of images per class.")
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(backbone), is_training=False)
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DatasetError(f"--val-root {root}: {err}; give a folder with one sub-folder of images per class.") from err
+    unknown = [name for name in dataset.classes if name not in class_names]
+    if unknown:
+        raise DatasetError(
+            f"--val-root {root} has class folders {unknown} that the model does not know (its classes: "
+            f"{class_names}); name the folders like the model's classes."
+        )
+    index = torch.tensor([class_names.index(name) for name in dataset.classes])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return [(images, index[labels]) for images, labels in loader]
 
 
 def export_quantized(

@@ -181,3 +181,29 @@ def test_cvft_export_quantize_without_torchao_names_the_extra(tmp_path, trained_
     assert exit_info.value.code == 2
     assert 'pip install "cvft[qlora]"' in capsys.readouterr().err
     assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_cvft_export_quantize_reports_accuracy_on_a_class_folder(tmp_path, trained_lora_adapter, capsys):
+    pytest.importorskip("torchao")
+    from PIL import Image
+
+    _, adapter, base = trained_lora_adapter
+    root = tmp_path / "val"
+    generator = torch.Generator().manual_seed(0)
+    for name in ("c", "a"):  # a subset of the model's classes, in another order
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (40, 40, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    argv = ["export", "--adapter", str(adapter), "--weights", str(base), "--output", str(tmp_path / "q.safetensors")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--quantize", "int8-weight-only", "--val-root", str(root)])
+    assert exit_info.value.code == 0
+    assert "validation accuracy: int8" in capsys.readouterr().out
+    (root / "z").mkdir()  # a class the model does not have: a clear error, exit code 2, nothing written
+    (root / "z" / "0.png").write_bytes((root / "a" / "0.png").read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-1], str(tmp_path / "r.safetensors"), "--quantize", "int8-weight-only", "--val-root", str(root)])
+    assert exit_info.value.code == 2
+    assert "['z']" in capsys.readouterr().err
+    assert not (tmp_path / "r.safetensors").exists()
