@@ -235,3 +235,24 @@ def test_quantize_layers_refuses_a_layer_that_is_neither_linear_nor_conv():
 def test_an_odd_block_size_is_refused():
     with pytest.raises(StrategyError, match="even"):
         apply_strategies(_cnn("test_resnet"), [{"name": "qlora", "block_size": 63}])
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_deepcopy_keeps_the_nf4_codes_exactly(name):
+    """EMA / SWA copy the model: the NF4 bases (small layers included, whose scale blocks shrink) copy bit for bit."""
+    import copy
+
+    pytest.importorskip("torchao")
+    model = timm.create_model(name, num_classes=3).eval()
+    apply_strategies(model, [{"name": "qlora", "rank": 2}])
+    clone = copy.deepcopy(model).eval()
+    images = torch.randn(2, 3, 32, 32) if name == "test_resnet" else torch.randn(2, 3, 160, 160)
+    quantised = [(n, m) for n, m in model.named_modules() if type(m).__name__.startswith("NF4")]
+    assert quantised
+    for layer_name, layer in quantised:
+        copied = clone.get_submodule(layer_name)
+        assert copied.weight is not layer.weight
+        assert torch.equal(copied.weight.quantized_data, layer.weight.quantized_data)
+        assert torch.equal(copied.weight.get_original_weight(), layer.weight.get_original_weight())
+    with torch.no_grad():
+        assert torch.equal(clone(images), model(images))

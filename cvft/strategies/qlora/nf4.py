@@ -8,11 +8,14 @@ quantisation), so a weight takes about 0.53 bytes per value instead of 4.
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 
-__all__ = ["NF4Linear", "nf4_nbytes", "require_torchao"]
+__all__ = ["NF4Linear", "CopiesNF4Weights", "clone_nf4", "nf4_nbytes", "require_torchao"]
 
 
 def require_torchao():
@@ -40,7 +43,47 @@ def nf4_nbytes(weight: Tensor) -> int:
     return sum(getattr(weight, name).numel() * getattr(weight, name).element_size() for name in inner)
 
 
-class NF4Linear(nn.Linear):
+def clone_nf4(weight: Tensor) -> Tensor:
+    """An exact copy of an NF4 tensor (its codes, scales and settings), which torch's generic copy cannot make.
+
+    Example:
+        >>> import torch
+        >>> _, _, to_nf4 = require_torchao()
+        >>> weight = to_nf4(torch.randn(4, 64), 64, 4)
+        >>> torch.equal(clone_nf4(weight).get_original_weight(), weight.get_original_weight())
+        True
+    """
+    nf4_tensor, _, _ = require_torchao()
+    names, context = weight.__tensor_flatten__()
+    return nf4_tensor.__tensor_unflatten__({name: getattr(weight, name).clone() for name in names}, context, None, None)
+
+
+class CopiesNF4Weights:
+    """Mixin for modules holding NF4 parameters: ``copy.deepcopy`` copies them exactly.
+
+    torch's generic deep copy of an NF4 tensor re-quantises it with default settings (refused for small layers, whose
+    scale blocks were shrunk), which broke EMA, SWA and anything else that copies a QLoRA model.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CopiesNF4Weights:
+        nf4_tensor, _, _ = require_torchao()
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key == "_parameters":
+                value = {
+                    name: nn.Parameter(clone_nf4(param), requires_grad=False)
+                    if isinstance(param, nf4_tensor)
+                    else copy.deepcopy(param, memo)
+                    for name, param in value.items()
+                }
+            else:
+                value = copy.deepcopy(value, memo)
+            clone.__dict__[key] = value
+        return clone
+
+
+class NF4Linear(CopiesNF4Weights, nn.Linear):
     """A frozen ``nn.Linear`` whose weight is held in NF4 (QLoRA, Dettmers et al. 2023); the bias stays dense.
 
     Args:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvft.strategies._modules import dense_conv_like
-from cvft.strategies.qlora.nf4 import _largest_divisor_at_most, require_torchao
+from cvft.strategies.qlora.nf4 import CopiesNF4Weights, _largest_divisor_at_most, require_torchao
 
 __all__ = ["NF4Conv2d", "QUANTIZE_DEPTHWISE", "is_depthwise"]
 
@@ -41,7 +41,7 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.in_channels == conv.groups
 
 
-class NF4Conv2d(nn.Conv2d):
+class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
     """A frozen ``nn.Conv2d`` (or timm ``Conv2dSame``) whose weight is held in NF4; the bias stays dense.
 
     Args:
