@@ -47,7 +47,7 @@ class DPO(PolicyObjective):
         >>> model = torch.nn.Linear(3, 2)
         >>> images, pairs = torch.randn(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
         >>> terms = DPO(beta=0.5).loss_terms(model, None, StepOutputs(model(images), images, pairs))
-        >>> round(float(terms["dpo"]), 4)  # the policy is the reference: log 2
+        >>> round(float(terms["dpo"].detach()), 4)  # the policy is the reference: log 2
         0.6931
     """
 
