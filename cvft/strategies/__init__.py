@@ -34,6 +34,7 @@ from cvft.strategies.loha import LoHA
 from cvft.strategies.lokr import LoKr
 from cvft.strategies.lora import LoRA, export_plain_model, merge_lora, unmerge_lora
 from cvft.strategies.param_groups import add_param_groups, build_param_groups, no_weight_decay_names
+from cvft.strategies.preference import DPO, PPO, TRPO, Reinforce, RewardModel
 from cvft.strategies.prompts import VPT, PrefixTuning, fold_prefix
 from cvft.strategies.qat import QAT, convert_qat
 from cvft.strategies.qlora import QLoRA
@@ -118,6 +119,11 @@ __all__ = [
     "Distillation",
     "kd_loss",
     "feature_distillation_loss",
+    "Reinforce",
+    "PPO",
+    "TRPO",
+    "DPO",
+    "RewardModel",
 ]
 
 #: Moved out of strategies (it builds tasks and exports): deprecated aliases.

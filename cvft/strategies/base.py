@@ -138,6 +138,12 @@ class Strategy:
     #: Learning rate a task uses for this strategy when none is given (``None``: no opinion; the task's default).
     #: Set only where measured; the README's "Strategy defaults" table says on which data.
     default_lr: ClassVar[float | None] = None
+    #: Whether the objective takes its own optimisation steps on each training batch (:meth:`optimisation_step`:
+    #: PPO's epochs over a rollout, TRPO's line search) instead of adding loss terms; the task then optimises manually.
+    steps_itself: ClassVar[bool] = False
+    #: Whether the training targets are preference pairs, ``(B, 3)`` rows ``[preferred, rejected, weight]`` (DPO, a
+    #: Bradley-Terry reward model), instead of labels: the task then computes no supervised loss or train metrics.
+    pair_targets: ClassVar[bool] = False
 
     def with_bn(self, bn: str) -> Strategy:
         """Set the BatchNorm policy (``"train"``, ``"frozen"`` or ``"adabn"``) and return the strategy.
@@ -208,6 +214,22 @@ class Strategy:
         """
         return {}
 
+    def optimisation_step(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        targets: Tensor | None,
+        indices: Tensor | None,
+        optimizer_step: Callable[[], None],
+    ) -> dict[str, Tensor]:
+        """Train ``model`` on one batch with the strategy's own steps; return scalars to log, by name.
+
+        Only called when :attr:`steps_itself` is set. ``optimizer_step()`` applies the task's optimizer to the
+        gradients the strategy wrote into ``.grad`` (and zeroes them); a strategy may also change the trainable
+        parameters itself under ``torch.no_grad``.
+        """
+        raise NotImplementedError(f"{self.name} takes no optimisation steps of its own (steps_itself is False).")
+
     def config(self) -> dict[str, Any]:
         """The strategy's constructor arguments, for logs, checkpoints and adapter metadata."""
         return {key: value for key, value in vars(self).items() if not key.startswith("_")}
@@ -265,7 +287,30 @@ class StrategyStack:
             from cvft.errors import StrategyError
 
             raise StrategyError(f"Strategy {duplicates[0]!r} is listed twice; give each strategy once.")
+        self._check_objectives()
         self.bn_policy = self._resolve_bn()
+
+    def _check_objectives(self) -> None:
+        """Refuse objectives that cannot train together: one stepping itself with any other objective."""
+        stepping = [s.name for s in self.strategies if s.steps_itself]
+        others = [s.name for s in self.strategies if s.objective and not s.steps_itself]
+        if stepping and (len(stepping) > 1 or others):
+            from cvft.errors import StrategyError
+
+            raise StrategyError(
+                f"{stepping[0]} takes its own optimisation steps on each batch and cannot be combined with other "
+                f"objectives ({', '.join(stepping[1:] + others)}); keep it with parameter strategies only "
+                "(lora, linear_probe, full ...)."
+            )
+        pairs = [s.name for s in self.strategies if s.pair_targets]
+        labels = [s.name for s in self.strategies if s.objective and not s.pair_targets]
+        if pairs and labels:
+            from cvft.errors import StrategyError
+
+            raise StrategyError(
+                f"{pairs[0]} trains on preference pairs but {labels[0]} on labelled images; train them in separate "
+                "fits (the second starting from the first's checkpoint)."
+            )
 
     def _resolve_bn(self) -> str | None:
         """One BatchNorm policy for the stack (see the module docstring), written into every member taking ``bn``."""
@@ -313,6 +358,31 @@ class StrategyStack:
     def needs_indices(self) -> bool:
         """Whether any strategy needs the dataset index of each training sample in its batches."""
         return any(s.needs_indices for s in self.strategies)
+
+    @property
+    def steps_itself(self) -> bool:
+        """Whether a member takes its own optimisation steps (the task must optimise manually)."""
+        return any(s.steps_itself for s in self.strategies)
+
+    @property
+    def pair_targets(self) -> bool:
+        """Whether the training targets are preference pairs (no supervised loss)."""
+        return any(s.pair_targets for s in self.strategies)
+
+    def optimisation_step(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        targets: Tensor | None,
+        indices: Tensor | None,
+        optimizer_step: Callable[[], None],
+    ) -> dict[str, Tensor]:
+        """The self-stepping member's :meth:`Strategy.optimisation_step`, its scalars keyed ``"<strategy>/<name>"``."""
+        for strategy in self.strategies:
+            if strategy.steps_itself:
+                stats = strategy.optimisation_step(model, images, targets, indices, optimizer_step)
+                return {f"{strategy.name}/{key}": value for key, value in stats.items()}
+        raise NotImplementedError("No strategy of this stack takes its own optimisation steps.")
 
     def setup(self, model: nn.Module) -> None:
         """Run every strategy's :meth:`Strategy.setup`, in order."""

@@ -35,6 +35,8 @@ class TaskSupport:
         views: Trains on several augmented views of each image.
         indices: Its training batches can carry dataset indices.
         reads_feature_maps: Reads the backbone's ``forward_intermediates`` (multi-scale feature maps).
+        own_steps: Lets an objective take its own optimisation steps on each batch (PPO, TRPO).
+        pair_targets: Trains on preference-pair targets without a supervised loss (DPO, reward models).
 
     Example:
         >>> from cvft.strategies import build_strategy
@@ -48,6 +50,8 @@ class TaskSupport:
     views: bool = False
     indices: bool = False
     reads_feature_maps: bool = False
+    own_steps: bool = False
+    pair_targets: bool = False
 
     @property
     def parameter_strategies_only(self) -> bool:
@@ -61,6 +65,8 @@ class TaskSupport:
             "adds loss terms": strategy.objective and not self.loss_terms,
             f"needs several views ({strategy.num_views})": strategy.num_views > 1 and not self.views,
             "needs dataset indices": strategy.needs_indices and not self.indices,
+            "takes its own optimisation steps": strategy.steps_itself and not self.own_steps,
+            "trains on preference pairs": strategy.pair_targets and not self.pair_targets,
         }
         return [need for need, lacking in needs.items() if lacking]
 

@@ -185,7 +185,10 @@ class ImageClassifier(FineTuningModule):
         2
     """
 
-    strategy_support = TaskSupport("ImageClassifier", calibration=True, loss_terms=True, views=True, indices=True)
+    strategy_support = TaskSupport(
+        "ImageClassifier", calibration=True, loss_terms=True, views=True, indices=True, own_steps=True,
+        pair_targets=True,
+    )  # fmt: skip
     #: Buffers fitted on validation data rather than trained: the EMA of weights leaves them alone.
     fitted_buffers: ClassVar[tuple[str, ...]] = ("temperature",)
     #: Arguments that change only test and predict: outside ``fit`` the command line overrides the checkpoint's.
@@ -267,6 +270,8 @@ class ImageClassifier(FineTuningModule):
         check_tta(tta, tta_crop_pct)
 
         self.build_strategy_stack(strategies)
+        # ppo / trpo take several optimizer steps (or a line search) per batch: Lightning's manual optimisation
+        self.automatic_optimization = not self.strategy_stack.steps_itself
         # what both the check and the mixer read
         mix_options = {"mixup": mixup, "cutmix": cutmix, "cutmix_minmax": cutmix_minmax, "mode": mix_mode}
         mixing = check_mixing(
@@ -389,6 +394,10 @@ class ImageClassifier(FineTuningModule):
         """
         if isinstance(batch, Mapping):
             return self._feature_training_step(batch)
+        if not self.automatic_optimization:
+            return self._self_stepping_training_step(batch)
+        if self.strategy_stack.pair_targets:
+            return self._pair_training_step(batch)
         images, targets, views = split_views(batch[0], batch[1])
         indices = batch[2] if len(batch) > 2 else None
         soft_targets = None
@@ -422,6 +431,45 @@ class ImageClassifier(FineTuningModule):
         self.train_metrics.update(*self._metric_inputs(logits.detach(), labels))
         self.log_dict(self.train_metrics, on_epoch=True, on_step=False, batch_size=size)
         return loss
+
+    def _pair_training_step(self, batch: Sequence[Tensor]) -> Tensor:
+        """The step of objectives trained on preference pairs (``dpo``, ``reward_model``): their terms only."""
+        images, targets, views = split_views(batch[0], batch[1])
+        indices = batch[2] if len(batch) > 2 else None
+        logits = self(images)
+        size = len(images)
+        outputs = StepOutputs(logits, images, targets, None, num_views=views, indices=indices)
+        loss = logits.new_zeros(())
+        for name, term in self.strategy_stack.loss_terms(self.backbone, batch, outputs).items():
+            self.log(f"train/{name}", term, on_epoch=True, on_step=False, batch_size=size)
+            loss = loss + term
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=True, batch_size=size)
+        return loss
+
+    def _self_stepping_training_step(self, batch: Sequence[Tensor]) -> Tensor:
+        """Manual optimisation for an objective that takes its own steps (``ppo``, ``trpo``).
+
+        The objective writes gradients and calls the task's optimizer (:meth:`Strategy.optimisation_step`); the
+        learning-rate schedule then advances once per training batch. Gradient clipping and accumulation of the
+        Trainer do not apply (Lightning refuses them under manual optimisation).
+        """
+        images, targets, views = split_views(batch[0], batch[1])
+        if views > 1:
+            raise ConfigError("ppo / trpo train on one view per image; drop the strategy asking for several views.")
+        indices = batch[2] if len(batch) > 2 else None
+        optimizer = self.optimizers()
+
+        def optimizer_step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        stats = self.strategy_stack.optimisation_step(self.backbone, images, targets, indices, optimizer_step)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        for name, value in stats.items():
+            self.log(f"train/{name}", value.float(), on_epoch=True, on_step=False, batch_size=len(images))
+        return images.new_zeros(())
 
     def _feature_training_step(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The training step on cached features (frozen backbone, no strategy loss terms)."""

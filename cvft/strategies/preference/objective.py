@@ -1,0 +1,96 @@
+"""What the preference objectives share: a reward, a frozen reference policy and their recorded configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from cvft.errors import StrategyError
+from cvft.strategies.base import Strategy
+from cvft.strategies.preference.reference import ReferencePolicy
+from cvft.strategies.preference.rewards import RewardFn, build_reward
+
+__all__ = ["PolicyObjective", "RewardSpec", "ReferenceSpec"]
+
+#: A strategy's ``reward`` option: ``{"cost_matrix": [[...]]}``, ``{"model": ...}``, a callable or ``None``.
+RewardSpec = Mapping[str, Any] | RewardFn | None
+#: A strategy's ``reference`` option: ``None`` (snapshot of the starting model), a network, or a file / timm name.
+ReferenceSpec = str | nn.Module | None
+
+
+def _recorded(value: Any) -> Any:
+    """``value`` as primitives for logs and checkpoints: a module or callable becomes ``"module:<class>"`` etc."""
+    if isinstance(value, nn.Module):
+        return f"module:{type(value).__name__}"
+    if isinstance(value, Mapping):
+        return {key: _recorded(item) for key, item in value.items()}
+    if callable(value):
+        return f"callable:{getattr(value, '__qualname__', type(value).__name__)}"
+    return value
+
+
+class PolicyObjective(Strategy):
+    """Base of the objectives that treat the classifier as a policy (:mod:`cvft.strategies.preference.policy`).
+
+    They replace the supervised loss (``task_loss_weight`` 0 unless a subclass says otherwise), read a reward
+    (:func:`~cvft.strategies.preference.rewards.build_reward`) and keep a frozen reference policy
+    (:class:`~cvft.strategies.preference.reference.ReferencePolicy`) outside the model.
+
+    Args:
+        reward: ``{"cost_matrix": [[...]]}``, ``{"model": <reward model>}``, a callable
+            ``reward(images, actions, targets, indices)``, or ``None`` (1 for the right label).
+        kl_coef: Weight of ``KL(pi || pi_ref)`` to the reference policy.
+        reference: ``None`` (the model as the fit starts), or a reference network / file / timm name.
+        reference_weights: Base weights of a timm-name or adapter ``reference``.
+    """
+
+    objective = True
+    task_loss_weight: float = 0.0
+
+    def __init__(
+        self,
+        reward: RewardSpec = None,
+        kl_coef: float = 0.0,
+        reference: ReferenceSpec = None,
+        reference_weights: str | None = None,
+    ) -> None:
+        if not kl_coef >= 0:
+            raise StrategyError(f"{self.name}: kl_coef must be >= 0 (0 turns the KL penalty off), got {kl_coef}.")
+        if reward is not None and not (isinstance(reward, Mapping) or callable(reward)):
+            raise StrategyError(
+                f"{self.name}: reward must be {{cost_matrix: [[...]]}}, {{model: ...}} or a callable, got {reward!r}."
+            )
+        if isinstance(reward, Mapping) and "cost_matrix" in reward:
+            build_reward(reward)  # refuse a bad matrix now
+        self.reward = reward
+        self.kl_coef = float(kl_coef)
+        self.reference = reference
+        self.reference_weights = reference_weights
+        self._reward_fn: RewardFn | None = None
+        self._reference = ReferencePolicy(reference, reference_weights)
+
+    @property
+    def reward_fn(self) -> RewardFn:
+        """The reward function (a reward model is loaded at first use)."""
+        if self._reward_fn is None:
+            self._reward_fn = build_reward(self.reward)
+        return self._reward_fn
+
+    @property
+    def reference_policy(self) -> ReferencePolicy:
+        """The frozen reference policy."""
+        return self._reference
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as primitives (a callable or module is recorded by its name)."""
+        return {key: _recorded(value) for key, value in super().config().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reference snapshot (so that a resumed fit keeps the same reference)."""
+        return {"reference": self._reference.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._reference.load_state_dict(state.get("reference", {}))
