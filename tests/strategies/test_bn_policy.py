@@ -26,6 +26,7 @@ RESNET_SPECS = {
     "ssf": {},
     "sparse": {"budget": 0.01},
     "filter_select": {"k": 0.1},
+    "block_expansion": {"num_blocks": 1},
     "conv_adapter": {},
     "shared_adapter": {},
     "side_module": {},

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import is_batchnorm
 from cvft.strategies.base import LossFn
-from cvft.strategies.sparse.selection import selectable_layers
+from cvft.strategies.sparse.selection import calibration_pair, selectable_layers
 
 __all__ = [
     "CRITERIA",
@@ -163,14 +163,6 @@ def bn_scale_scores(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
     return scores
 
 
-def _unpack(batch: object) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise StrategyError(
-        f"filter_select: calibration batches must be (images, targets, ...) tuples, got {type(batch).__name__}."
-    )
-
-
 def taylor_scores(
     model: nn.Module, weights: Sequence[Tensor], batches: Iterable[object], loss_fn: LossFn, num_batches: int
 ) -> list[Tensor]:
@@ -190,7 +182,7 @@ def taylor_scores(
         for batch in batches:
             if seen >= num_batches:
                 break
-            images, targets = _unpack(batch)
+            images, targets = calibration_pair(batch, "filter_select")
             loss = loss_fn(model(images.to(device)), targets.to(device))
             grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
             for total, weight, grad in zip(totals, weights, grads, strict=True):

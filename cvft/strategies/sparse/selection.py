@@ -34,6 +34,7 @@ __all__ = [
     "per_tensor_counts",
     "top_positions",
     "gradient_scores",
+    "calibration_pair",
 ]
 
 #: Criterion names and the score each one uses.
@@ -146,11 +147,12 @@ def top_positions(scores: Sequence[Tensor], count: int, scope: str) -> Tensor:
     return chosen.sort().values
 
 
-def _unpack(batch: object) -> tuple[Tensor, Tensor]:
+def calibration_pair(batch: object, method: str = "sparse") -> tuple[Tensor, Tensor]:
+    """``(images, targets)`` of an ``(images, targets, ...)`` calibration batch; else an error naming ``method``."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise StrategyError(
-        f"sparse: calibration batches must be (images, targets, ...) tuples, got {type(batch).__name__}."
+        f"{method}: calibration batches must be (images, targets, ...) tuples, got {type(batch).__name__}."
     )
 
 
@@ -177,7 +179,7 @@ def gradient_scores(
         for batch in batches:
             if seen >= num_batches:
                 break
-            images, targets = _unpack(batch)
+            images, targets = calibration_pair(batch)
             loss = loss_fn(model(images.to(device)), targets.to(device))
             grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
             for total, grad in zip(totals, grads, strict=True):
