@@ -241,3 +241,20 @@ def test_head_warmup_is_decided_by_the_epoch_so_resumed_runs_agree():
     for bad in (-1, 1.5, True):
         with pytest.raises(CvftError, match="head_warmup_epochs"):
             make_detector(head_warmup_epochs=bad)
+
+
+def test_every_strategy_starts_from_the_same_detection_head_for_a_seed():
+    """The neck and head initialisation does not depend on what the strategies draw from the random stream."""
+    heads = []
+    for strategies in (None, ["linear_probe"], [{"name": "lora", "rank": 2}]):
+        torch.manual_seed(0)
+        model = ObjectDetector(2, backbone="test_resnet", pretrained=False, strategies=strategies, fpn_channels=32,
+                               image_size=64)  # fmt: skip
+        heads.append({**model.neck.state_dict(), **model.detector.head.state_dict()})
+    for other in heads[1:]:
+        assert other.keys() == heads[0].keys()
+        assert all(torch.equal(other[key], heads[0][key]) for key in heads[0])
+    torch.manual_seed(1)
+    reseeded = ObjectDetector(2, backbone="test_resnet", pretrained=False, fpn_channels=32, image_size=64)
+    assert not torch.equal(reseeded.detector.head.state_dict()["classification_head.cls_logits.weight"],
+                           heads[0]["classification_head.cls_logits.weight"])  # fmt: skip
