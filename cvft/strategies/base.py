@@ -50,10 +50,33 @@ from torch import Tensor, nn
 from cvft.strategies._freeze import BN_POLICIES, apply_bn_policy, check_bn_policy
 from cvft.strategies.outputs import StepOutputs
 
-__all__ = ["Strategy", "ParameterStrategy", "StrategyStack", "LossFn", "calibration_mode"]
+__all__ = ["Strategy", "ParameterStrategy", "StrategyStack", "LossFn", "calibration_mode", "eval_mode"]
 
 #: ``loss_fn(logits, targets) -> scalar loss``, as used by :meth:`Strategy.calibrate`.
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the duration and give every sub-module its own train/eval mode back after.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> model[1].eval()  # a sub-module in its own mode
+        Dropout(p=0.5, inplace=False)
+        >>> with eval_mode(model):
+        ...     print(model.training)
+        False
+        >>> model.training, model[1].training
+        (True, False)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextmanager
@@ -73,14 +96,11 @@ def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
         >>> model.training, model.fc.weight.requires_grad
         (True, True)
     """
-    modes = [(module, module.training) for module in model.modules()]
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    model.eval()
     try:
-        yield model
+        with eval_mode(model):
+            yield model
     finally:
-        for module, training in modes:
-            module.training = training
         for param, requires_grad, grad in params:
             param.requires_grad_(requires_grad)
             param.grad = grad

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies._freeze import is_batchnorm
-from cvft.strategies.base import LossFn
+from cvft.strategies.base import LossFn, eval_mode
 from cvft.strategies.sparse.selection import calibration_pair, selectable_layers
 
 __all__ = [
@@ -135,16 +135,13 @@ def bn_scale_scores(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
     for module in model.modules():
         if is_batchnorm(module):
             handles.append(module.register_forward_pre_hook(find_producer))
-    modes = [(module, module.training) for module in model.modules()]
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     try:
-        model.eval()
-        model(_dummy_input(model, first))
+        with eval_mode(model):
+            model(_dummy_input(model, first))
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     scores, missing = [], []
     for name, layer in layers.items():
         norm = followers.get(name)

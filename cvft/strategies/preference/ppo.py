@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies.base import eval_mode
 from cvft.strategies.preference._distributed import mean_across_ranks
 from cvft.strategies.preference.losses import kl_penalty, ppo_clip_loss
 from cvft.strategies.preference.objective import PolicyObjective, ReferenceSpec, RewardSpec
@@ -33,7 +34,6 @@ from cvft.strategies.preference.rollout import (
     Rollout,
     collect_rollout,
     gradient_step,
-    policy_mode,
     trainable_parameters,
 )
 from cvft.strategies.registry import register_strategy
@@ -85,7 +85,7 @@ def ppo_update(
     if minibatches > size:
         raise StrategyError(f"ppo: {minibatches} minibatches of a {size}-image batch; use minibatches <= batch size.")
     stats: dict[str, Tensor] = {}
-    with policy_mode(model):
+    with eval_mode(model):
         for _ in range(epochs):
             order = torch.randperm(size, generator=generator).to(rollout.images.device)
             for chunk in order.chunk(minibatches):
@@ -192,7 +192,7 @@ class PPO(PolicyObjective):
         )
         stats["reward"] = mean_across_ranks(rollout.rewards.mean())
         if rollout.reference_logits is not None:
-            with policy_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 kl = mean_across_ranks(kl_penalty(model(images), rollout.reference_logits, rollout.multi_label))
             stats["kl"] = kl
             if self.kl_target is not None:

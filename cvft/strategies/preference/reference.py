@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies.base import eval_mode
 from cvft.strategies.distillation.teacher import freeze_teacher, teacher_loader
 
 __all__ = ["ReferencePolicy"]
@@ -99,14 +100,8 @@ class ReferencePolicy:
         for name, tensor in list(self.snapshot.items()):
             if tensor.device != device:
                 self.snapshot[name] = tensor.to(device)
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                return torch.func.functional_call(model, self.snapshot, (images,), strict=False).float()
-        finally:
-            for module, training in modes:
-                module.training = training
+        with eval_mode(model), torch.no_grad():
+            return torch.func.functional_call(model, self.snapshot, (images,), strict=False).float()
 
     def state_dict(self) -> dict[str, Any]:
         """The snapshot (CPU tensors), so that a resumed fit keeps its reference; empty for a separate network."""

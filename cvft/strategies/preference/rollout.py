@@ -5,25 +5,25 @@ A rollout is a batch of images, the actions the current policy sampled for them,
 pooled over DDP ranks: the bandit case of Schulman et al., with no value function or GAE), and the reference policy's
 logits for the KL penalty.
 
-The policy runs in eval mode for the rollout and for every update on it (:func:`policy_mode`): BatchNorm uses its
-running statistics and dropout is off, so the probability ratio is exactly 1 before the first update.
+The policy runs in eval mode for the rollout and for every update on it (:func:`~cvft.strategies.base.eval_mode`):
+BatchNorm uses its running statistics and dropout is off, so the probability ratio is exactly 1 before the first update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from cvft.strategies.base import eval_mode
 from cvft.strategies.preference._distributed import average_gradients, global_mean_std
 from cvft.strategies.preference.policy import action_log_probs, sample_actions
 from cvft.strategies.preference.reference import ReferencePolicy
 from cvft.strategies.preference.rewards import RewardFn
 
-__all__ = ["Rollout", "collect_rollout", "policy_mode", "trainable_parameters", "gradient_step"]
+__all__ = ["Rollout", "collect_rollout", "trainable_parameters", "gradient_step"]
 
 
 @dataclass
@@ -62,18 +62,6 @@ class Rollout:
         )  # fmt: skip
 
 
-@contextmanager
-def policy_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration (fixed BatchNorm statistics, no dropout); each module's mode restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that require gradients, in model order."""
     return [p for p in model.parameters() if p.requires_grad]
@@ -102,7 +90,7 @@ def collect_rollout(
         >>> rollout.actions.shape, float(rollout.advantages.sum().abs()) < 1e-5
         (torch.Size([4]), True)
     """
-    with policy_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         old_logits = model(images).float()
         actions = sample_actions(old_logits, multi_label, generator)
         old_log_probs = action_log_probs(old_logits, actions, multi_label)

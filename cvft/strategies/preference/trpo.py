@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from cvft.errors import StrategyError
+from cvft.strategies.base import eval_mode
 from cvft.strategies.preference._distributed import average_gradients, mean_across_ranks
 from cvft.strategies.preference.losses import kl_penalty
 from cvft.strategies.preference.objective import PolicyObjective, ReferenceSpec, RewardSpec
 from cvft.strategies.preference.policy import action_log_probs, is_multi_label, policy_kl
-from cvft.strategies.preference.rollout import Rollout, collect_rollout, policy_mode, trainable_parameters
+from cvft.strategies.preference.rollout import Rollout, collect_rollout, trainable_parameters
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["TRPO", "TRPOStep", "conjugate_gradient", "trpo_step"]
@@ -118,7 +119,7 @@ def trpo_step(
     parameters = trainable_parameters(model)
     if not parameters:
         raise StrategyError("trpo: the model has no trainable parameters; combine trpo with a parameter strategy.")
-    with policy_mode(model):
+    with eval_mode(model):
         objective, logits = _surrogate(model, rollout, kl_coef)
         grads = torch.autograd.grad(objective, parameters, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads, strict=True)]
