@@ -203,11 +203,12 @@ def main() -> None:
     )
     parser.add_argument("--classes", default=None, help="coco128: keep only these categories, e.g. person,car")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run (1 leaves a core free)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # child process: "data:strategy"
     args = parser.parse_args()
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     if args.run:
         dataset, strategy = args.run.split(":")
         print("RESULT " + json.dumps(run_one(dataset, strategy, args)))
@@ -246,6 +247,7 @@ def main() -> None:
             f"({result['run_s']:.0f} s)",
             flush=True,
         )
+        write_csv(results, args.out / "detection.csv")  # after every run, so a stopped sweep keeps what it measured
     if not results:
         sys.exit("nothing ran")
     print()
