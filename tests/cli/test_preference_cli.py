@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cli_kit import cvft_args
 
 from cvft.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _pairs_csv(folder: Path, rows: list[str]) -> Path:
@@ -41,14 +44,23 @@ def test_fit_dpo_on_a_pair_csv_writes_a_checkpoint(shapes_folder, resnet_weights
     assert (last.parent / "best.ckpt").is_file()
 
 
-def test_fit_reward_model_on_generated_pairs(shapes_folder, resnet_weights, tmp_path):
-    last = _fit(
-        shapes_folder, resnet_weights, tmp_path / "runs",
-        "--data.preference_pairs={from: labels, seed: 1}", "--model.strategies=[linear_probe, reward_model]",
+def test_fit_reward_model_recipe_on_generated_pairs(shapes_folder, resnet_weights, tmp_path):
+    args = cvft_args(
+        "fit", shapes_folder, resnet_weights, tmp_path / "runs", "--data.val_fraction=0.25",
+        "--data.preference_pairs={from: labels, seed: 1}", f"--config={CONFIGS / 'reward_model.yaml'}",
     )  # fmt: skip
-    checkpoint = torch.load(last, weights_only=True)
+    args.insert(1, args.pop())  # --config first, as a user writes it; the flags override it
+    main(args)
+    checkpoint = torch.load(tmp_path / "runs" / "cvft" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["preference_pairs"] == {"from": "labels", "seed": 1}
     assert checkpoint["global_step"] == 3  # 27 training images -> 27 pairs, 3 full batches of 8
+    (history,) = checkpoint["callbacks"]["TrainingReport"]["history"]
+    assert "train/reward_model/bradley_terry" in history
+
+
+def test_the_recipes_use_preference_pairs():
+    for name in ("dpo.yaml", "reward_model.yaml"):
+        assert yaml.safe_load((CONFIGS / name).read_text())["data"]["preference_pairs"] == {"from": "labels"}
 
 
 def _fails_cleanly(args: list[str], capsys, *expected: str) -> None:
