@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +140,28 @@ def test_the_data_and_the_strategies_must_agree_on_pairs(make_class_folders):
     with pytest.raises(DatasetError, match="s1 trains on preference pairs.*Set --data.preference_pairs"):
         _data(root, None)._check_pair_objective(Stack(False, True))
     _data(root, {"from": "labels"})._check_pair_objective(Stack(False, True))
+
+
+def test_medical_data_reads_pair_csvs_of_medical_images_and_generates_pairs(tmp_path):
+    pytest.importorskip("pydicom")
+    from cvft.data import MedicalImageDataModule
+
+    rng = np.random.default_rng(0)
+    rows = ["path,label,patient_id"]
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 4096, (20, 18), dtype=np.uint16))  # 16-bit
+        rows.append(f"{i}.png,{'abnormal' if i % 2 else 'normal'},p{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    (tmp_path / "pairs.csv").write_text("0.png,abnormal,normal,3\n5.png,1,0\n")
+    common = {"csv": str(tmp_path / "labels.csv"), "image_size": 16, "num_workers": 0, "val_fraction": 0.34}
+    data = MedicalImageDataModule(preference_pairs=str(tmp_path / "pairs.csv"), **common)
+    data.setup("fit")
+    train = data.datasets["train"]
+    assert [train[i][1].tolist() for i in range(2)] == [[0.0, 1.0, 3.0], [1.0, 0.0, 1.0]]
+    assert train[0][0].shape == (3, 16, 16)  # read by the medical reader, with the training pipeline
+    generated = MedicalImageDataModule(preference_pairs={"from": "labels"}, **common)
+    generated.setup("fit")
+    records = generated.records("train")
+    assert [generated.datasets["train"][i][1][0].item() for i in range(len(records))] == [
+        float(r.target) for r in records
+    ]
