@@ -213,12 +213,15 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
     def _keep_preference_pairs(self, preference_pairs: PreferencePairsSpec, multi_label: bool = False) -> None:
         """Check and keep ``preference_pairs`` (:mod:`cvft.data.preference_option`); it is in ``hparams`` as given.
 
+        A CSV file is read (and a missing one refused) when the training split is built, so ``test`` and ``predict``
+        with a run's config do not need it.
+
         Raises:
-            DatasetError: A missing CSV file or a bad generator spec, naming the fix.
+            DatasetError: A bad generator spec, naming the fix.
         """
         if isinstance(preference_pairs, Path):
             preference_pairs = str(preference_pairs)
-        check_preference_pairs(preference_pairs, multi_label)
+        check_preference_pairs(preference_pairs, multi_label, files=False)  # the CSV is read when training starts
         self.preference_pairs = dict(preference_pairs) if isinstance(preference_pairs, dict) else preference_pairs
 
     def _pipeline_options(self, train: bool) -> dict[str, Any]:

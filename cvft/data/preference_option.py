@@ -39,8 +39,14 @@ _FORMS = (
 _MAX_LISTED = 5
 
 
-def check_preference_pairs(spec: PreferencePairsSpec, multi_label: bool = False) -> None:
+def check_preference_pairs(spec: PreferencePairsSpec, multi_label: bool = False, files: bool = True) -> None:
     """Refuse a ``preference_pairs`` value that cannot work, before any data is read.
+
+    Args:
+        spec: The option's value.
+        multi_label: The data is multi-label (no cost-matrix generator).
+        files: Check that a CSV file exists too (a DataModule checks it when the training split is built, so that
+            ``cvft test`` / ``predict`` with a run's config work after the CSV moved).
 
     Raises:
         DatasetError: The CSV file is missing, or the generator spec has an unknown form, key or value (a cost
@@ -56,7 +62,7 @@ def check_preference_pairs(spec: PreferencePairsSpec, multi_label: bool = False)
     if spec is None:
         return
     if isinstance(spec, str | Path):
-        if not Path(spec).is_file():
+        if files and not Path(spec).is_file():
             raise DatasetError(f"preference_pairs: the CSV file {spec} does not exist. {_FORMS}")
         return
     if not isinstance(spec, Mapping):

@@ -72,7 +72,6 @@ def test_cost_matrix_pairs_prefer_the_cheapest_decision(make_class_folders):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("missing.csv", "does not exist"),
         ({"from": "votes"}, "unknown generator"),
         ({"from": "labels", "csv": "pairs.csv"}, "CSV path goes alone"),
         ({"from": "labels", "cost_matrix": [[0, 1], [1, 0]]}, "goes with from: cost_matrix"),
@@ -96,6 +95,9 @@ def test_bad_csv_rows_are_refused_at_setup(make_class_folders, tmp_path):
         "cat/000.png,cat,cat": "the same",
         "nowhere.png,cat,dog": "1 image(s) not found",
     }
+    with pytest.raises(DatasetError, match="missing.csv does not exist"):
+        _data(root, str(tmp_path / "missing.csv")).setup("fit")
+    _data(root, str(tmp_path / "missing.csv")).setup("test")  # testing does not need the training pairs
     for row, expected in cases.items():
         csv = tmp_path / "pairs.csv"
         csv.write_text(row)
