@@ -96,6 +96,13 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
             normalised) and refused naming the step at fault.
         eval_transform: Your own pipeline for validation, test and prediction (same forms and checks). Saved with
             the run: ``cvft predict`` / ``cvft test`` with ``--ckpt_path`` use the one the run was trained with.
+        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a CSV path
+            (``path,preferred,rejected[,weight]``, image paths relative to the CSV's folder or to ``root``, labels as
+            class names or indices, multi-label sets as ``cat;dog``), or a generator over the labelled training
+            split, ``{from: labels}`` or ``{from: cost_matrix, cost_matrix: [[...]]}``, with an optional ``seed``
+            (:mod:`cvft.data.preference_option`). The training split becomes a
+            :class:`~cvft.data.preference.PreferencePairDataset` with the training pipeline; validation and test
+            stay labelled.
 
     Example:
         >>> from cvft.data.demo import write_demo_image_folder
@@ -132,6 +139,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         random_erasing_mode: str = "pixel",
         train_transform: str | dict[str, Any] | None = None,
         eval_transform: str | dict[str, Any] | None = None,
+        preference_pairs: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # class_names stays out of hparams: the model records the resolved list, and Lightning refuses to log
@@ -161,6 +169,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         )
         self._resolve_data_config(backbone, image_size, mean, std, channels)
         self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
+        self._keep_preference_pairs(preference_pairs, multi_label)
 
     # --- reading the data ----------------------------------------------------------------------------------
 
@@ -195,6 +204,9 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
             multi_label=self.multi_label,
             num_classes=self.num_classes,
         )
+
+    def _build_image_dataset(self, files: Sequence[Path], train: bool) -> ImageDataset:
+        return ImageDataset(files, self._transform(train), self.channels)
 
     def _build_predict_dataset(self) -> ImageDataset:
         return ImageDataset(self.predict_files, self._transform(False), self.channels)

@@ -20,6 +20,12 @@ random erasing) to :meth:`~LabelledDataModule._keep_pipeline_options`. A subclas
 instead where one is given, and ``setup`` checks each user pipeline on a real image of the first split it serves
 (:func:`~cvft.data.user_pipeline.check_pipeline_output`). The DataLoaders come from
 :class:`~cvft.data.split_module.SplitDataModule`.
+
+Preference pairs (DPO, reward models) are written here once too: a subclass that takes ``preference_pairs``
+(:mod:`cvft.data.preference_option`) keeps it with :meth:`~LabelledDataModule._keep_preference_pairs` and builds
+datasets over image files in :meth:`~LabelledDataModule._build_image_dataset`; the training split then becomes a
+:class:`~cvft.data.preference.PreferencePairDataset` with the training pipeline, and validation and test stay
+labelled.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cvft.data._options import validate_options
 from cvft.data.normalization import per_channel
+from cvft.data.preference import PreferencePair, PreferencePairDataset
+from cvft.data.preference_option import PreferencePairsSpec, check_preference_pairs, read_pairs
 from cvft.data.samples import scan_unlabelled
 from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
@@ -105,6 +113,8 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         self.user_pipelines: dict[str, UserPipeline] = {}
         """The user's pipelines by use, ``"train"`` and ``"eval"`` (val, test, predict), where given."""
         self.random_erasing, self.random_erasing_mode = 0.0, "pixel"
+        self.preference_pairs: PreferencePairsSpec = None
+        """Where the training split's preference pairs come from (``None``: train on the labels)."""
         self._checked_pipelines: set[str] = set()
 
     # --- construction helpers -------------------------------------------------------------------------------
@@ -199,6 +209,20 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
                 self.user_pipelines[use] = pipeline
             if option in self.hparams:
                 self.hparams[option] = pipeline.serialised if pipeline is not None else None
+
+    def _keep_preference_pairs(self, preference_pairs: PreferencePairsSpec, multi_label: bool = False) -> None:
+        """Check and keep ``preference_pairs`` (:mod:`cvft.data.preference_option`); it is in ``hparams`` as given.
+
+        A CSV file is read (and a missing one refused) when the training split is built, so ``test`` and ``predict``
+        with a run's config do not need it.
+
+        Raises:
+            DatasetError: A bad generator spec, naming the fix.
+        """
+        if isinstance(preference_pairs, Path):
+            preference_pairs = str(preference_pairs)
+        check_preference_pairs(preference_pairs, multi_label, files=False)  # the CSV is read when training starts
+        self.preference_pairs = dict(preference_pairs) if isinstance(preference_pairs, dict) else preference_pairs
 
     def _pipeline_options(self, train: bool) -> dict[str, Any]:
         """Keyword arguments of the image pipeline of a split (after :meth:`_resolve_data_config`).
@@ -319,6 +343,10 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
             self._check_user_pipeline("eval", self.datasets["predict"])
             return
         for split in _SPLITS_OF_STAGE.get(stage or "", SPLITS):
+            if split == "train" and self.preference_pairs is not None:
+                self.datasets[split] = self._build_pair_dataset()
+                self._check_user_pipeline("train", self.datasets[split].images)
+                continue
             self.datasets[split] = self._build_dataset(split)
             self._check_user_pipeline("train" if split == "train" else "eval", self.datasets[split])
 
@@ -329,9 +357,27 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         strategies) and sample indices (``needs_indices``, e.g. cached teacher logits), read from its
         ``strategy_stack``.
         """
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        stack = getattr(module, "strategy_stack", None)
+        if stack is not None:
+            self._check_pair_objective(stack)
         dataset = self._dataset("train")
         self._use_strategy_inputs(dataset)
         return self._loader(dataset, train=True, sampler=self._train_sampler())
+
+    def preference_pair_items(self) -> list[PreferencePair]:
+        """The training split's preference pairs as ``preference_pairs`` gives them (image files or train indices).
+
+        Raises:
+            DatasetError: ``preference_pairs`` is not set, or its pairs cannot be read (see
+                :func:`~cvft.data.preference_option.read_pairs`).
+        """
+        if self.preference_pairs is None:
+            raise DatasetError("preference_pairs is not set: this data trains on labels.")
+        targets = [getattr(item, "target", item) for item in self.samples("train")]
+        root = getattr(self, "root", None)
+        multi_label = bool(getattr(self, "multi_label", False))
+        return read_pairs(self.preference_pairs, self.class_names, targets, multi_label, root, self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the class names, so a checkpoint records which classes its outputs mean."""
@@ -381,6 +427,10 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
     def _source(self) -> str:
         """The labelled source, as messages name it."""
 
+    def _build_image_dataset(self, files: Sequence[Path], train: bool) -> Dataset:
+        """An unlabelled dataset over image ``files`` with the training or evaluation pipeline (preference CSVs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read preference pairs of image files.")
+
     def _find_predict_files(self, root: str | Path) -> list[Path]:
         """The files under ``root`` (a file or a folder) to predict on; default: its images."""
         return scan_unlabelled(root)
@@ -395,6 +445,40 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         return None
 
     # --- internals ------------------------------------------------------------------------------------------
+
+    def _build_pair_dataset(self) -> PreferencePairDataset:
+        """The training split as preference pairs over its own images or the CSV's files, with the training pipeline."""
+        pairs = self.preference_pair_items()
+        multi_label = bool(getattr(self, "multi_label", False))
+        if isinstance(pairs[0].path, int):
+            images: Dataset = self._build_dataset("train")
+        else:
+            files = list(dict.fromkeys(Path(pair.path) for pair in pairs))
+            position = {file: index for index, file in enumerate(files)}
+            pairs = [PreferencePair(position[Path(p.path)], p.preferred, p.rejected, p.weight) for p in pairs]
+            images = self._build_image_dataset(files, train=True)
+        _logger.info("%s: training on %d preference pairs (%s)", self._source(), len(pairs), self.preference_pairs)
+        return PreferencePairDataset(pairs, images=images, num_classes=self.num_classes if multi_label else None)
+
+    def _check_pair_objective(self, stack: Any) -> None:
+        """Refuse pairs for an objective trained on labels, and labels for one trained on pairs (``strategy_stack``).
+
+        Raises:
+            DatasetError: The data and the strategies disagree, naming ``preference_pairs``.
+        """
+        pair_objectives = [s.name for s in getattr(stack, "strategies", []) if getattr(s, "pair_targets", False)]
+        if self.preference_pairs is not None and not pair_objectives:
+            raise DatasetError(
+                f"preference_pairs={self.preference_pairs!r} makes the training batches preference pairs, but no "
+                "strategy trains on pairs. Add dpo or reward_model to --model.strategies, or leave "
+                "--data.preference_pairs out to train on the labels."
+            )
+        if self.preference_pairs is None and pair_objectives:
+            raise DatasetError(
+                f"{pair_objectives[0]} trains on preference pairs, but the training batches are labelled images. Set "
+                "--data.preference_pairs: a CSV (path,preferred,rejected[,weight]) or a generator such as "
+                "'{from: labels}'."
+            )
 
     def _check_user_pipeline(self, use: str, dataset: Any) -> None:
         """Check the user pipeline of ``use`` once, on the first image of ``dataset`` (before training starts)."""

@@ -21,7 +21,8 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from cvft.errors import ConfigError, CvftError
+from cvft.data.preference import PreferencePairDataset, split_pair_targets
+from cvft.errors import ConfigError, CvftError, DatasetError
 from cvft.strategies.callback import calibrate_before_fit
 from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
 from cvft.strategies.support import TaskSupport
@@ -437,6 +438,7 @@ class ImageClassifier(FineTuningModule):
         images, targets, views = split_views(batch[0], batch[1])
         indices = batch[2] if len(batch) > 2 else None
         logits = self(images)
+        split_pair_targets(targets, num_classes=logits.shape[-1], multi_label=self.multi_label)  # refuse labels
         size = len(images)
         outputs = StepOutputs(logits, images, targets, None, num_views=views, indices=indices)
         loss = logits.new_zeros(())
@@ -611,6 +613,21 @@ class ImageClassifier(FineTuningModule):
                 "temperature_scaling fits the temperature on the validation data after each validation, and this fit "
                 "validates on nothing (no val DataLoader, or limit_val_batches=0). Give validation data or set "
                 "temperature_scaling=false (on the command line: --model.temperature_scaling false)."
+            )
+
+    def on_train_start(self) -> None:
+        """Refuse preference pairs (a :class:`~cvft.data.preference.PreferencePairDataset`) for labelled objectives.
+
+        Raises:
+            DatasetError: The training data are pairs but no strategy trains on pairs.
+        """
+        super().on_train_start()
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, PreferencePairDataset) and not self.strategy_stack.pair_targets:
+            raise DatasetError(
+                "The training data are preference pairs, but no strategy trains on pairs (the supervised loss needs "
+                "labels). Add dpo or reward_model to the strategies, or train on labelled data (leave the "
+                "DataModule's preference_pairs, --data.preference_pairs, unset)."
             )
 
     def on_fit_end(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +102,13 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
             ``Normalize`` and ``ToTensorV2``; it is checked at setup on a real image.
         eval_transform: Your own pipeline for validation, test and prediction (same forms and checks), saved with the
             run for ``cvft predict`` / ``cvft test --ckpt_path``.
+        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a CSV path
+            (``path,preferred,rejected[,weight]``, image paths relative to the CSV's folder or to ``root``, labels as
+            class names or indices, multi-label sets as ``cat;dog``), or a generator over the labelled training
+            split, ``{from: labels}`` or ``{from: cost_matrix, cost_matrix: [[...]]}``, with an optional ``seed``
+            (:mod:`cvft.data.preference_option`). The training split becomes a
+            :class:`~cvft.data.preference.PreferencePairDataset` with the training pipeline; validation and test
+            stay labelled.
 
     Example:
         >>> import tempfile, shutil
@@ -154,6 +162,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         random_erasing_mode: str = "pixel",
         train_transform: str | dict[str, Any] | None = None,
         eval_transform: str | dict[str, Any] | None = None,
+        preference_pairs: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model records the resolved class list
@@ -181,6 +190,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         )
         self._resolve_data_config(backbone, image_size, mean, std, channels)
         self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
+        self._keep_preference_pairs(preference_pairs, multi_label)
         self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
 
     # --- what the data is -----------------------------------------------------------------------------------
@@ -243,6 +253,9 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
                 f"predict_root {root} holds no DICOM, NIfTI or image files to predict on (other files are skipped)."
             )
         return files
+
+    def _build_image_dataset(self, files: Sequence[Path], train: bool) -> MedicalImageDataset:
+        return MedicalImageDataset(files, self._transform(train), self.channels, reader_options=self.reader_options)
 
     def _build_predict_dataset(self) -> MedicalImageDataset:
         return MedicalImageDataset(

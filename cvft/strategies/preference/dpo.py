@@ -3,15 +3,18 @@
 Trained on preference pairs (image, preferred label ``y_w``, rejected label ``y_l``;
 :mod:`cvft.data.preference`) against the frozen reference policy, with no reward model and no sampling. With
 ``h = (log pi(y_w | x) - log pi_ref(y_w | x)) - (log pi(y_l | x) - log pi_ref(y_l | x))`` the loss is
-``-log sigmoid(beta h)`` (DPO) or ``(h - 1 / (2 tau))^2`` (IPO), averaged with the pairs' weights. Single-label
-policies only (a pair names two classes).
+``-log sigmoid(beta h)`` (DPO) or ``(h - 1 / (2 tau))^2`` (IPO), averaged with the pairs' weights.
+
+Single-label pairs name two classes (``log pi`` of the softmax); multi-label pairs name two label sets ``y``, and
+``log pi(y | x) = sum_c [y_c log sigmoid(z_c) + (1 - y_c) log sigmoid(-z_c)]`` (independent Bernoulli policies,
+:func:`~cvft.strategies.preference.policy.action_log_probs`). Which one a batch holds follows from its pair
+targets and the number of outputs (:func:`~cvft.data.preference.split_pair_targets`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvft.data.preference import split_pair_targets
@@ -19,6 +22,7 @@ from cvft.errors import StrategyError
 from cvft.strategies.outputs import StepOutputs
 from cvft.strategies.preference.losses import dpo_loss, ipo_loss
 from cvft.strategies.preference.objective import PolicyObjective, ReferenceSpec
+from cvft.strategies.preference.policy import action_log_probs, is_multi_label
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["DPO"]
@@ -80,14 +84,15 @@ class DPO(PolicyObjective):
 
     def loss_terms(self, model: nn.Module, batch: Any, outputs: StepOutputs) -> dict[str, Tensor]:
         """``{"dpo": ...}`` or ``{"ipo": ...}`` on the batch's pairs."""
-        preferred, rejected, weights = split_pair_targets(outputs.targets)
-        log_probs = F.log_softmax(outputs.logits.float(), dim=-1)
-        reference = F.log_softmax(self.reference_policy.logits(model, outputs.images), dim=-1)
+        preferred, rejected, weights = split_pair_targets(outputs.targets, num_classes=outputs.logits.shape[-1])
+        multi_label = is_multi_label(preferred)
+        logits = outputs.logits.float()
+        reference = self.reference_policy.logits(model, outputs.images).float()
         args = (
-            log_probs.gather(-1, preferred[:, None]).squeeze(-1),
-            log_probs.gather(-1, rejected[:, None]).squeeze(-1),
-            reference.gather(-1, preferred[:, None]).squeeze(-1),
-            reference.gather(-1, rejected[:, None]).squeeze(-1),
+            action_log_probs(logits, preferred, multi_label),
+            action_log_probs(logits, rejected, multi_label),
+            action_log_probs(reference, preferred, multi_label),
+            action_log_probs(reference, rejected, multi_label),
         )
         if self.loss == "ipo":
             return {"ipo": ipo_loss(*args, tau=self.tau, weights=weights)}
