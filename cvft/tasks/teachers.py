@@ -129,8 +129,8 @@ def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = Tr
         The teacher: a timm model with its classifier head, ``requires_grad=False`` everywhere, in eval mode.
 
     Raises:
-        StrategyError: The teacher cannot be found or built, would start from random weights, or ``weights`` was
-            given with a ``.ckpt``.
+        StrategyError: The teacher cannot be found or built, would start from random weights (a timm name or an
+            adapter with neither ``weights`` nor ``pretrained``), or ``weights`` was given with a ``.ckpt``.
 
     Example:
         >>> import tempfile, timm, torch
@@ -144,6 +144,12 @@ def load_teacher(teacher: str, weights: str | None = None, pretrained: bool = Tr
     teacher = _local_copy(teacher)
     kind = teacher_kind(teacher)
     pretrained = pretrained and weights is None
+    if kind == "adapter" and not pretrained and weights is None:
+        raise StrategyError(
+            f"Adapter {teacher!r} holds only the tensors it trained, and neither base weights nor pretrained=True "
+            "were given: it would sit on a randomly initialised backbone. Pass the base weights it was trained on "
+            "(teacher_weights / reference_weights / the reward's weights), or pretrained=True for the hub's."
+        )
     with teacher_loading_errors(teacher, kind):
         if kind == "timm":
             return load_timm_teacher(teacher, weights, pretrained)

@@ -7,6 +7,8 @@ Three sources, all built by :func:`build_reward` from what a recipe says under `
 * a callable ``reward(images, actions, targets, indices)`` given in Python;
 * a frozen reward model (``{"model": <.ckpt, adapter or nn.Module>}``): a classifier-shaped network whose output ``c``
   is the reward of action ``c`` (trained with the Bradley-Terry loss, :mod:`cvft.strategies.preference.reward_model`).
+  An adapter (or timm name) sits on base weights: ``weights: <file or source>``, else the hub's (``pretrained``,
+  true by default when no ``weights`` are given, as for a reference policy).
 
 Without one, the reward is ``1`` for the right label and ``0`` otherwise (cost matrix ``1 - I``).
 """
@@ -150,7 +152,9 @@ def build_reward(spec: RewardFn | Mapping[str, Any] | None) -> RewardFn:
 
         loader = teacher_loader()
         loader.check(str(model))
-        return ModelReward(loader.load(str(model), spec.get("weights"), bool(spec.get("pretrained", False))))
+        weights = spec.get("weights")
+        pretrained = bool(spec.get("pretrained", weights is None))  # base weights from the hub unless given
+        return ModelReward(loader.load(str(model), weights, pretrained))
     if callable(spec):
         return spec
     raise StrategyError(f"Cannot use {spec!r} as a reward: give {{cost_matrix: ...}}, {{model: ...}} or a callable.")
