@@ -6,11 +6,13 @@ model's pooled features (contrastive projection heads, feature distillation).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 
-__all__ = ["dense_conv_like", "feature_width", "set_submodule"]
+__all__ = ["dense_conv_like", "feature_width", "put_merged_back", "set_submodule"]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -27,6 +29,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def put_merged_back(model: nn.Module, wrappers: Mapping[str, nn.Module]) -> None:
+    """Replace each wrapper (by module name) with the plain layer its ``merged_base()`` gives, in place.
+
+    Example:
+        >>> class Wrapper(nn.Module):
+        ...     def merged_base(self):
+        ...         return nn.Identity()
+        >>> model = nn.Sequential(Wrapper())
+        >>> put_merged_back(model, {"0": model[0]})
+        >>> type(model[0]).__name__
+        'Identity'
+    """
+    for name, wrapper in wrappers.items():
+        set_submodule(model, name, wrapper.merged_base())
 
 
 def feature_width(model: nn.Module, needed_by: str = "This strategy", fix: str = "") -> int:

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable
-from cvft.strategies._modules import set_submodule
+from cvft.strategies._freeze import require_head, set_trainable, temporarily_trainable
+from cvft.strategies._modules import put_merged_back, set_submodule
 from cvft.strategies.base import LossFn, ParameterStrategy
 from cvft.strategies.filter_select.layer import FilterDeltaLayer
 from cvft.strategies.filter_select.selection import (
@@ -65,8 +65,7 @@ def merge_filter_select(model: nn.Module) -> nn.Module:
         >>> list(merge_filter_select(model).state_dict()) == keys
         True
     """
-    for name, layer in filter_select_layers(model).items():
-        set_submodule(model, name, layer.merged_base())
+    put_merged_back(model, filter_select_layers(model))
     return model
 
 
@@ -191,13 +190,7 @@ class FilterSelect(ParameterStrategy):
             )
             return
         weights = [layer.base.weight for layer in layers]
-        flags = [w.requires_grad for w in weights]
-        try:
-            for w in weights:
-                w.requires_grad_(True)
+        with temporarily_trainable(weights):
             scores = taylor_scores(model, weights, batches, loss_fn, self.calibration_batches)
-        finally:
-            for w, flag in zip(weights, flags, strict=True):
-                w.requires_grad_(flag)
         for layer, rows in zip(layers, top_rows(scores, self.k, self.scope), strict=True):
             layer.select(rows)
