@@ -24,6 +24,7 @@ from cvft.strategies.filter_select.selection import (
     top_rows,
 )
 from cvft.strategies.registry import register_strategy
+from cvft.strategies.sparse.selection import check_selection_options
 from cvft.strategies.targets import check_targets
 
 __all__ = ["FilterSelect", "filter_select_layers", "filter_selection", "merge_filter_select"]
@@ -131,12 +132,7 @@ class FilterSelect(ParameterStrategy):
                 f"filter_select: k is the fraction of output rows (filters) to train and must be in (0, 1], got "
                 f"{k!r}; e.g. k=0.1 trains the top 10% of the filters."
             )
-        if criterion not in CRITERIA:
-            raise StrategyError(f"filter_select: unknown criterion {criterion!r}; choose one of {list(CRITERIA)}.")
-        if scope not in SCOPES:
-            raise StrategyError(f"filter_select: unknown scope {scope!r}; choose one of {list(SCOPES)}.")
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise StrategyError(f"filter_select: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
+        check_selection_options("filter_select", criterion, CRITERIA, scope, SCOPES, calibration_batches)
         self.k = float(k)
         self.criterion = criterion
         self.scope = scope

@@ -19,6 +19,7 @@ from cvft.strategies.sparse.selection import (
     CRITERIA,
     SCOPES,
     budget_count,
+    check_selection_options,
     gradient_scores,
     selectable_layers,
     top_positions,
@@ -138,12 +139,7 @@ class SparseFineTune(ParameterStrategy):
             raise StrategyError(
                 f"sparse: a fractional budget must be in (0, 1), got {budget}; give an int for a count of entries."
             )
-        if criterion not in CRITERIA:
-            raise StrategyError(f"sparse: unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")
-        if scope not in SCOPES:
-            raise StrategyError(f"sparse: unknown scope {scope!r}; choose one of {list(SCOPES)}.")
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise StrategyError(f"sparse: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
+        check_selection_options("sparse", criterion, sorted(CRITERIA), scope, SCOPES, calibration_batches)
         targets = check_targets("sparse", targets, hint="'all' or module names / regexes")
         self.budget = budget
         self.criterion = criterion
