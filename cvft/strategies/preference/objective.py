@@ -117,24 +117,15 @@ class RolloutObjective(PolicyObjective):
     reward, over DDP ranks, to the scalars that returns.
 
     Args:
-        reward: See :class:`PolicyObjective`.
-        kl_coef: See :class:`PolicyObjective`.
-        reference: See :class:`PolicyObjective`.
-        reference_weights: See :class:`PolicyObjective`.
+        args: :class:`PolicyObjective`'s arguments.
         normalize_advantages: Divide the advantages by their standard deviation over the batch.
+        kwargs: :class:`PolicyObjective`'s arguments.
     """
 
     steps_itself = True
 
-    def __init__(
-        self,
-        reward: RewardSpec = None,
-        kl_coef: float = 0.0,
-        reference: ReferenceSpec = None,
-        reference_weights: str | None = None,
-        normalize_advantages: bool = True,
-    ) -> None:
-        super().__init__(reward, kl_coef, reference, reference_weights)
+    def __init__(self, *args: Any, normalize_advantages: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.normalize_advantages = bool(normalize_advantages)
 
     def update(

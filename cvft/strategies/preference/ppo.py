@@ -144,7 +144,7 @@ class PPO(RolloutObjective):
         reference: ReferenceSpec = None,
         reference_weights: str | None = None,
     ) -> None:
-        super().__init__(reward, kl_coef, reference, reference_weights, normalize_advantages)
+        super().__init__(reward, kl_coef, reference, reference_weights, normalize_advantages=normalize_advantages)
         if not 0 < clip < 1:
             raise StrategyError(f"ppo: clip must be in (0, 1) (0.1-0.3 is usual), got {clip}.")
         if epochs < 1 or minibatches < 1:

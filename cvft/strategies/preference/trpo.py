@@ -201,7 +201,7 @@ class TRPO(RolloutObjective):
         reference: ReferenceSpec = None,
         reference_weights: str | None = None,
     ) -> None:
-        super().__init__(reward, kl_coef, reference, reference_weights, normalize_advantages)
+        super().__init__(reward, kl_coef, reference, reference_weights, normalize_advantages=normalize_advantages)
         if not max_kl > 0:
             raise StrategyError(f"trpo: max_kl must be > 0 (0.001-0.05 is usual), got {max_kl}.")
         if not damping >= 0:
