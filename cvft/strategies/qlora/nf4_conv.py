@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvft.strategies._modules import dense_conv_like
-from cvft.strategies.qlora.nf4 import CopiesNF4Weights, _largest_divisor_at_most, require_torchao
+from cvft.strategies.qlora.nf4 import CopiesNF4Weights, set_nf4_weight
 
 __all__ = ["NF4Conv2d", "QUANTIZE_DEPTHWISE", "is_depthwise"]
 
@@ -46,9 +46,8 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     Args:
         conv: The convolution to quantise (its weight is read once and not kept).
-        block_size: Values sharing one absmax scale (64 in the QLoRA paper).
-        scaler_block_size: Scales sharing one second-level factor (256 in the paper); lowered to a divisor of the
-            number of blocks for small layers.
+        block_size: As for :class:`~cvft.strategies.qlora.NF4Linear`.
+        scaler_block_size: As for :class:`~cvft.strategies.qlora.NF4Linear`.
 
     Example:
         >>> import torch
@@ -63,7 +62,6 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, block_size: int = 64, scaler_block_size: int = 256) -> None:
         nn.Module.__init__(self)
-        _, _, to_nf4 = require_torchao()
         for attribute in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, attribute, getattr(conv, attribute))
         self.transposed, self.output_padding = False, conv.output_padding
@@ -77,10 +75,7 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
         self.padded = (-flat.numel()) % block_size
         if self.padded:
             flat = F.pad(flat.flatten(), (0, self.padded)).unsqueeze(0)
-        self.block_size = block_size
-        self.scaler_block_size = _largest_divisor_at_most(flat.numel() // block_size, scaler_block_size)
-        self.weight = nn.Parameter(to_nf4(flat.contiguous(), block_size, self.scaler_block_size), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        set_nf4_weight(self, flat.contiguous(), conv.bias, block_size, scaler_block_size)
 
     def dense_weight(self) -> Tensor:
         """The dequantised weight in the convolution's shape ``(out, in / groups, kh, kw)``."""
