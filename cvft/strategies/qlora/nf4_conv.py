@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvft.strategies._modules import dense_conv_like
+from cvft.strategies._modules import adopt_conv_geometry, conv_forward, dense_conv_like
 from cvft.strategies.qlora.nf4 import CopiesNF4Weights, set_nf4_weight
 
 __all__ = ["NF4Conv2d", "QUANTIZE_DEPTHWISE", "is_depthwise"]
@@ -62,13 +62,7 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, block_size: int = 64, scaler_block_size: int = 256) -> None:
         nn.Module.__init__(self)
-        for attribute in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, attribute, getattr(conv, attribute))
-        self.transposed, self.output_padding = False, conv.output_padding
-        self.padding_mode = conv.padding_mode
-        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        #: timm's Conv2dSame pads the input from its size at every call; the update path must do the same.
-        self.same_padding = type(conv).__name__ == "Conv2dSame"
+        adopt_conv_geometry(self, conv)  # same_padding: the update path must pad as a Conv2dSame does
         weight = conv.weight.detach()
         self.weight_shape = tuple(weight.shape)
         flat = weight.reshape(weight.shape[0], -1)
@@ -86,11 +80,7 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution with the dequantised weight (after "same" padding for a Conv2dSame)."""
-        if self.same_padding:
-            from timm.layers.conv2d_same import conv2d_same
-
-            return conv2d_same(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return self._conv_forward(x, self.dense_weight(), self.bias)
+        return conv_forward(self, x, self.dense_weight())
 
     def dequantize(self) -> nn.Conv2d:
         """A dense convolution of the same class and geometry with the dequantised weight (what a merge folds into)."""
