@@ -7,6 +7,7 @@ Example:
 """
 
 from cvft._deprecation import moved_names
+from cvft.strategies import freezing as _freezing
 from cvft.strategies.adapters import ConvAdapter, SharedAdapter, ViTAdapter, remove_adapters
 from cvft.strategies.apply import apply_strategies
 from cvft.strategies.base import ParameterStrategy, Strategy, StrategyStack
@@ -17,7 +18,7 @@ from cvft.strategies.contrastive import SupCon, supcon_loss
 from cvft.strategies.distillation import Distillation, feature_distillation_loss, kd_loss
 from cvft.strategies.domain import AdaBN, AdaBNCallback, PseudoLabel, adabn
 from cvft.strategies.filter_select import FilterSelect, merge_filter_select
-from cvft.strategies.freezing import (
+from cvft.strategies.freezing import (  # the package exports all of _freezing.__all__
     BitFit,
     ClassifierOnly,
     EmbeddingOnly,
@@ -87,14 +88,7 @@ __all__ = [
     "build_param_groups",
     "add_param_groups",
     "no_weight_decay_names",
-    "FreezingStrategy",
-    "FullFineTune",
-    "LinearProbe",
-    "ClassifierOnly",
-    "FreezeLayers",
-    "BitFit",
-    "NormOnly",
-    "EmbeddingOnly",
+    *_freezing.__all__,
     "GradualUnfreeze",
     "LayerwiseLRDecay",
     "LoRA",

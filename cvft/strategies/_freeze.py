@@ -8,9 +8,10 @@ cvft's modules, on someone else's LightningModule and in a hand-written loop ali
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cvft.backbones.layer_groups import head_parameter_names
@@ -47,6 +48,31 @@ def set_trainable(model: nn.Module, trainable_names: Iterable[str]) -> None:
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that currently require gradients."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@contextmanager
+def temporarily_trainable(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Set ``requires_grad`` on ``tensors`` inside the block and restore each one's own flag after it.
+
+    What a data criterion needs to take gradients of frozen base weights (``sparse``, ``filter_select``).
+
+    Example:
+        >>> import torch
+        >>> weight = torch.zeros(2)
+        >>> with temporarily_trainable([weight]):
+        ...     weight.requires_grad
+        True
+        >>> weight.requires_grad
+        False
+    """
+    flags = [t.requires_grad for t in tensors]
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t, flag in zip(tensors, flags, strict=True):
+            t.requires_grad_(flag)
 
 
 def _keep_eval(module: nn.Module, args: tuple) -> None:

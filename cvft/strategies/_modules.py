@@ -6,11 +6,21 @@ model's pooled features (contrastive projection heads, feature distillation).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 
-__all__ = ["dense_conv_like", "feature_width", "set_submodule"]
+__all__ = [
+    "adopt_conv_geometry",
+    "conv_forward",
+    "dense_conv_like",
+    "feature_width",
+    "is_conv2d_same",
+    "put_merged_back",
+    "set_submodule",
+]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -27,6 +37,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def put_merged_back(model: nn.Module, wrappers: Mapping[str, nn.Module]) -> None:
+    """Replace each wrapper (by module name) with the plain layer its ``merged_base()`` gives, in place.
+
+    Example:
+        >>> class Wrapper(nn.Module):
+        ...     def merged_base(self):
+        ...         return nn.Identity()
+        >>> model = nn.Sequential(Wrapper())
+        >>> put_merged_back(model, {"0": model[0]})
+        >>> type(model[0]).__name__
+        'Identity'
+    """
+    for name, wrapper in wrappers.items():
+        set_submodule(model, name, wrapper.merged_base())
 
 
 def feature_width(model: nn.Module, needed_by: str = "This strategy", fix: str = "") -> int:
@@ -52,6 +78,47 @@ def feature_width(model: nn.Module, needed_by: str = "This strategy", fix: str =
             f"{type(model).__name__} does not.{' ' + fix if fix else ''}"
         )
     return int(width)
+
+
+def is_conv2d_same(module: nn.Module) -> bool:
+    """Whether ``module`` is timm's ``Conv2dSame`` (TF "same" padding, computed from the input's size)."""
+    return type(module).__name__ == "Conv2dSame"
+
+
+def adopt_conv_geometry(module: nn.Conv2d, conv: nn.Conv2d) -> None:
+    """Copy ``conv``'s geometry onto ``module``, a ``nn.Conv2d`` subclass set up by ``nn.Module.__init__`` alone.
+
+    ``nn.Conv2d``'s methods (``_conv_forward``, ``extra_repr``) then work on ``module``; ``module.same_padding``
+    records whether ``conv`` is timm's ``Conv2dSame``, which pads the input from its size at every call. What the
+    quantised convolutions (NF4, fake-quantised) do before storing their own weight.
+
+    Example:
+        >>> class Bare(nn.Conv2d):
+        ...     def __init__(self, conv):
+        ...         nn.Module.__init__(self)
+        ...         adopt_conv_geometry(self, conv)
+        ...         self.weight, self.bias = conv.weight, conv.bias
+        >>> Bare(nn.Conv2d(2, 4, 3, stride=2)).extra_repr()
+        '2, 4, kernel_size=(3, 3), stride=(2, 2)'
+    """
+    for attribute in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        setattr(module, attribute, getattr(conv, attribute))
+    module.transposed, module.output_padding = False, conv.output_padding
+    module.padding_mode = conv.padding_mode
+    module._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+    module.same_padding = is_conv2d_same(conv)
+
+
+def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> Tensor:
+    """``conv``'s convolution of ``x`` with ``weight`` and its bias, after "same" padding where ``conv.same_padding``.
+
+    For the convolutions set up by :func:`adopt_conv_geometry`.
+    """
+    if conv.same_padding:
+        from timm.layers.conv2d_same import conv2d_same
+
+        return conv2d_same(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv._conv_forward(x, weight, conv.bias)
 
 
 def dense_conv_like(conv: nn.Conv2d, weight: Tensor, same_padding: bool = False) -> nn.Conv2d:

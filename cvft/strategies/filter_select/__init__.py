@@ -8,8 +8,11 @@ Example:
     True
 """
 
+from cvft.strategies.filter_select import selection as _selection
 from cvft.strategies.filter_select.layer import FilterDeltaLayer
-from cvft.strategies.filter_select.selection import (
+from cvft.strategies.filter_select.selection import (  # the package exports all of _selection.__all__
+    CRITERIA,
+    SCOPES,
     bn_scale_scores,
     filter_layers,
     l1_scores,
@@ -27,12 +30,7 @@ from cvft.strategies.filter_select.strategy import (
 __all__ = [
     "FilterSelect",
     "FilterDeltaLayer",
-    "filter_layers",
-    "row_count",
-    "l1_scores",
-    "bn_scale_scores",
-    "taylor_scores",
-    "top_rows",
+    *_selection.__all__,
     "filter_select_layers",
     "filter_selection",
     "merge_filter_select",

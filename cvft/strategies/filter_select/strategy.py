@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable
-from cvft.strategies._modules import set_submodule
+from cvft.strategies._freeze import require_head, set_trainable, temporarily_trainable
+from cvft.strategies._modules import put_merged_back, set_submodule
 from cvft.strategies.base import LossFn, ParameterStrategy
 from cvft.strategies.filter_select.layer import FilterDeltaLayer
 from cvft.strategies.filter_select.selection import (
@@ -24,6 +24,7 @@ from cvft.strategies.filter_select.selection import (
     top_rows,
 )
 from cvft.strategies.registry import register_strategy
+from cvft.strategies.sparse.selection import check_selection_options
 from cvft.strategies.targets import check_targets
 
 __all__ = ["FilterSelect", "filter_select_layers", "filter_selection", "merge_filter_select"]
@@ -65,8 +66,7 @@ def merge_filter_select(model: nn.Module) -> nn.Module:
         >>> list(merge_filter_select(model).state_dict()) == keys
         True
     """
-    for name, layer in filter_select_layers(model).items():
-        set_submodule(model, name, layer.merged_base())
+    put_merged_back(model, filter_select_layers(model))
     return model
 
 
@@ -132,12 +132,7 @@ class FilterSelect(ParameterStrategy):
                 f"filter_select: k is the fraction of output rows (filters) to train and must be in (0, 1], got "
                 f"{k!r}; e.g. k=0.1 trains the top 10% of the filters."
             )
-        if criterion not in CRITERIA:
-            raise StrategyError(f"filter_select: unknown criterion {criterion!r}; choose one of {list(CRITERIA)}.")
-        if scope not in SCOPES:
-            raise StrategyError(f"filter_select: unknown scope {scope!r}; choose one of {list(SCOPES)}.")
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise StrategyError(f"filter_select: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
+        check_selection_options("filter_select", criterion, CRITERIA, scope, SCOPES, calibration_batches)
         self.k = float(k)
         self.criterion = criterion
         self.scope = scope
@@ -191,13 +186,7 @@ class FilterSelect(ParameterStrategy):
             )
             return
         weights = [layer.base.weight for layer in layers]
-        flags = [w.requires_grad for w in weights]
-        try:
-            for w in weights:
-                w.requires_grad_(True)
+        with temporarily_trainable(weights):
             scores = taylor_scores(model, weights, batches, loss_fn, self.calibration_batches)
-        finally:
-            for w, flag in zip(weights, flags, strict=True):
-                w.requires_grad_(flag)
         for layer, rows in zip(layers, top_rows(scores, self.k, self.scope), strict=True):
             layer.select(rows)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
+from cvft.strategies._modules import is_conv2d_same
 
 __all__ = ["LowRankLayer", "check_low_rank_hyperparameters", "low_rank_scaling"]
 
@@ -56,11 +57,6 @@ def low_rank_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
         (2.0, 4.0)
     """
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def is_conv2d_same(module: nn.Module) -> bool:
-    """Whether ``module`` is timm's ``Conv2dSame`` (TF "same" padding, computed from the input's size)."""
-    return type(module).__name__ == "Conv2dSame"
 
 
 def is_quantized_conv(module: nn.Module) -> bool:

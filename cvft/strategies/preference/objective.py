@@ -1,18 +1,25 @@
-"""What the preference objectives share: a reward, a frozen reference policy and their recorded configuration."""
+"""What the preference objectives share: a reward, a frozen reference policy and their recorded configuration.
+
+The objectives that take their own optimisation steps on a rollout of each batch (``ppo``, ``trpo``) also share
+the step's plumbing, :class:`RolloutObjective`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies.base import Strategy
+from cvft.strategies.preference._distributed import mean_across_ranks
+from cvft.strategies.preference.policy import is_multi_label
 from cvft.strategies.preference.reference import ReferencePolicy
 from cvft.strategies.preference.rewards import RewardFn, build_reward
+from cvft.strategies.preference.rollout import Rollout, collect_rollout
 
-__all__ = ["PolicyObjective", "RewardSpec", "ReferenceSpec"]
+__all__ = ["PolicyObjective", "RolloutObjective", "RewardSpec", "ReferenceSpec"]
 
 #: A strategy's ``reward`` option: ``{"cost_matrix": [[...]]}``, ``{"model": ...}``, a callable or ``None``.
 RewardSpec = Mapping[str, Any] | RewardFn | None
@@ -83,6 +90,11 @@ class PolicyObjective(Strategy):
         """The frozen reference policy."""
         return self._reference
 
+    @property
+    def current_kl_coef(self) -> float:
+        """The KL coefficient in force (``kl_coef`` unless a subclass adapts it)."""
+        return self.kl_coef
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments as primitives (a callable or module is recorded by its name)."""
         return {key: _recorded(value) for key, value in super().config().items()}
@@ -94,3 +106,47 @@ class PolicyObjective(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._reference.load_state_dict(state.get("reference", {}))
+
+
+class RolloutObjective(PolicyObjective):
+    """Base of the objectives that take their own optimisation steps on a rollout of each training batch.
+
+    :meth:`optimisation_step` collects the rollout
+    (:func:`~cvft.strategies.preference.rollout.collect_rollout`; with the reference policy's logits while
+    :attr:`~PolicyObjective.current_kl_coef` is positive), hands it to :meth:`update` and adds the batch's mean
+    reward, over DDP ranks, to the scalars that returns.
+
+    Args:
+        args: :class:`PolicyObjective`'s arguments.
+        normalize_advantages: Divide the advantages by their standard deviation over the batch.
+        kwargs: :class:`PolicyObjective`'s arguments.
+    """
+
+    steps_itself = True
+
+    def __init__(self, *args: Any, normalize_advantages: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.normalize_advantages = bool(normalize_advantages)
+
+    def update(
+        self, model: nn.Module, images: Tensor, rollout: Rollout, optimizer_step: Callable[[], None]
+    ) -> dict[str, Tensor]:
+        """Train ``model`` on ``rollout`` (collected on ``images``); return scalars to log, by name."""
+        raise NotImplementedError
+
+    def optimisation_step(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        targets: Tensor | None,
+        indices: Tensor | None,
+        optimizer_step: Callable[[], None],
+    ) -> dict[str, Tensor]:
+        """Collect a rollout on ``images`` and :meth:`update` on it; the scalars include the mean ``reward``."""
+        reference = self.reference_policy if self.current_kl_coef > 0 else None
+        rollout = collect_rollout(
+            model, images, targets, self.reward_fn, is_multi_label(targets), reference, indices,
+            self.normalize_advantages,
+        )  # fmt: skip
+        stats = self.update(model, images, rollout, optimizer_step)
+        return {"reward": mean_across_ranks(rollout.rewards.mean()), **stats}

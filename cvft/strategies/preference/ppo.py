@@ -28,14 +28,9 @@ from cvft.errors import StrategyError
 from cvft.strategies.base import eval_mode
 from cvft.strategies.preference._distributed import mean_across_ranks
 from cvft.strategies.preference.losses import kl_penalty, ppo_clip_loss
-from cvft.strategies.preference.objective import PolicyObjective, ReferenceSpec, RewardSpec
-from cvft.strategies.preference.policy import action_log_probs, is_multi_label, policy_entropy
-from cvft.strategies.preference.rollout import (
-    Rollout,
-    collect_rollout,
-    gradient_step,
-    trainable_parameters,
-)
+from cvft.strategies.preference.objective import ReferenceSpec, RewardSpec, RolloutObjective
+from cvft.strategies.preference.policy import action_log_probs, policy_entropy
+from cvft.strategies.preference.rollout import Rollout, gradient_step, trainable_parameters
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["PPO", "ppo_update", "adapt_kl_coef"]
@@ -74,6 +69,7 @@ def ppo_update(
         >>> import torch
         >>> model = torch.nn.Linear(2, 2)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> from cvft.strategies.preference.rollout import collect_rollout
         >>> rollout = collect_rollout(model, torch.randn(8, 2), torch.zeros(8, dtype=torch.long),
         ...                           lambda x, a, t, i: (a == t).float(), multi_label=False)
         >>> stats = ppo_update(model, rollout, lambda: (optimizer.step(), optimizer.zero_grad()), epochs=2)
@@ -104,7 +100,7 @@ def ppo_update(
 
 
 @register_strategy
-class PPO(PolicyObjective):
+class PPO(RolloutObjective):
     """PPO with the clipped surrogate, a KL penalty to the reference and an entropy bonus (see the module docstring).
 
     Compared with supervised fine-tuning, the model maximises the expected reward of labels sampled from itself,
@@ -134,7 +130,6 @@ class PPO(PolicyObjective):
     """
 
     name = "ppo"
-    steps_itself = True
 
     def __init__(
         self,
@@ -149,7 +144,7 @@ class PPO(PolicyObjective):
         reference: ReferenceSpec = None,
         reference_weights: str | None = None,
     ) -> None:
-        super().__init__(reward, kl_coef, reference, reference_weights)
+        super().__init__(reward, kl_coef, reference, reference_weights, normalize_advantages=normalize_advantages)
         if not 0 < clip < 1:
             raise StrategyError(f"ppo: clip must be in (0, 1) (0.1-0.3 is usual), got {clip}.")
         if epochs < 1 or minibatches < 1:
@@ -165,7 +160,6 @@ class PPO(PolicyObjective):
         self.minibatches = int(minibatches)
         self.kl_target = None if kl_target is None else float(kl_target)
         self.entropy_coef = float(entropy_coef)
-        self.normalize_advantages = bool(normalize_advantages)
         self._kl_coef = self.kl_coef  # the adapted value; ``kl_coef`` keeps what was configured
 
     @property
@@ -173,24 +167,13 @@ class PPO(PolicyObjective):
         """The KL coefficient in force (adapted with ``kl_target``)."""
         return self._kl_coef
 
-    def optimisation_step(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        targets: Tensor | None,
-        indices: Tensor | None,
-        optimizer_step: Callable[[], None],
+    def update(
+        self, model: nn.Module, images: Tensor, rollout: Rollout, optimizer_step: Callable[[], None]
     ) -> dict[str, Tensor]:
-        """Collect a rollout on ``images`` and run :func:`ppo_update` on it; adapt the KL coefficient."""
-        needs_reference = self._kl_coef > 0
-        rollout = collect_rollout(
-            model, images, targets, self.reward_fn, is_multi_label(targets),
-            self.reference_policy if needs_reference else None, indices, self.normalize_advantages,
-        )  # fmt: skip
+        """Run :func:`ppo_update` on the rollout; measure the KL to the reference and adapt its coefficient."""
         stats = ppo_update(
             model, rollout, optimizer_step, self.epochs, self.minibatches, self.clip, self._kl_coef, self.entropy_coef
         )
-        stats["reward"] = mean_across_ranks(rollout.rewards.mean())
         if rollout.reference_logits is not None:
             with eval_mode(model), torch.no_grad():
                 kl = mean_across_ranks(kl_penalty(model(images), rollout.reference_logits, rollout.multi_label))

@@ -29,9 +29,9 @@ from cvft.errors import StrategyError
 from cvft.strategies.base import eval_mode
 from cvft.strategies.preference._distributed import average_gradients, mean_across_ranks
 from cvft.strategies.preference.losses import kl_penalty
-from cvft.strategies.preference.objective import PolicyObjective, ReferenceSpec, RewardSpec
-from cvft.strategies.preference.policy import action_log_probs, is_multi_label, policy_kl
-from cvft.strategies.preference.rollout import Rollout, collect_rollout, trainable_parameters
+from cvft.strategies.preference.objective import ReferenceSpec, RewardSpec, RolloutObjective
+from cvft.strategies.preference.policy import action_log_probs, policy_kl
+from cvft.strategies.preference.rollout import Rollout, trainable_parameters
 from cvft.strategies.registry import register_strategy
 
 __all__ = ["TRPO", "TRPOStep", "conjugate_gradient", "trpo_step"]
@@ -110,6 +110,7 @@ def trpo_step(
         >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(2, 3)
+        >>> from cvft.strategies.preference.rollout import collect_rollout
         >>> rollout = collect_rollout(model, torch.randn(16, 2), torch.zeros(16, dtype=torch.long),
         ...                           lambda x, a, t, i: (a == t).float(), multi_label=False)
         >>> step = trpo_step(model, rollout, max_kl=0.01)
@@ -162,7 +163,7 @@ def trpo_step(
 
 
 @register_strategy
-class TRPO(PolicyObjective):
+class TRPO(RolloutObjective):
     """TRPO on the trainable parameters (see the module docstring).
 
     Compared with supervised fine-tuning, the model maximises the expected reward of labels sampled from itself,
@@ -187,7 +188,6 @@ class TRPO(PolicyObjective):
     """
 
     name = "trpo"
-    steps_itself = True
 
     def __init__(
         self,
@@ -201,7 +201,7 @@ class TRPO(PolicyObjective):
         reference: ReferenceSpec = None,
         reference_weights: str | None = None,
     ) -> None:
-        super().__init__(reward, kl_coef, reference, reference_weights)
+        super().__init__(reward, kl_coef, reference, reference_weights, normalize_advantages=normalize_advantages)
         if not max_kl > 0:
             raise StrategyError(f"trpo: max_kl must be > 0 (0.001-0.05 is usual), got {max_kl}.")
         if not damping >= 0:
@@ -212,28 +212,16 @@ class TRPO(PolicyObjective):
         self.damping = float(damping)
         self.cg_iterations = int(cg_iterations)
         self.backtracks = int(backtracks)
-        self.normalize_advantages = bool(normalize_advantages)
 
-    def optimisation_step(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        targets: Tensor | None,
-        indices: Tensor | None,
-        optimizer_step: Callable[[], None],
+    def update(
+        self, model: nn.Module, images: Tensor, rollout: Rollout, optimizer_step: Callable[[], None]
     ) -> dict[str, Tensor]:
-        """Collect a rollout and take one :func:`trpo_step`; then ``optimizer_step()`` with no gradients (a count)."""
-        reference = self.reference_policy if self.kl_coef > 0 else None
-        rollout = collect_rollout(
-            model, images, targets, self.reward_fn, is_multi_label(targets), reference, indices,
-            self.normalize_advantages,
-        )  # fmt: skip
+        """Take one :func:`trpo_step` on the rollout; then ``optimizer_step()`` with no gradients (a count)."""
         step = trpo_step(model, rollout, self.max_kl, self.damping, self.cg_iterations, self.backtracks, self.kl_coef)
         for param in model.parameters():
             param.grad = None
         optimizer_step()
         return {
-            "reward": mean_across_ranks(rollout.rewards.mean()),
             "kl_old": torch.tensor(step.kl),
             "improvement": torch.tensor(step.improvement),
             "step_fraction": torch.tensor(step.step_fraction),

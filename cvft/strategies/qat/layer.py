@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cvft.strategies._modules import dense_conv_like
-from cvft.strategies.lowrank.layer import is_conv2d_same
+from cvft.strategies._modules import adopt_conv_geometry, conv_forward, dense_conv_like
 from cvft.strategies.qat.fake_quant import (
     PerPixelFakeQuantizer,
     activation_fake_quantizer,
@@ -98,12 +97,7 @@ class QATConv2d(nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, activations: str | None = None) -> None:
         nn.Module.__init__(self)
-        for attribute in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, attribute, getattr(conv, attribute))
-        self.transposed, self.output_padding = False, conv.output_padding
-        self.padding_mode = conv.padding_mode
-        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self.same_padding = is_conv2d_same(conv)
+        adopt_conv_geometry(self, conv)
         self.weight, self.bias = conv.weight, conv.bias
         quantizer = activation_fake_quantizer(activations)
         self.activation_fake_quantizer = None if quantizer is None else PerPixelFakeQuantizer(quantizer)
@@ -118,12 +112,7 @@ class QATConv2d(nn.Conv2d):
         """The convolution of the (fake-quantised) input with the fake-quantised weight."""
         if self.activation_fake_quantizer is not None:
             x = self.activation_fake_quantizer(x)
-        weight = self.fake_quantized_weight()
-        if self.same_padding:
-            from timm.layers.conv2d_same import conv2d_same
-
-            return conv2d_same(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return self._conv_forward(x, weight, self.bias)
+        return conv_forward(self, x, self.fake_quantized_weight())
 
     def dequantize(self) -> nn.Conv2d:
         """A frozen dense convolution holding the fake-quantised weight (inputs no longer fake-quantised)."""

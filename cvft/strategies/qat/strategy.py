@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._modules import set_submodule
+from cvft.strategies._modules import is_conv2d_same, set_submodule
 from cvft.strategies.base import Strategy
-from cvft.strategies.lowrank.layer import LowRankLayer, is_conv2d_same
+from cvft.strategies.lowrank.layer import LowRankLayer
 from cvft.strategies.lowrank.targets import find_low_rank_targets, low_rank_candidates
 from cvft.strategies.qat.fake_quant import ACTIVATION_SCHEMES, activation_fake_quantizer
 from cvft.strategies.registry import register_strategy

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 
-__all__ = ["NF4Linear", "CopiesNF4Weights", "clone_nf4", "nf4_nbytes", "require_torchao"]
+__all__ = ["NF4Linear", "CopiesNF4Weights", "clone_nf4", "nf4_nbytes", "require_torchao", "set_nf4_weight"]
 
 
 def require_torchao():
@@ -56,6 +56,21 @@ def clone_nf4(weight: Tensor) -> Tensor:
     nf4_tensor, _, _ = require_torchao()
     names, context = weight.__tensor_flatten__()
     return nf4_tensor.__tensor_unflatten__({name: getattr(weight, name).clone() for name in names}, context, None, None)
+
+
+def set_nf4_weight(
+    module: nn.Module, matrix: Tensor, bias: Tensor | None, block_size: int, scaler_block_size: int
+) -> None:
+    """Give ``module`` a frozen NF4 ``weight`` holding ``matrix`` (2-D, whole blocks) and a frozen copy of ``bias``.
+
+    Also records ``block_size`` and the ``scaler_block_size`` in force: the one asked for, lowered to a divisor of the
+    number of blocks for small layers.
+    """
+    _, _, to_nf4 = require_torchao()
+    module.block_size = block_size
+    module.scaler_block_size = _largest_divisor_at_most(matrix.numel() // block_size, scaler_block_size)
+    module.weight = nn.Parameter(to_nf4(matrix, block_size, module.scaler_block_size), requires_grad=False)
+    module.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
 class CopiesNF4Weights:
@@ -105,19 +120,14 @@ class NF4Linear(CopiesNF4Weights, nn.Linear):
 
     def __init__(self, linear: nn.Linear, block_size: int = 64, scaler_block_size: int = 256) -> None:
         nn.Module.__init__(self)
-        _, _, to_nf4 = require_torchao()
         weight = linear.weight.detach()
         if weight.numel() % block_size:
             raise StrategyError(
                 f"qlora: a {tuple(weight.shape)} weight does not split into NF4 blocks of {block_size}; "
                 "choose a block_size that divides it or leave this layer out of `targets`."
             )
-        blocks = weight.numel() // block_size
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.block_size = block_size
-        self.scaler_block_size = _largest_divisor_at_most(blocks, scaler_block_size)
-        self.weight = nn.Parameter(to_nf4(weight, block_size, self.scaler_block_size), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        set_nf4_weight(self, weight, linear.bias, block_size, scaler_block_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x @ dequantise(W).T + b``, without materialising ``W`` for the backward pass."""

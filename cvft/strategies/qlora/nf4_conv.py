@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvft.strategies._modules import dense_conv_like
-from cvft.strategies.qlora.nf4 import CopiesNF4Weights, _largest_divisor_at_most, require_torchao
+from cvft.strategies._modules import adopt_conv_geometry, conv_forward, dense_conv_like
+from cvft.strategies.qlora.nf4 import CopiesNF4Weights, set_nf4_weight
 
 __all__ = ["NF4Conv2d", "QUANTIZE_DEPTHWISE", "is_depthwise"]
 
@@ -46,9 +46,8 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     Args:
         conv: The convolution to quantise (its weight is read once and not kept).
-        block_size: Values sharing one absmax scale (64 in the QLoRA paper).
-        scaler_block_size: Scales sharing one second-level factor (256 in the paper); lowered to a divisor of the
-            number of blocks for small layers.
+        block_size: As for :class:`~cvft.strategies.qlora.NF4Linear`.
+        scaler_block_size: As for :class:`~cvft.strategies.qlora.NF4Linear`.
 
     Example:
         >>> import torch
@@ -63,24 +62,14 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, block_size: int = 64, scaler_block_size: int = 256) -> None:
         nn.Module.__init__(self)
-        _, _, to_nf4 = require_torchao()
-        for attribute in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, attribute, getattr(conv, attribute))
-        self.transposed, self.output_padding = False, conv.output_padding
-        self.padding_mode = conv.padding_mode
-        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        #: timm's Conv2dSame pads the input from its size at every call; the update path must do the same.
-        self.same_padding = type(conv).__name__ == "Conv2dSame"
+        adopt_conv_geometry(self, conv)  # same_padding: the update path must pad as a Conv2dSame does
         weight = conv.weight.detach()
         self.weight_shape = tuple(weight.shape)
         flat = weight.reshape(weight.shape[0], -1)
         self.padded = (-flat.numel()) % block_size
         if self.padded:
             flat = F.pad(flat.flatten(), (0, self.padded)).unsqueeze(0)
-        self.block_size = block_size
-        self.scaler_block_size = _largest_divisor_at_most(flat.numel() // block_size, scaler_block_size)
-        self.weight = nn.Parameter(to_nf4(flat.contiguous(), block_size, self.scaler_block_size), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        set_nf4_weight(self, flat.contiguous(), conv.bias, block_size, scaler_block_size)
 
     def dense_weight(self) -> Tensor:
         """The dequantised weight in the convolution's shape ``(out, in / groups, kh, kw)``."""
@@ -91,11 +80,7 @@ class NF4Conv2d(CopiesNF4Weights, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution with the dequantised weight (after "same" padding for a Conv2dSame)."""
-        if self.same_padding:
-            from timm.layers.conv2d_same import conv2d_same
-
-            return conv2d_same(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return self._conv_forward(x, self.dense_weight(), self.bias)
+        return conv_forward(self, x, self.dense_weight())
 
     def dequantize(self) -> nn.Conv2d:
         """A dense convolution of the same class and geometry with the dequantised weight (what a merge folds into)."""

@@ -29,6 +29,7 @@ from cvft.strategies.targets import candidate_layers, every_candidate, resolve_t
 __all__ = [
     "CRITERIA",
     "SCOPES",
+    "check_selection_options",
     "selectable_layers",
     "budget_count",
     "per_tensor_counts",
@@ -145,6 +146,30 @@ def top_positions(scores: Sequence[Tensor], count: int, scope: str) -> Tensor:
             offset += score.numel()
         chosen = torch.cat(parts)
     return chosen.sort().values
+
+
+def check_selection_options(
+    method: str, criterion: str, criteria: Sequence[str], scope: str, scopes: Sequence[str], calibration_batches: int
+) -> None:
+    """Refuse a ``criterion`` or ``scope`` outside its choices, or ``calibration_batches`` that is not an int >= 1.
+
+    What the selective strategies (``sparse``, ``filter_select``) check alike; ``method`` names the strategy in the
+    error.
+
+    Example:
+        >>> from cvft.errors import StrategyError
+        >>> try:
+        ...     check_selection_options("sparse", "fisher", ["magnitude"], "global", ["global"], 8)
+        ... except StrategyError as error:
+        ...     print(error)
+        sparse: unknown criterion 'fisher'; choose one of ['magnitude'].
+    """
+    if criterion not in criteria:
+        raise StrategyError(f"{method}: unknown criterion {criterion!r}; choose one of {list(criteria)}.")
+    if scope not in scopes:
+        raise StrategyError(f"{method}: unknown scope {scope!r}; choose one of {list(scopes)}.")
+    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise StrategyError(f"{method}: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
 
 
 def calibration_pair(batch: object, method: str = "sparse") -> tuple[Tensor, Tensor]:

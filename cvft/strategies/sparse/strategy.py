@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from cvft.errors import StrategyError
-from cvft.strategies._freeze import require_head, set_trainable
-from cvft.strategies._modules import set_submodule
+from cvft.strategies._freeze import require_head, set_trainable, temporarily_trainable
+from cvft.strategies._modules import put_merged_back, set_submodule
 from cvft.strategies.base import LossFn, ParameterStrategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.sparse.layer import SparseDelta, SparseDeltaLayer
@@ -19,6 +19,7 @@ from cvft.strategies.sparse.selection import (
     CRITERIA,
     SCOPES,
     budget_count,
+    check_selection_options,
     gradient_scores,
     selectable_layers,
     top_positions,
@@ -76,8 +77,7 @@ def merge_sparse(model: nn.Module) -> nn.Module:
         >>> list(merge_sparse(model).state_dict()) == keys
         True
     """
-    for name, layer in sparse_layers(model).items():
-        set_submodule(model, name, layer.merged_base())
+    put_merged_back(model, sparse_layers(model))
     if isinstance(getattr(model, SPARSE_DELTA_ATTR, None), SparseDelta):
         delattr(model, SPARSE_DELTA_ATTR)
     return model
@@ -139,12 +139,7 @@ class SparseFineTune(ParameterStrategy):
             raise StrategyError(
                 f"sparse: a fractional budget must be in (0, 1), got {budget}; give an int for a count of entries."
             )
-        if criterion not in CRITERIA:
-            raise StrategyError(f"sparse: unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")
-        if scope not in SCOPES:
-            raise StrategyError(f"sparse: unknown scope {scope!r}; choose one of {list(SCOPES)}.")
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise StrategyError(f"sparse: calibration_batches must be an int >= 1, got {calibration_batches!r}.")
+        check_selection_options("sparse", criterion, sorted(CRITERIA), scope, SCOPES, calibration_batches)
         targets = check_targets("sparse", targets, hint="'all' or module names / regexes")
         self.budget = budget
         self.criterion = criterion
@@ -188,14 +183,8 @@ class SparseFineTune(ParameterStrategy):
             _logger.warning("sparse: the sparse update is already trained; keeping its selection (no calibration).")
             return
         weights = [layer.base.weight for layer in sparse_layers(model).values()]
-        flags = [w.requires_grad for w in weights]
-        try:
-            for w in weights:
-                w.requires_grad_(True)
+        with temporarily_trainable(weights):
             scores = gradient_scores(
                 model, weights, batches, loss_fn, self.calibration_batches, squared=CRITERIA[self.criterion] == "fisher"
             )
-        finally:
-            for w, flag in zip(weights, flags, strict=True):
-                w.requires_grad_(flag)
         owner.select(top_positions(scores, owner.values.numel(), self.scope))
