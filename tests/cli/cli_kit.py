@@ -1,10 +1,11 @@
-"""Command lines for in-process ``cvft`` runs on the tiny shapes folder of ``conftest.py``."""
+"""Command lines for in-process ``cvft`` runs on the tiny shapes folder of ``conftest.py``, and other tiny inputs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,6 +34,20 @@ def cvft_args(
         f"--trainer.default_root_dir={out}",
         *extra,
     ]
+
+
+def tiny_medmnist(path: Path, sizes: tuple[int, int, int]) -> Path:
+    """A MedMNIST-style ``.npz`` of 28 px grey images, ``sizes`` (train, val, test) of them, two classes: a bright
+    square marks class 1."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), sizes, strict=True):
+        labels = np.arange(count) % 2
+        images = rng.integers(0, 60, size=(count, 28, 28), dtype=np.uint8)
+        images[labels == 1, 8:20, 8:20] = 220
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(path, **arrays)
+    return path
 
 
 class WorseEachEpoch(pl.LightningModule):

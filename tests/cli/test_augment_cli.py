@@ -9,12 +9,11 @@ import csv
 from pathlib import Path
 
 import albumentations as A
-import numpy as np
 import pytest
 import torch
 import yaml
 from albumentations.pytorch import ToTensorV2
-from cli_kit import cvft_args
+from cli_kit import cvft_args, tiny_medmnist
 
 from cvft.checkpoints import load_module
 from cvft.cli import main
@@ -156,18 +155,6 @@ def test_bad_augmentation_values_exit_with_code_2(shapes_folder, resnet_weights,
     assert expected in err and "Traceback" not in err
 
 
-def _tiny_medmnist(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, count in (("train", 16), ("val", 8), ("test", 8)):
-        labels = np.arange(count) % 2
-        images = rng.integers(0, 60, size=(count, 28, 28), dtype=np.uint8)
-        images[labels == 1, 8:20, 8:20] = 220
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
-    np.savez(path, **arrays)
-    return path
-
-
 def _medical_args(npz: Path, out: Path, *extra: str) -> list[str]:
     return [
         "fit",
@@ -189,7 +176,7 @@ def _medical_args(npz: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_medical_fit_with_a_policy_and_random_erasing_saves_them(tmp_path):
-    npz = _tiny_medmnist(tmp_path / "tiny.npz")
+    npz = tiny_medmnist(tmp_path / "tiny.npz", (16, 8, 8))
     main(_medical_args(npz, tmp_path / "runs", "--data.augment=trivialaugment", "--data.random_erasing=0.25"))
     checkpoint = torch.load(tmp_path / "runs" / "cvft" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     saved = checkpoint["datamodule_hyper_parameters"]
@@ -197,7 +184,7 @@ def test_medical_fit_with_a_policy_and_random_erasing_saves_them(tmp_path):
 
 
 def test_a_natural_image_preset_on_medical_data_exits_with_code_2(tmp_path, capsys):
-    npz = _tiny_medmnist(tmp_path / "tiny.npz")
+    npz = tiny_medmnist(tmp_path / "tiny.npz", (16, 8, 8))
     with pytest.raises(SystemExit) as exit_info:
         main(_medical_args(npz, tmp_path / "runs", "--data.augment=strong"))
     err = capsys.readouterr().err

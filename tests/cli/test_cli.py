@@ -33,6 +33,14 @@ def _fit_args(shapes_folder: Path, weights: Path, out: Path, *extra: str) -> lis
     return cvft_args("fit", shapes_folder, weights, out, *extra, epochs=2)
 
 
+def _predict(cwd: Path, output: Path, *args: str) -> list[dict[str, str]]:
+    """``cvft predict`` with ``args``, writing to ``output``; it must succeed. The rows of the CSV it wrote."""
+    result = _run(["predict", *args, f"--predictions.output={output}"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output) as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_cli_links_data_into_model(shapes_folder, resnet_weights, tmp_path, class_names):
     cli = CvftCLI(
         ImageClassifier, ImageFolderDataModule, run=False, args=_fit_args(shapes_folder, resnet_weights, tmp_path)[1:]
@@ -73,19 +81,13 @@ def test_cvft_fit_then_predict_end_to_end(shapes_folder, resnet_weights, tmp_pat
     assert all(torch.equal(trained[k], v) for k, v in start.items() if not k.startswith("fc."))
     assert checkpoint["hyper_parameters"]["class_names"] == class_names
 
-    predict = _run(
-        [
-            "predict",
-            f"--config={run / 'config.yaml'}",
-            f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
-            f"--data.predict_root={shapes_folder / 'unlabelled'}",
-            f"--predictions.output={tmp_path / 'predictions.csv'}",
-        ],
+    rows = _predict(
         tmp_path,
+        tmp_path / "predictions.csv",
+        f"--config={run / 'config.yaml'}",
+        f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
+        f"--data.predict_root={shapes_folder / 'unlabelled'}",
     )
-    assert predict.returncode == 0, predict.stderr[-3000:]
-    with open(tmp_path / "predictions.csv") as handle:
-        rows = list(csv.DictReader(handle))
     assert len(rows) == 5
     assert {Path(r["file"]).name for r in rows} == {f"img_{i}.png" for i in range(5)}
     assert all(r["class_name"] in class_names for r in rows)
@@ -93,45 +95,36 @@ def test_cvft_fit_then_predict_end_to_end(shapes_folder, resnet_weights, tmp_pat
 
     # the adapter written at fit end predicts the same without the checkpoint or the training folder
     assert (run / "adapter.safetensors").is_file() and "Adapter (trained tensors only)" in fit.stdout
-    from_adapter = _run(
-        [
-            "predict",
-            "--model.backbone=test_resnet",
-            "--model.pretrained=false",
-            f"--model.weights={resnet_weights}",
-            "--model.strategies=linear_probe",
-            f"--model.adapter={run / 'adapter.safetensors'}",
-            f"--data.predict_root={shapes_folder / 'unlabelled'}",
-            "--data.image_size=32",
-            "--data.num_workers=0",
-            "--trainer.accelerator=cpu",
-            f"--trainer.default_root_dir={tmp_path / 'predict_runs'}",
-            f"--predictions.output={tmp_path / 'adapter_predictions.csv'}",
-        ],
+    adapter_rows = _predict(
         tmp_path,
+        tmp_path / "adapter_predictions.csv",
+        "--model.backbone=test_resnet",
+        "--model.pretrained=false",
+        f"--model.weights={resnet_weights}",
+        "--model.strategies=linear_probe",
+        f"--model.adapter={run / 'adapter.safetensors'}",
+        f"--data.predict_root={shapes_folder / 'unlabelled'}",
+        "--data.image_size=32",
+        "--data.num_workers=0",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path / 'predict_runs'}",
     )
-    assert from_adapter.returncode == 0, from_adapter.stderr[-3000:]
-    with open(tmp_path / "adapter_predictions.csv") as handle:
-        adapter_rows = list(csv.DictReader(handle))
     assert [r["file"] for r in adapter_rows] == [r["file"] for r in rows]
     assert all(r["class_name"] in class_names for r in adapter_rows)
 
 
+def _fit_on_two_cpu_processes(shapes_folder: Path, weights: Path, tmp_path: Path, strategies: str) -> Path:
+    """``cvft fit`` with ``strategies`` under DDP on 2 CPU processes; it must succeed. Returns its last checkpoint."""
+    ddp = (f"--model.strategies={strategies}", "--trainer.strategy=ddp", "--trainer.devices=2")
+    result = _run(_fit_args(shapes_folder, weights, tmp_path / "runs", *ddp), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "runs" / "cvft" / "version_0" / "checkpoints" / "last.ckpt"
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_frozen_backbone(shapes_folder, resnet_weights, tmp_path):
-    args = _fit_args(
-        shapes_folder,
-        resnet_weights,
-        tmp_path / "runs",
-        "--model.strategies=linear_probe",
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-    )
-    result = _run(args, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = torch.load(
-        tmp_path / "runs" / "cvft" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
-    )
+    last = _fit_on_two_cpu_processes(shapes_folder, resnet_weights, tmp_path, "linear_probe")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     start = load_file(str(resnet_weights))
     trained = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()}
     frozen = [k for k in start if not k.startswith("fc.")]
@@ -141,13 +134,4 @@ def test_ddp_two_cpu_processes_frozen_backbone(shapes_folder, resnet_weights, tm
 
 @pytest.mark.slow
 def test_ddp_gradual_unfreeze_runs(shapes_folder, resnet_weights, tmp_path):
-    args = _fit_args(
-        shapes_folder,
-        resnet_weights,
-        tmp_path / "runs",
-        "--model.strategies=[{name: gradual_unfreeze, milestones: [1]}]",
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-    )
-    result = _run(args, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _fit_on_two_cpu_processes(shapes_folder, resnet_weights, tmp_path, "[{name: gradual_unfreeze, milestones: [1]}]")

@@ -5,25 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cli_kit import tiny_medmnist
 
 from cvft.cli import find_task, main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "medical"
-
-
-def _tiny_medmnist(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 24), ("val", 12), ("test", 12)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        images[labels == 1, 8:20, 8:20] = 220  # a bright square marks class 1
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = labels[:, None]
-    np.savez(path, **arrays)
-    return path
 
 
 def test_medical_recipes_name_their_task():
@@ -35,7 +22,7 @@ def test_medical_recipes_name_their_task():
 
 @pytest.mark.slow
 def test_pneumoniamnist_recipe_fits_and_writes_the_medical_report(tmp_path):
-    npz = _tiny_medmnist(tmp_path / "tiny.npz")
+    npz = tiny_medmnist(tmp_path / "tiny.npz", (24, 12, 12))
     main(
         [
             "fit",

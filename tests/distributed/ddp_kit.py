@@ -18,6 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 from quiet_trainer import make_trainer
+from torch import nn
+from torch.utils.data import DataLoader
 
 WORLD = 2
 
@@ -53,3 +55,16 @@ def ddp_trainer(root: Path, find_unused_parameters: bool = False, **kwargs: Any)
     strategy = DDPStrategy(find_unused_parameters=find_unused_parameters, process_group_backend="gloo")
     options: dict[str, Any] = dict(devices=WORLD, strategy=strategy, default_root_dir=root, max_epochs=None)
     return make_trainer(**{**options, **kwargs})
+
+
+def rank_loader(rank: int, size: int = 32) -> DataLoader:
+    """Eight random ``size`` px images with labels of 4 classes, in batches of two: different on every rank."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    images = 2.0 * torch.randn(8, 3, size, size, generator=generator) + rank
+    labels = torch.randint(0, 4, (8,), generator=generator)
+    return DataLoader(list(zip(images, labels, strict=True)), batch_size=2)
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor in ``model.state_dict()``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

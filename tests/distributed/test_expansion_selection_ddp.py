@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_kit import ddp_trainer, run_ranks
-from torch.utils.data import DataLoader
+from ddp_kit import ddp_trainer, rank_loader, run_ranks, state_copy
 
 from cvft.strategies.block_expansion import inserted_block_names
 from cvft.strategies.filter_select import filter_selection
@@ -22,20 +21,12 @@ EXPANSION = {"name": "block_expansion", "num_blocks": 2}
 SELECTION = {"name": "filter_select", "k": 0.2, "criterion": "taylor", "scope": "global", "calibration_batches": 2}
 
 
-def _data(rank: int, size: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(100 + rank)  # every rank sees different images
-    images = 2.0 * torch.randn(8, 3, size, size, generator=generator) + rank
-    labels = torch.randint(0, 4, (8,), generator=generator)
-    return DataLoader(list(zip(images, labels, strict=True)), batch_size=2)
-
-
 def _fit(rank: int, out: Path, backbone: str, spec: dict, size: int) -> dict:
     torch.manual_seed(0)  # identical replicas
     model = ImageClassifier(backbone, pretrained=False, num_classes=4, strategies=[spec], lr=1e-2, warmup_epochs=0)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ddp_trainer(out / spec["name"], max_epochs=1).fit(model, _data(rank, size))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"start": start, "state": state, "model": model}
+    start = state_copy(model)
+    ddp_trainer(out / spec["name"], max_epochs=1).fit(model, rank_loader(rank, size))  # every rank sees other images
+    return {"start": start, "state": state_copy(model), "model": model}
 
 
 def _worker(rank: int, out: Path) -> None:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_kit import ddp_trainer, run_ranks
-from torch.utils.data import DataLoader
+from ddp_kit import ddp_trainer, rank_loader, run_ranks, state_copy
 
 from cvft.strategies.sparse import SparseFineTune, sparse_layers
 from cvft.tasks import ImageClassifier
@@ -35,13 +34,9 @@ def _worker(rank: int, out: Path) -> None:
         local["after_setup"] = model.backbone.sparse_delta.indices.clone()
 
     model.setup = recording_setup
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(100 + rank)  # every rank calibrates on different data
-    images = 2.0 * torch.randn(8, 3, 32, 32, generator=generator) + rank
-    source = list(zip(images, torch.randint(0, 4, (8,), generator=generator), strict=True))
-    ddp_trainer(out / "fit", max_epochs=1).fit(model, DataLoader(source, batch_size=2))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save({**local, "start": start, "state": state}, out / f"rank{rank}.pt")
+    start = state_copy(model)
+    ddp_trainer(out / "fit", max_epochs=1).fit(model, rank_loader(rank))  # every rank calibrates on different data
+    torch.save({**local, "start": start, "state": state_copy(model)}, out / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")

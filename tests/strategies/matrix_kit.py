@@ -1,4 +1,5 @@
-"""Pieces of the shared strategy matrix: closed-form sizes of the test models, expected-set helpers and ``Row``.
+"""Pieces of the shared strategy matrix: closed-form sizes of the test models, expected-set helpers and ``Row``
+(with :func:`injected_row` for the common row that trains the head and what its strategies inject).
 
 Rows of the core and low-rank strategies live in ``test_matrix.py``; other strategy families add theirs in
 ``rows_<family>.py`` modules beside it (each defines ``ROWS``), which ``test_matrix.py`` collects.
@@ -139,10 +140,50 @@ def _no_injection(name, model):
     return 0
 
 
+def weight_shapes(name: str, model: nn.Module) -> list[tuple[int, int]]:
+    """``(rows, row size)`` of every Linear / Conv2d weight outside the head, wrapped by a strategy or not.
+
+    ViT: from its hyper-parameters (patch embedding, then qkv, proj, fc1, fc2 per block); ResNet: every convolution's
+    geometry (its head is a Linear).
+    """
+    if name == "test_vit":
+        D, L = model.embed_dim, len(model.blocks)  # noqa: N806
+        fc1 = model.blocks[0].mlp.fc1
+        H = getattr(fc1, "base", fc1).out_features  # wrapped by the strategy  # noqa: N806
+        P = model.patch_embed.patch_size[0]  # noqa: N806
+        return [(D, 3 * P * P)] + L * [(3 * D, D), (D, D), (H, D), (D, H)]
+    shapes = []
+    for module in model.modules():
+        if type(module) is nn.Conv2d:  # the ResNet's convolutions, wrapped or not
+            kh, kw = module.kernel_size
+            shapes.append((module.out_channels, module.in_channels // module.groups * kh * kw))
+    return shapes
+
+
+# Parameters of the blocks the test models are built of, written from timm's definitions.
+#: A ViT block without LayerScale (test_vit's).
+VIT_BLOCK_PARAMS = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+]
+#: A ResNet BasicBlock without a downsampling shortcut (bias-free convs); a Bottleneck adds conv3 and bn3.
+BASIC_BLOCK_PARAMS = ["conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"]
+
+
 # LoRA rows: rank LORA_RANK on the ViT's attention (q and v thirds of qkv, and proj) and on the ResNet's block convs.
 LORA_RANK = 4
 LORA_SPEC = {"name": "lora", "rank": LORA_RANK, "alpha": 8, "qkv_parts": ["q", "v"]}
-_RESNET_BLOCK_CONV = re.compile(r"layer[1-4]\.\d+\.conv[123]")
+RESNET_BLOCK_CONV = re.compile(r"layer[1-4]\.\d+\.conv[123]")
 
 
 def _lora_spec(model_name: str) -> dict:
@@ -160,7 +201,7 @@ def _lora_params(name, model):
     return {
         f"{module}.{ab}.weight"
         for module, _ in model.named_modules()
-        if _RESNET_BLOCK_CONV.fullmatch(module)
+        if RESNET_BLOCK_CONV.fullmatch(module)
         for ab in ("lora_A", "lora_B")
     }
 
@@ -173,7 +214,7 @@ def _lora_count(name, model):
         return len(model.blocks) * (2 * r * (D + D) + r * (D + D))
     total = 0
     for module_name, module in model.named_modules():
-        if _RESNET_BLOCK_CONV.fullmatch(module_name):
+        if RESNET_BLOCK_CONV.fullmatch(module_name):
             conv = module.base
             kh, kw = conv.kernel_size
             total += r * (conv.in_channels * kh * kw + conv.out_channels)
@@ -203,7 +244,7 @@ def _adapted_shapes(name, model) -> dict[str, tuple[int, int]]:
         }
     shapes = {}
     for module_name, module in model.named_modules():
-        if _RESNET_BLOCK_CONV.fullmatch(module_name):
+        if RESNET_BLOCK_CONV.fullmatch(module_name):
             conv = module.base
             kh, kw = conv.kernel_size
             shapes[module_name] = (conv.out_channels, conv.in_channels // conv.groups * kh * kw)
@@ -274,3 +315,15 @@ class Row:
     @property
     def strategy_names(self) -> set[str]:
         return {s.name for s in build_strategies(self.specs)}
+
+
+def injected_row(row_id: str, specs: list[Any] | Callable[[str], list[Any]], params, injected, **options: Any) -> Row:
+    """A row whose strategies train the head and the parameters they inject: the expected set is the head plus
+    ``params(name, model)``, the count the head plus ``injected(name, model)`` (closed form).
+
+    ``specs`` may be a function of the model name: it then serves as ``specs_for``, its ViT specs as the listed ones.
+    """
+    if callable(specs):
+        options["specs_for"] = specs
+        specs = specs("test_vit")
+    return Row(row_id, specs, _union(_head, params), lambda d: d.head + d.injected, injected=injected, **options)

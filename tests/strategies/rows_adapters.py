@@ -6,7 +6,8 @@ Expected names and closed-form sizes come from the test models' architectures, w
 
 from __future__ import annotations
 
-from matrix_kit import Row, _head, _union
+from matrix_kit import injected_row
+from strategy_testkit import MODELS
 
 #: test_resnet's blocks: (input channels, output channels), read off timm's definition.
 RESNET_BLOCKS = {"layer1.0": (32, 32), "layer2.0": (32, 48), "layer3.0": (48, 192), "layer4.0": (192, 96)}
@@ -120,58 +121,16 @@ def _shared_params(name, model):
     return _names(RESNET_BLOCKS, (*BOTTLENECK, "scale"))
 
 
+# (id, spec, injected parameters, their closed-form count, models): every row trains them and the head, at lr 3e-2.
+RESNET, VIT = ("test_resnet",), ("test_vit",)
 ROWS = [
-    Row(
-        "conv_adapter-parallel_block",
-        [PARALLEL_BLOCK],
-        _union(_head, _parallel_block_params),
-        lambda d: d.head + d.injected,
-        injected=_parallel_block_count,
-        models=("test_resnet",),
-        lr=3e-2,
-    ),
-    Row(
-        "conv_adapter-parallel_conv",
-        [PARALLEL_CONV],
-        _union(_head, _parallel_conv_params),
-        lambda d: d.head + d.injected,
-        injected=_parallel_conv_count,
-        models=("test_resnet",),
-        lr=3e-2,
-    ),
-    Row(
-        "conv_adapter-sequential",
-        [SEQUENTIAL],
-        _union(_head, _sequential_params),
-        lambda d: d.head + d.injected,
-        injected=_sequential_count,
-        models=("test_resnet",),
-        lr=3e-2,
-    ),
-    Row(
-        "vit_adapter-houlsby",
-        [HOULSBY],
-        _union(_head, _houlsby_params),
-        lambda d: d.head + d.injected,
-        injected=_houlsby_count,
-        models=("test_vit",),
-        lr=3e-2,
-    ),
-    Row(
-        "vit_adapter-adaptformer",
-        [ADAPTFORMER],
-        _union(_head, _adaptformer_params),
-        lambda d: d.head + d.injected,
-        injected=_adaptformer_count,
-        models=("test_vit",),
-        lr=3e-2,
-    ),
-    Row(
-        "shared_adapter",
-        [SHARED],
-        _union(_head, _shared_params),
-        lambda d: d.head + d.injected,
-        injected=_shared_count,
-        lr=3e-2,
-    ),
+    injected_row(row_id, [spec], params, count, models=models, lr=3e-2)
+    for row_id, spec, params, count, models in [
+        ("conv_adapter-parallel_block", PARALLEL_BLOCK, _parallel_block_params, _parallel_block_count, RESNET),
+        ("conv_adapter-parallel_conv", PARALLEL_CONV, _parallel_conv_params, _parallel_conv_count, RESNET),
+        ("conv_adapter-sequential", SEQUENTIAL, _sequential_params, _sequential_count, RESNET),
+        ("vit_adapter-houlsby", HOULSBY, _houlsby_params, _houlsby_count, VIT),
+        ("vit_adapter-adaptformer", ADAPTFORMER, _adaptformer_params, _adaptformer_count, VIT),
+        ("shared_adapter", SHARED, _shared_params, _shared_count, tuple(MODELS)),
+    ]
 ]

@@ -7,7 +7,7 @@ not pass, and ``bn_scale`` needs tie-free BatchNorm scales; both are tested in `
 
 from __future__ import annotations
 
-from matrix_kit import Row, _head, _union
+from matrix_kit import _union, injected_row, weight_shapes
 from torch import nn
 
 from cvft.strategies.filter_select import merge_filter_select
@@ -36,19 +36,7 @@ def _deltas(name, model):
 
 def _per_layer_count(name: str, model: nn.Module) -> int:
     """Closed form: round(k * rows) (at least 1) rows per layer, each of the layer's row size."""
-    if name == "test_vit":
-        D, L = model.embed_dim, len(model.blocks)  # noqa: N806
-        fc1 = model.blocks[0].mlp.fc1
-        H = getattr(fc1, "base", fc1).out_features  # wrapped by the strategy  # noqa: N806
-        P = model.patch_embed.patch_size[0]  # noqa: N806
-        block = _rows(K, 3 * D) * D + _rows(K, D) * D + _rows(K, H) * D + _rows(K, D) * H
-        return _rows(K, D) * 3 * P * P + L * block
-    total = 0
-    for module in model.modules():
-        if type(module) is nn.Conv2d:  # the ResNet's convolutions (wrapped or not); its head is a Linear
-            kh, kw = module.kernel_size
-            total += _rows(K, module.out_channels) * (module.in_channels // module.groups * kh * kw)
-    return total
+    return sum(_rows(K, rows) * size for rows, size in weight_shapes(name, model))
 
 
 def _bias_deltas(name, model):
@@ -57,30 +45,24 @@ def _bias_deltas(name, model):
 
 def _bias_count(name: str, model: nn.Module) -> int:
     """One bias entry per selected row of every layer with a bias (all of the ViT's; none of the ResNet's convs)."""
-    if name != "test_vit":
-        return 0
-    D, L = model.embed_dim, len(model.blocks)  # noqa: N806
-    H = model.blocks[0].mlp.fc1.base.out_features  # noqa: N806
-    return _rows(K, D) + L * (_rows(K, 3 * D) + _rows(K, D) + _rows(K, H) + _rows(K, D))
+    return sum(_rows(K, rows) for rows, _ in weight_shapes(name, model)) if name == "test_vit" else 0
+
+
+def _with_bias_count(name: str, model: nn.Module) -> int:
+    return _per_layer_count(name, model) + _bias_count(name, model)
 
 
 ROWS = [
-    Row(
-        "filter_select-l1-per_layer",
-        [{"name": "filter_select", "k": K}],
-        _union(_head, _deltas),
-        lambda d: d.head + d.injected,
-        injected=_per_layer_count,
+    injected_row(
+        "filter_select-l1-per_layer" + suffix,
+        [{"name": "filter_select", "k": K, **options}],
+        params,
+        count,
         merge=merge_filter_select,
         lr=3e-2,
-    ),
-    Row(
-        "filter_select-l1-per_layer-train_bias",
-        [{"name": "filter_select", "k": K, "train_bias": True}],
-        _union(_head, _deltas, _bias_deltas),
-        lambda d: d.head + d.injected,
-        injected=lambda name, model: _per_layer_count(name, model) + _bias_count(name, model),
-        merge=merge_filter_select,
-        lr=3e-2,
-    ),
+    )
+    for suffix, options, params, count in [
+        ("", {}, _deltas, _per_layer_count),
+        ("-train_bias", {"train_bias": True}, _union(_deltas, _bias_deltas), _with_bias_count),
+    ]
 ]

@@ -7,9 +7,10 @@ is not unchanged at initialisation; ``test_prompts.py`` compares them with hand-
 
 from __future__ import annotations
 
-import timm
-from matrix_kit import Row, _head, _union
-from strategy_testkit import IMAGE_SIZE
+from functools import partial
+
+from matrix_kit import injected_row
+from strategy_testkit import fresh_model
 
 from cvft.strategies.prompts import fold_prefix
 
@@ -18,7 +19,7 @@ NUM_TOKENS, HIDDEN = 4, 16
 
 def _sizes() -> tuple[int, int]:
     """``(D, L)`` of a fresh test_vit: embed dim and depth."""
-    pristine = timm.create_model("test_vit", pretrained=False, img_size=IMAGE_SIZE)
+    pristine = fresh_model("test_vit")
     return pristine.embed_dim, len(pristine.blocks)
 
 
@@ -58,46 +59,13 @@ def _encoder_count(model_name, model):
     return NUM_TOKENS * D + (D * HIDDEN + HIDDEN) + (HIDDEN * L * 2 * D + L * 2 * D)
 
 
+# Both methods apply to the ViT only, and change its function at the start.
+prompt_row = partial(injected_row, models=("test_vit",), unchanged_at_init=False)
+VPT, PREFIX = {"name": "vpt", "num_tokens": NUM_TOKENS}, {"name": "prefix_tuning", "num_tokens": NUM_TOKENS}
+REPARAMETERIZED = {**PREFIX, "reparameterize": True, "hidden": HIDDEN}
 ROWS = [
-    Row(
-        "vpt-shallow",
-        [{"name": "vpt", "num_tokens": NUM_TOKENS}],
-        _union(_head, _prompt_params),
-        lambda d: d.head + d.injected,
-        injected=_vpt_count(deep=False),
-        models=("test_vit",),
-        unchanged_at_init=False,
-        lr=3e-2,
-    ),
-    Row(
-        "vpt-deep",
-        [{"name": "vpt", "num_tokens": NUM_TOKENS, "deep": True, "dropout": 0.1}],
-        _union(_head, _prompt_params),
-        lambda d: d.head + d.injected,
-        injected=_vpt_count(deep=True),
-        models=("test_vit",),
-        unchanged_at_init=False,
-        lr=3e-2,
-    ),
-    Row(
-        "prefix_tuning",
-        [{"name": "prefix_tuning", "num_tokens": NUM_TOKENS}],
-        _union(_head, _prefix_params),
-        lambda d: d.head + d.injected,
-        injected=_prefix_count,
-        models=("test_vit",),
-        unchanged_at_init=False,
-        lr=3e-2,
-    ),
-    Row(
-        "prefix_tuning-reparameterized",
-        [{"name": "prefix_tuning", "num_tokens": NUM_TOKENS, "reparameterize": True, "hidden": HIDDEN}],
-        _union(_head, _encoder_params),
-        lambda d: d.head + d.injected,
-        injected=_encoder_count,
-        models=("test_vit",),
-        unchanged_at_init=False,
-        merge=fold_prefix,
-        lr=1e-2,
-    ),
+    prompt_row("vpt-shallow", [VPT], _prompt_params, _vpt_count(deep=False), lr=3e-2),
+    prompt_row("vpt-deep", [{**VPT, "deep": True, "dropout": 0.1}], _prompt_params, _vpt_count(deep=True), lr=3e-2),
+    prompt_row("prefix_tuning", [PREFIX], _prefix_params, _prefix_count, lr=3e-2),
+    prompt_row("prefix_tuning-reparameterized", [REPARAMETERIZED], _encoder_params, _encoder_count, merge=fold_prefix),
 ]

@@ -6,10 +6,24 @@ methods against torchao's reference quantisers.
 
 from __future__ import annotations
 
-from matrix_kit import LORA_SPEC, Row, _all, _head, _lora_count, _lora_params, _lora_spec, _union
+from functools import partial
+
+from matrix_kit import LORA_SPEC, Row, _all, _lora_count, _lora_params, _lora_spec, injected_row
 
 from cvft.strategies.lowrank import merge_low_rank
 
+# QAT with LoRA: LoRA's BatchNorm policy ("train") and the LoRA updates as the trained parameters. Fake-quantised or
+# NF4-rounded weights change the function at the start: test_qat and test_qlora compare with torchao's references.
+lora_row = partial(
+    injected_row,
+    params=_lora_params,
+    injected=_lora_count,
+    bn_fixed="none",
+    lr=3e-2,
+    requires=("torchao",),
+    unchanged_at_init=False,
+)
+PER_TOKEN = {"name": "qat", "activations": "per_token"}
 ROWS = [
     Row(
         "qat",
@@ -20,43 +34,13 @@ ROWS = [
         requires=("torchao",),
         unchanged_at_init=False,  # int8 rounding of the weights changes the function; test_qat checks it
     ),
-    Row(
-        "qat-per_token+lora",
-        [{"name": "qat", "activations": "per_token"}, LORA_SPEC],
-        _union(_head, _lora_params),
-        lambda d: d.head + d.injected,
-        injected=_lora_count,
-        specs_for=lambda model_name: [{"name": "qat", "activations": "per_token"}, _lora_spec(model_name)],
-        bn_fixed="none",
-        lr=3e-2,
-        requires=("torchao",),
-        unchanged_at_init=False,
-    ),
-    Row(
-        "qat+lora",
-        ["qat", LORA_SPEC],
-        _union(_head, _lora_params),
-        lambda d: d.head + d.injected,
-        injected=_lora_count,
-        specs_for=lambda model_name: ["qat", _lora_spec(model_name)],
-        merge=merge_low_rank,  # into the fake-quantised base weight: exact for weight-only QAT
-        bn_fixed="none",
-        lr=3e-2,
-        requires=("torchao",),
-        unchanged_at_init=False,
-    ),
-    Row(
+    lora_row("qat-per_token+lora", lambda model_name: [PER_TOKEN, _lora_spec(model_name)]),
+    # merged into the fake-quantised base weight: exact for weight-only QAT
+    lora_row("qat+lora", lambda model_name: ["qat", _lora_spec(model_name)], merge=merge_low_rank),
+    lora_row(
         "qlora-conv",
         [{**LORA_SPEC, "name": "qlora", "targets": "resnet_blocks"}],
-        _union(_head, _lora_params),
-        lambda d: d.head + d.injected,
-        injected=_lora_count,
         merge=merge_low_rank,
-        bn_fixed="none",  # LoRA's BatchNorm policy: "train"
-        lr=3e-2,
         models=("test_resnet",),
-        requires=("torchao",),
-        # NF4 rounding of the base weights changes the function; test_qlora compares with the dequantised base
-        unchanged_at_init=False,
     ),
 ]

@@ -6,7 +6,7 @@ specs)`` call does not pass; they are tested in ``test_sparse.py``.
 
 from __future__ import annotations
 
-from matrix_kit import Row, _head, _union
+from matrix_kit import injected_row, weight_shapes
 from torch import nn
 
 from cvft.strategies.sparse import merge_sparse
@@ -17,18 +17,7 @@ COUNT = 500
 
 def _selectable(name: str, model: nn.Module) -> int:
     """Entries of every Linear / Conv2d weight outside the head, from the architecture's hyper-parameters."""
-    if name == "test_vit":
-        D, L = model.embed_dim, len(model.blocks)  # noqa: N806
-        fc1 = model.blocks[0].mlp.fc1
-        H = getattr(fc1, "base", fc1).out_features  # wrapped by the strategy  # noqa: N806
-        P = model.patch_embed.patch_size[0]  # noqa: N806
-        return 3 * P * P * D + L * (D * 3 * D + D * D + D * H + H * D)
-    total = 0
-    for module in model.modules():
-        if type(module) is nn.Conv2d:  # the ResNet's convolutions (wrapped or not); its head is a Linear
-            kh, kw = module.kernel_size
-            total += module.in_channels * module.out_channels * kh * kw // module.groups
-    return total
+    return sum(rows * size for rows, size in weight_shapes(name, model))
 
 
 def _values(name, model):
@@ -36,22 +25,9 @@ def _values(name, model):
 
 
 ROWS = [
-    Row(
-        "sparse-magnitude-0.01",
-        [{"name": "sparse", "budget": FRACTION}],
-        _union(_head, _values),
-        lambda d: d.head + d.injected,
-        injected=lambda name, model: round(FRACTION * _selectable(name, model)),
-        merge=merge_sparse,
-        lr=3e-2,
-    ),
-    Row(
-        "sparse-count-per_tensor",
-        [{"name": "sparse", "budget": COUNT, "scope": "per_tensor"}],
-        _union(_head, _values),
-        lambda d: d.head + d.injected,
-        injected=lambda name, model: COUNT,
-        merge=merge_sparse,
-        lr=3e-2,
-    ),
+    injected_row(row_id, [{"name": "sparse", **options}], _values, count, merge=merge_sparse, lr=3e-2)
+    for row_id, options, count in [
+        ("sparse-magnitude-0.01", {"budget": FRACTION}, lambda name, model: round(FRACTION * _selectable(name, model))),
+        ("sparse-count-per_tensor", {"budget": COUNT, "scope": "per_tensor"}, lambda name, model: COUNT),
+    ]
 ]

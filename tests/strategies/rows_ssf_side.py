@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 
-import timm
-from matrix_kit import Row, _head, _union
-from strategy_testkit import IMAGE_SIZE
+from matrix_kit import BASIC_BLOCK_PARAMS, RESNET_BLOCK_CONV, VIT_BLOCK_PARAMS, injected_row
+from strategy_testkit import fresh_model
 from torch import nn
 
 from cvft.strategies.lowrank import merge_low_rank
@@ -18,17 +17,11 @@ from cvft.strategies.ssf import fold_ssf
 
 SIDE_WIDTH, SIDE_STAGES, TOP_REDUCTION = 8, 2, 4
 SHARED_RANK = 4
-_RESNET_BLOCK_CONV = re.compile(r"layer[1-4]\.\d+\.conv[123]")
-
-
-def _pristine(model_name: str) -> nn.Module:
-    kwargs = {"img_size": IMAGE_SIZE} if model_name == "test_vit" else {}
-    return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
 def _vit_sizes(model: nn.Module) -> tuple[int, int, int]:
     """``(D, H, L)``: embed dim, MLP hidden width, depth, from the hyper-parameters of a fresh model."""
-    pristine = _pristine("test_vit")
+    pristine = fresh_model("test_vit")
     return pristine.embed_dim, pristine.blocks[0].mlp.fc1.out_features, len(pristine.blocks)
 
 
@@ -36,10 +29,10 @@ def _vit_sizes(model: nn.Module) -> tuple[int, int, int]:
 def _ssf_followed(model_name: str) -> list[str]:
     """Layers SSF follows by default: the paper's ViT placement, every conv and BatchNorm of the ResNet."""
     if model_name == "test_vit":
-        L = len(_pristine(model_name).blocks)  # noqa: N806
+        L = len(fresh_model(model_name).blocks)  # noqa: N806
         per_block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
         return ["patch_embed.proj", *[f"blocks.{i}.{p}" for i in range(L) for p in per_block], "norm"]
-    pristine = _pristine(model_name)
+    pristine = fresh_model(model_name)
     return [n for n, m in pristine.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
 
 
@@ -52,7 +45,7 @@ def _ssf_count(model_name, model):
     if model_name == "test_vit":
         D, H, L = _vit_sizes(model)  # noqa: N806
         return 2 * (D + L * (7 * D + H) + D)
-    pristine = _pristine(model_name)
+    pristine = fresh_model(model_name)
     convs = sum(m.out_channels for m in pristine.modules() if isinstance(m, nn.Conv2d))
     bns = sum(m.num_features for m in pristine.modules() if isinstance(m, nn.BatchNorm2d))
     return 2 * (convs + bns)
@@ -67,37 +60,13 @@ def _side_spec(model_name: str) -> list[dict]:
     return [{"name": "side_module", "mode": "side", "side_width": SIDE_WIDTH, "side_stages": SIDE_STAGES}]
 
 
-_VIT_BLOCK_PARAMS = [
-    "norm1.weight",
-    "norm1.bias",
-    "attn.qkv.weight",
-    "attn.qkv.bias",
-    "attn.proj.weight",
-    "attn.proj.bias",
-    "ls1.gamma",
-    "norm2.weight",
-    "norm2.bias",
-    "mlp.fc1.weight",
-    "mlp.fc1.bias",
-    "mlp.fc2.weight",
-    "mlp.fc2.bias",
-    "ls2.gamma",
-]
-_BOTTLENECK_PARAMS = [
-    "conv1.weight",
-    "bn1.weight",
-    "bn1.bias",
-    "conv2.weight",
-    "bn2.weight",
-    "bn2.bias",
-    "conv3.weight",
-    "bn3.weight",
-    "bn3.bias",
-]
+#: The top module's block: test_vit's with LayerScale, or a ResNet Bottleneck.
+_TOP_VIT_BLOCK = [*VIT_BLOCK_PARAMS, "ls1.gamma", "ls2.gamma"]
+_TOP_BOTTLENECK = [*BASIC_BLOCK_PARAMS, "conv3.weight", "bn3.weight", "bn3.bias"]
 
 
 def _top_params(model_name, model):
-    names = _VIT_BLOCK_PARAMS if model_name == "test_vit" else _BOTTLENECK_PARAMS
+    names = _TOP_VIT_BLOCK if model_name == "test_vit" else _TOP_BOTTLENECK
     return {f"side_module.net.0.{p}" for p in names}
 
 
@@ -133,8 +102,8 @@ def _shared_spec(model_name: str) -> list[dict]:
 
 def _shared_layers(model_name: str) -> dict[str, tuple[int, ...]]:
     """Adapted layer -> weight shape, in model order, from a fresh model."""
-    pristine = _pristine(model_name)
-    pattern = re.compile(r"blocks\.\d+\.attn\.(qkv|proj)") if model_name == "test_vit" else _RESNET_BLOCK_CONV
+    pristine = fresh_model(model_name)
+    pattern = re.compile(r"blocks\.\d+\.attn\.(qkv|proj)") if model_name == "test_vit" else RESNET_BLOCK_CONV
     return {n: tuple(m.weight.shape) for n, m in pristine.named_modules() if pattern.fullmatch(n)}
 
 
@@ -163,39 +132,8 @@ def _prod(values) -> int:
 
 
 ROWS = [
-    Row(
-        "ssf",
-        [{"name": "ssf"}],
-        _union(_head, _ssf_params),
-        lambda d: d.head + d.injected,
-        injected=_ssf_count,
-        merge=fold_ssf,
-        lr=3e-2,
-    ),
-    Row(
-        "side_module-top",
-        _top_spec("test_vit"),
-        _union(_head, _top_params),
-        lambda d: d.head + d.injected,
-        injected=_top_count,
-        specs_for=_top_spec,
-    ),
-    Row(
-        "side_module-side",
-        _side_spec("test_vit"),
-        _union(_head, _side_params),
-        lambda d: d.head + d.injected,
-        injected=_side_count,
-        specs_for=_side_spec,
-    ),
-    Row(
-        "shared_lora",
-        _shared_spec("test_vit"),
-        _union(_head, _shared_params),
-        lambda d: d.head + d.injected,
-        injected=_shared_count,
-        specs_for=_shared_spec,
-        merge=merge_low_rank,
-        lr=3e-2,
-    ),
+    injected_row("ssf", [{"name": "ssf"}], _ssf_params, _ssf_count, merge=fold_ssf, lr=3e-2),
+    injected_row("side_module-top", _top_spec, _top_params, _top_count),
+    injected_row("side_module-side", _side_spec, _side_params, _side_count),
+    injected_row("shared_lora", _shared_spec, _shared_params, _shared_count, merge=merge_low_rank, lr=3e-2),
 ]

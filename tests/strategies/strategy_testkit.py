@@ -16,6 +16,9 @@ from quiet_trainer import make_trainer  # noqa: F401 - the strategy tests take t
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from cvft.strategies import build_param_groups
+from cvft.tasks import ImageClassifier
+
 MODELS = ["test_vit", "test_resnet"]
 NUM_CLASSES = 4
 IMAGE_SIZE = 32
@@ -33,11 +36,24 @@ BODY_PREFIXES: dict[str, list[tuple[str, ...]]] = {
 _COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
 
 
+def fresh_model(name: str, **kwargs) -> nn.Module:
+    """A timm model as built from its definition (the ViT for 32x32 inputs), without touching the random seed."""
+    size = {"img_size": IMAGE_SIZE} if name == "test_vit" else {}
+    return timm.create_model(name, pretrained=False, **size, **kwargs)
+
+
 def make_backbone(name: str, seed: int = 0, num_classes: int = NUM_CLASSES) -> nn.Module:
     """A randomly initialised tiny timm model; the ViT is built for 32x32 inputs."""
     torch.manual_seed(seed)
-    kwargs = {"img_size": IMAGE_SIZE} if name == "test_vit" else {}
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return fresh_model(name, num_classes=num_classes)
+
+
+def seeded_classifier(spec, backbone: str = "test_resnet", seed: int = 0) -> ImageClassifier:
+    """An ``ImageClassifier`` (lr 1e-2, no warm-up) with the one strategy ``spec``, built right after seeding."""
+    torch.manual_seed(seed)
+    return ImageClassifier(
+        backbone, pretrained=False, num_classes=NUM_CLASSES, strategies=[spec], lr=1e-2, warmup_epochs=0
+    )
 
 
 def toy_task(n: int = 32, seed: int = 0, noise: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +101,69 @@ def module_parameter_names(model: nn.Module, types: tuple[type[nn.Module], ...])
         if isinstance(module, types):
             names |= {f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)}
     return names
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Conv2d layers of a plain timm model outside its classifier head, in model order."""
+    head = model.get_classifier()
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head}
+
+
+def top_over_tensors(scores: dict[str, torch.Tensor], count: int, what: str) -> dict[str, set[int]]:
+    """The ``count`` largest scores over all tensors together, as per-tensor sets of flat indices.
+
+    The ``count``-th must be strictly larger than the next (a tie would make the reference ambiguous): ``what`` names
+    the boundary in the failure message.
+    """
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    ordered = flat.sort(descending=True).values
+    assert ordered[count - 1] > ordered[count], f"tie at the {what} boundary: the reference would be ambiguous"
+    chosen = set(flat.topk(count).indices.tolist())
+    result, offset = {}, 0
+    for name, score in scores.items():
+        result[name] = {i - offset for i in chosen if offset <= i < offset + score.numel()}
+        offset += score.numel()
+    return result
+
+
+def adamw_steps(model: nn.Module, steps: int = 3, weight_decay: float = 0.1, lr: float = 1e-2) -> None:
+    """AdamW steps with weight decay on :func:`toy_task`, every parameter in the optimizer (frozen ones included)."""
+    optimizer = torch.optim.AdamW(build_param_groups(model, lr, weight_decay), lr=lr)
+    images, targets = toy_task(8)
+    for _ in range(steps):
+        model.train()
+        loss = F.cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def assert_merge_round_trip(model: nn.Module, layers, merge, unmerge, images: torch.Tensor, every_base_moves: bool):
+    """Merging (twice: the second is a no-op) keeps the output and moves the base weights of ``layers(model)``
+    (every one, or at least one); unmerging restores them. Returns the unmerged output."""
+    bases = {name: layer.base.weight.detach().clone() for name, layer in layers(model).items()}
+    with torch.no_grad():
+        unmerged = model(images)
+        merge(model)
+        merge(model)  # merging twice is a no-op
+        merged = model(images)
+    assert all(layer.merged for layer in layers(model).values())
+    assert (merged - unmerged).abs().max() < 1e-5
+    moved = [not torch.equal(layer.base.weight, bases[n]) for n, layer in layers(model).items()]
+    assert all(moved) if every_base_moves else any(moved)
+    unmerge(model)
+    for name, layer in layers(model).items():
+        assert not layer.merged
+        torch.testing.assert_close(layer.base.weight, bases[name], rtol=0, atol=1e-6)
+    return unmerged
+
+
+def assert_loads_into_plain_timm(exported: nn.Module, model_name: str, expected: torch.Tensor, images: torch.Tensor):
+    """``exported`` loads strictly into a plain timm ``model_name`` that then computes ``expected``."""
+    plain = fresh_model(model_name, num_classes=NUM_CLASSES).eval()
+    plain.load_state_dict(exported.state_dict(), strict=True)
+    with torch.no_grad():
+        assert (plain(images) - expected).abs().max() < 1e-5
 
 
 def trainable_names(model: nn.Module) -> set[str]:

@@ -14,12 +14,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from strategy_testkit import (
     NUM_CLASSES,
     ForeignClassifier,
+    adamw_steps,
     head_names,
     make_backbone,
     make_trainer,
+    seeded_classifier,
+    top_over_tensors,
     toy_loader,
     toy_task,
     trainable_names,
+    weight_layers,
 )
 from torch import nn
 
@@ -33,19 +37,12 @@ from cvft.strategies.filter_select import (
     merge_filter_select,
     taylor_scores,
 )
-from cvft.tasks import ImageClassifier
 
 MODELS = ["test_vit", "test_resnet"]
 SCOPES = ["per_layer", "global"]
 
 
 # --------------------------------------------------------------------------- independent references
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d layers of a plain timm model outside its classifier head, in model order."""
-    head = model.get_classifier()
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head}
-
-
 def l1_reference(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{n}.weight": m.weight.detach().abs().sum(dim=tuple(range(1, m.weight.dim())))
@@ -99,16 +96,7 @@ def expected_rows(scores: dict[str, torch.Tensor], k: float, scope: str) -> dict
             assert count == score.numel() or ordered[count - 1] > ordered[count], f"tie at the boundary in {name}"
             result[name] = set(score.topk(count).indices.tolist())
         return result
-    flat = torch.cat(list(scores.values()))
-    count = count_of(k, flat.numel())
-    ordered = flat.sort(descending=True).values
-    assert ordered[count - 1] > ordered[count], "tie at the global boundary"
-    chosen = set(flat.topk(count).indices.tolist())
-    result, offset = {}, 0
-    for name, score in scores.items():
-        result[name] = {i - offset for i in chosen if offset <= i < offset + score.numel()}
-        offset += score.numel()
-    return result
+    return top_over_tensors(scores, count_of(k, sum(score.numel() for score in scores.values())), "global")
 
 
 def selection_sets(model: nn.Module) -> dict[str, set[int]]:
@@ -119,17 +107,6 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{n}.weight": layer.effective_weight().detach().clone() for n, layer in filter_select_layers(model).items()
     }
-
-
-def adamw_steps(model: nn.Module, steps: int = 3, weight_decay: float = 0.1, lr: float = 1e-2) -> None:
-    optimizer = torch.optim.AdamW(build_param_groups(model, lr, weight_decay), lr=lr)
-    images, targets = toy_task(8)
-    for _ in range(steps):
-        model.train()
-        loss = F.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
 
 def random_gammas(model: nn.Module) -> nn.Module:
@@ -386,10 +363,7 @@ def test_trainable_count_is_k_rows_times_row_size_plus_head(k):
 def test_image_classifier_fit_calibrates_taylor_on_the_training_data():
     loader = toy_loader(32, 8)
     spec = {"name": "filter_select", "k": 0.2, "criterion": "taylor", "scope": "global", "calibration_batches": 2}
-    torch.manual_seed(0)
-    model = ImageClassifier(
-        "test_resnet", pretrained=False, num_classes=NUM_CLASSES, strategies=[spec], lr=1e-2, warmup_epochs=0
-    )
+    model = seeded_classifier(spec)
     pristine = make_backbone("test_resnet")
     for name, layer in filter_select_layers(model.backbone).items():
         assert torch.equal(layer.base.weight, weight_layers(pristine)[name].weight), "references must share weights"
@@ -415,17 +389,11 @@ def test_strategy_callback_calibrates_a_foreign_module():
 def test_resume_restores_a_global_selection_of_other_sizes(tmp_path):
     spec = {"name": "filter_select", "k": 0.2, "criterion": "taylor", "scope": "global", "calibration_batches": 2}
 
-    def classifier():
-        torch.manual_seed(0)
-        return ImageClassifier(
-            "test_resnet", pretrained=False, num_classes=NUM_CLASSES, strategies=[spec], lr=1e-2, warmup_epochs=0
-        )
-
-    first = classifier()
+    first = seeded_classifier(spec)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     make_trainer(2, [checkpoint], enable_checkpointing=True, limit_train_batches=2).fit(first, toy_loader(32, 8))
     chosen = selection_sets(first.backbone)
-    resumed = classifier()  # set up by l1: other row counts per layer
+    resumed = seeded_classifier(spec)  # set up by l1: other row counts per layer
     assert selection_sets(resumed.backbone) != chosen
     trainer = make_trainer(3, limit_train_batches=2)
     trainer.fit(resumed, toy_loader(32, 8, seed=3), ckpt_path=str(tmp_path / "last.ckpt"))

@@ -7,10 +7,15 @@ and the falling loss of the ``loha`` and ``lokr`` rows.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from strategy_testkit import IMAGE_SIZE, NUM_CLASSES, make_backbone, trainable_names
+from strategy_testkit import (
+    IMAGE_SIZE,
+    assert_loads_into_plain_timm,
+    assert_merge_round_trip,
+    make_backbone,
+    trainable_names,
+)
 from torch import nn
 
 from cvft.errors import StrategyError
@@ -90,26 +95,13 @@ def test_output_unchanged_after_setup(method, model_name):
 def test_merge_unmerge_and_export_round_trip(method, model_name):
     model = _adapted(method, model_name)
     _randomise(model)
-    bases = {name: layer.base.weight.detach().clone() for name, layer in low_rank_layers(model).items()}
-    with torch.no_grad():
-        unmerged = model(_images())
-        merge_low_rank(model)
-        merge_low_rank(model)  # merging twice is a no-op
-        merged = model(_images())
-    assert (merged - unmerged).abs().max() < 1e-5
-    assert all(not torch.equal(layer.base.weight, bases[n]) for n, layer in low_rank_layers(model).items())
-    unmerge_low_rank(model)
-    for name, layer in low_rank_layers(model).items():
-        assert not layer.merged
-        torch.testing.assert_close(layer.base.weight, bases[name], rtol=0, atol=1e-6)
+    unmerged = assert_merge_round_trip(
+        model, low_rank_layers, merge_low_rank, unmerge_low_rank, _images(), every_base_moves=True
+    )
 
     exported = export_plain_model(model)
     assert not low_rank_layers(exported)
-    kwargs = {"img_size": IMAGE_SIZE} if model_name == "test_vit" else {}
-    plain = timm.create_model(model_name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
-    plain.load_state_dict(exported.state_dict(), strict=True)
-    with torch.no_grad():
-        assert (plain(_images()) - unmerged).abs().max() < 1e-5
+    assert_loads_into_plain_timm(exported, model_name, unmerged, _images())
 
 
 LAYERS = [

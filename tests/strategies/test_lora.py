@@ -7,9 +7,15 @@ and the falling loss of the ``lora`` rows.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-from strategy_testkit import IMAGE_SIZE, NUM_CLASSES, head_names, make_backbone, trainable_names
+from strategy_testkit import (
+    IMAGE_SIZE,
+    assert_loads_into_plain_timm,
+    assert_merge_round_trip,
+    head_names,
+    make_backbone,
+    trainable_names,
+)
 from torch import nn
 
 from cvft.errors import StrategyError
@@ -65,19 +71,7 @@ def test_output_unchanged_after_setup(model_name):
 def test_merge_matches_unmerged_and_unmerge_restores_base(model_name):
     model = _lora_model(model_name, qkv_parts=["q", "v"])
     _randomise_updates(model)
-    bases = {name: layer.base.weight.detach().clone() for name, layer in lora_layers(model).items()}
-    with torch.no_grad():
-        unmerged = model(_images())
-        merge_lora(model)
-        merge_lora(model)  # merging twice is a no-op
-        merged = model(_images())
-    assert all(layer.merged for layer in lora_layers(model).values())
-    assert (merged - unmerged).abs().max() < 1e-5
-    assert any(not torch.equal(layer.base.weight, bases[n]) for n, layer in lora_layers(model).items())
-    unmerge_lora(model)
-    for name, layer in lora_layers(model).items():
-        assert not layer.merged
-        torch.testing.assert_close(layer.base.weight, bases[name], rtol=0, atol=1e-6)
+    unmerged = assert_merge_round_trip(model, lora_layers, merge_lora, unmerge_lora, _images(), every_base_moves=False)
     with torch.no_grad():
         assert (model(_images()) - unmerged).abs().max() < 1e-5
 
@@ -90,11 +84,7 @@ def test_export_loads_strictly_into_plain_timm_model(model_name):
         expected = model(_images())
     exported = export_plain_model(model)
     assert not lora_layers(exported)
-    kwargs = {"img_size": IMAGE_SIZE} if model_name == "test_vit" else {}
-    plain = timm.create_model(model_name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
-    plain.load_state_dict(exported.state_dict(), strict=True)
-    with torch.no_grad():
-        assert (plain(_images()) - expected).abs().max() < 1e-5
+    assert_loads_into_plain_timm(exported, model_name, expected, _images())
 
 
 def test_qkv_split_leaves_k_untouched():

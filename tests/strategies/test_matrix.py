@@ -48,6 +48,7 @@ from matrix_kit import (
     _norms,
     _union,
     dims_of,
+    injected_row,
 )
 from strategy_testkit import (
     MODELS,
@@ -182,13 +183,11 @@ ROWS = [
         lambda d: d.total - d.groups[0] - d.groups[1],
         lr=1e-3,
     ),
-    Row(
+    injected_row(
         "lora",
-        [LORA_SPEC],
-        _union(_head, _lora_params),
-        lambda d: d.head + d.injected,
-        injected=_lora_count,
-        specs_for=lambda model_name: [_lora_spec(model_name)],
+        lambda model_name: [_lora_spec(model_name)],
+        _lora_params,
+        _lora_count,
         merge=merge_low_rank,
         bn_fixed="none",  # lora's BatchNorm policy is "train" (measured; see LoRA.default_bn)
         lr=3e-2,
@@ -203,32 +202,18 @@ ROWS = [
         bn_fixed="none",
         lr=3e-2,
     ),
-    Row(
-        "loha",
-        _adapter_spec("loha")("test_vit"),
-        _union(_head, _adapter_params("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
-        lambda d: d.head + d.injected,
-        injected=_loha_count,
-        specs_for=_adapter_spec("loha"),
-        merge=merge_low_rank,
-        lr=3e-2,
-    ),
-    Row(
-        "lokr",
-        _adapter_spec("lokr")("test_vit"),
-        _union(_head, _adapter_params("lokr_w1", "lokr_w2_a", "lokr_w2_b")),
-        lambda d: d.head + d.injected,
-        injected=_lokr_count,
-        specs_for=_adapter_spec("lokr"),
-        merge=merge_low_rank,
-        lr=3e-2,
-    ),
-    Row(
+    *[
+        injected_row(name, _adapter_spec(name), _adapter_params(*factors), count, merge=merge_low_rank, lr=3e-2)
+        for name, factors, count in [
+            ("loha", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), _loha_count),
+            ("lokr", ("lokr_w1", "lokr_w2_a", "lokr_w2_b"), _lokr_count),
+        ]
+    ],
+    injected_row(
         "qlora",
         [{**LORA_SPEC, "name": "qlora", "targets": "vit_attention"}],
-        _union(_head, _lora_params),
-        lambda d: d.head + d.injected,
-        injected=_lora_count,
+        _lora_params,
+        _lora_count,
         merge=merge_low_rank,
         lr=3e-2,
         models=("test_vit",),

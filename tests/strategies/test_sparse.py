@@ -13,32 +13,29 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from strategy_testkit import (
     NUM_CLASSES,
     ForeignClassifier,
+    adamw_steps,
     bn_stats,
     head_names,
     make_backbone,
     make_trainer,
+    seeded_classifier,
+    top_over_tensors,
     toy_loader,
     toy_task,
     trainable_names,
+    weight_layers,
 )
 from torch import nn
 
 from cvft.adapter_files import load_adapter, read_adapter, save_adapter
 from cvft.errors import StrategyError
-from cvft.strategies import StrategyCallback, apply_strategies, build_param_groups
+from cvft.strategies import StrategyCallback, apply_strategies
 from cvft.strategies.sparse import SparseDeltaLayer, merge_sparse, sparse_layers, sparse_selection
-from cvft.tasks import ImageClassifier
 
 MODELS = ["test_vit", "test_resnet"]
 
 
 # --------------------------------------------------------------------------- independent references
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d layers of a plain timm model outside its classifier head, in model order."""
-    head = model.get_classifier()
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head}
-
-
 def reference_scores(model: nn.Module, criterion: str, loader=None, batches: int = 0) -> dict[str, torch.Tensor]:
     """|w|, sum_b |g_b| or mean_b g_b^2 per weight entry of a plain (unwrapped) model, in eval mode."""
     layers = weight_layers(model)
@@ -62,15 +59,7 @@ def reference_scores(model: nn.Module, criterion: str, loader=None, batches: int
 
 def global_top(scores: dict[str, torch.Tensor], k: int) -> dict[str, set[int]]:
     """The k largest scores over all tensors, as per-tensor sets of flat indices; the k-th must be unambiguous."""
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    ordered = flat.sort(descending=True).values
-    assert ordered[k - 1] > ordered[k], "tie at the budget boundary: the reference would be ambiguous"
-    chosen = set(flat.topk(k).indices.tolist())
-    result, offset = {}, 0
-    for name, score in scores.items():
-        result[name] = {i - offset for i in chosen if offset <= i < offset + score.numel()}
-        offset += score.numel()
-    return result
+    return top_over_tensors(scores, k, "budget")
 
 
 def selection_sets(model: nn.Module) -> dict[str, set[int]]:
@@ -83,17 +72,6 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def changed_positions(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, set[int]]:
     return {n: set(torch.nonzero(before[n].flatten() != after[n].flatten()).flatten().tolist()) for n in before}
-
-
-def adamw_steps(model: nn.Module, steps: int = 3, weight_decay: float = 0.1, lr: float = 1e-2) -> None:
-    optimizer = torch.optim.AdamW(build_param_groups(model, lr, weight_decay), lr=lr)
-    images, targets = toy_task(8)
-    for _ in range(steps):
-        model.train()
-        loss = F.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
 
 def selectable_count(model: nn.Module) -> int:
@@ -173,11 +151,8 @@ def test_data_criterion_without_data_is_refused_with_the_way_out():
 
 def test_image_classifier_fit_calibrates_once_on_the_training_data():
     loader = toy_loader(32, 8)
-    torch.manual_seed(0)
     spec = {"name": "sparse", "budget": 0.01, "criterion": "gradient", "calibration_batches": 2}
-    model = ImageClassifier(
-        "test_resnet", pretrained=False, num_classes=NUM_CLASSES, strategies=[spec], lr=1e-2, warmup_epochs=0
-    )
+    model = seeded_classifier(spec)
     pristine = make_backbone("test_resnet")
     layers = weight_layers(pristine)
     for name, layer in sparse_layers(model.backbone).items():
@@ -238,22 +213,16 @@ def test_resume_from_a_checkpoint_keeps_the_indices(tmp_path):
     spec = {"name": "sparse", "budget": 0.01, "criterion": "gradient", "calibration_batches": 2}
     other = toy_loader(32, 8, seed=3)
 
-    def classifier():
-        torch.manual_seed(0)
-        return ImageClassifier(
-            "test_resnet", pretrained=False, num_classes=NUM_CLASSES, strategies=[spec], lr=1e-2, warmup_epochs=0
-        )
-
-    first = classifier()
+    first = seeded_classifier(spec)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     make_trainer(3, [checkpoint], enable_checkpointing=True, limit_train_batches=2).fit(first, toy_loader(32, 8))
     chosen = selection_sets(first.backbone)
 
-    reference = classifier()  # what a fresh fit on the other data would choose
+    reference = seeded_classifier(spec)  # what a fresh fit on the other data would choose
     make_trainer(1, limit_train_batches=1).fit(reference, other)
     assert selection_sets(reference.backbone) != chosen
 
-    resumed = classifier()
+    resumed = seeded_classifier(spec)
     trainer = make_trainer(4, limit_train_batches=2)
     trainer.fit(resumed, other, ckpt_path=str(tmp_path / "last.ckpt"))
     assert trainer.current_epoch == 4

@@ -71,20 +71,19 @@ def test_full_fine_tune_adapter_includes_batchnorm_statistics():
     assert "bn1.running_mean" in names and "bn1.num_batches_tracked" in names
 
 
-def test_adapter_on_the_wrong_backbone_says_which_backbone_it_expects(tmp_path, base_weights):
+@pytest.mark.parametrize(
+    ("backbone", "classes", "match"),
+    [
+        pytest.param("test_vit", 3, "test_resnet", id="wrong_backbone_says_which_backbone_it_expects"),
+        pytest.param("test_resnet", 4, "shape differs", id="another_class_count"),
+    ],
+)
+def test_an_adapter_onto_a_mismatched_model_is_refused(tmp_path, base_weights, backbone, classes, match):
     model = ImageClassifier("test_resnet", pretrained=False, weights=str(base_weights), num_classes=3,
                             strategies=["linear_probe"])  # fmt: skip
     path = model.save_adapter(tmp_path / "a.safetensors")
-    with pytest.raises(CheckpointMismatchError, match="test_resnet"):
-        ImageClassifier("test_vit", pretrained=False, num_classes=3, strategies=["linear_probe"], adapter=str(path))
-
-
-def test_adapter_with_another_class_count_is_refused(tmp_path, base_weights):
-    model = ImageClassifier("test_resnet", pretrained=False, weights=str(base_weights), num_classes=3,
-                            strategies=["linear_probe"])  # fmt: skip
-    path = model.save_adapter(tmp_path / "a.safetensors")
-    with pytest.raises(CheckpointMismatchError, match="shape differs"):
-        ImageClassifier("test_resnet", pretrained=False, num_classes=4, strategies=["linear_probe"], adapter=str(path))
+    with pytest.raises(CheckpointMismatchError, match=match):
+        ImageClassifier(backbone, pretrained=False, num_classes=classes, strategies=["linear_probe"], adapter=str(path))
 
 
 def test_non_adapter_and_corrupt_files_raise(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.tuner.lr_finder import _LRFinder
 from torch.utils.data import TensorDataset
-from tuning_kit import build, make_data, state, trainable, trainer_for, unchanged
+from tuning_kit import build, make_data, state, swept_rate, trainable, trainer_for, unchanged
 
 from cvft.data.multitask import MultiTaskDataModule
 from cvft.errors import ConfigError
@@ -106,25 +106,16 @@ def test_each_group_steps_at_the_swept_rate_times_its_own_ratio():
     assert second.item() == pytest.approx(-2.2)
 
 
-def test_the_sweep_trains_layerwise_groups_at_their_ratios(image_root, tmp_path, monkeypatch):
-    seen = []
-    original = torch.optim.AdamW.step
-
-    def record(self, *args, **kwargs):
-        seen.append({group["name"]: group["lr"] for group in self.param_groups})
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+def test_the_sweep_trains_layerwise_groups_at_their_ratios(image_root, tmp_path, adamw_rates):
     model = build(0.01, strategies=[{"name": "layerwise_lr", "decay": 0.5}])
     scales = {group["name"]: group["lr_scale"] for group in model.param_groups()}
     assert len(set(scales.values())) > 2
     find_learning_rate(trainer_for(tmp_path), model, make_data(image_root), LRFinderOptions(num_training=13),
                        folder=tmp_path)  # fmt: skip
-    assert len(seen) == 13
-    for step, rates in enumerate(seen):
-        swept = 1e-8 * 1e8 ** ((step + 1) / 13) if step else 1e-8  # what Lightning's scheduler writes
+    assert len(adamw_rates) == 13
+    for step, rates in enumerate(adamw_rates):
         for name, lr in rates.items():
-            assert lr == pytest.approx(swept * scales[name], rel=1e-6), (step, name)
+            assert lr == pytest.approx(swept_rate(step, 13) * scales[name], rel=1e-6), (step, name)
 
 
 def test_too_few_steps_fall_back_to_the_strategies_default(image_root, tmp_path):
@@ -167,15 +158,7 @@ def test_bad_finder_options_are_refused(options, match):
         LRFinderOptions(**options)
 
 
-def test_a_multitask_sweep_keeps_the_heads_ratio_and_restores_every_tensor(tmp_path, monkeypatch):
-    seen = []
-    original = torch.optim.AdamW.step
-
-    def record(self, *args, **kwargs):
-        seen.append({group["name"]: group["lr"] for group in self.param_groups})
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+def test_a_multitask_sweep_keeps_the_heads_ratio_and_restores_every_tensor(tmp_path, adamw_rates):
     torch.manual_seed(0)
     tasks = {"colour": {"num_classes": 3}, "shade": {"num_classes": 2}}
     model = MultiTaskClassifier(tasks, "test_resnet", pretrained=False, strategies="lora", weighting="uncertainty",
@@ -191,9 +174,8 @@ def test_a_multitask_sweep_keeps_the_heads_ratio_and_restores_every_tensor(tmp_p
 
     assert unchanged(before, model)  # LoRA factors, heads and the uncertainty weights all restored
     assert result.suggestion is not None and model.hparams.lr == result.suggestion
-    assert len(seen) == 14
-    for step, rates in enumerate(seen):
-        swept = 1e-8 * 1e8 ** ((step + 1) / 14) if step else 1e-8
+    assert len(adamw_rates) == 14
+    for step, rates in enumerate(adamw_rates):
         for name, lr in rates.items():
-            expected = swept * (10.0 if name.startswith("heads") else 1.0)
+            expected = swept_rate(step, 14) * (10.0 if name.startswith("heads") else 1.0)
             assert lr == pytest.approx(expected, rel=1e-6), (step, name)

@@ -44,3 +44,8 @@ def unchanged(before: dict[str, torch.Tensor], model: torch.nn.Module) -> bool:
     """Whether ``model`` holds exactly the tensors of ``before`` (same names, same values)."""
     after = state(model)
     return before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+def swept_rate(step: int, steps: int) -> float:
+    """The rate Lightning's exponential LR-finder schedule writes at ``step`` of ``steps`` (from 1e-8 up to 1)."""
+    return 1e-8 * 1e8 ** ((step + 1) / steps) if step else 1e-8
