@@ -102,13 +102,9 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
             ``Normalize`` and ``ToTensorV2``; it is checked at setup on a real image.
         eval_transform: Your own pipeline for validation, test and prediction (same forms and checks), saved with the
             run for ``cvft predict`` / ``cvft test --ckpt_path``.
-        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a CSV path
-            (``path,preferred,rejected[,weight]``, image paths relative to the CSV's folder or to ``root``, labels as
-            class names or indices, multi-label sets as ``cat;dog``), or a generator over the labelled training
-            split, ``{from: labels}`` or ``{from: cost_matrix, cost_matrix: [[...]]}``, with an optional ``seed``
-            (:mod:`cvft.data.preference_option`). The training split becomes a
-            :class:`~cvft.data.preference.PreferencePairDataset` with the training pipeline; validation and test
-            stay labelled.
+        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a pair CSV or a
+            generator over the labelled training split, as in
+            :class:`~cvft.data.image_folder.ImageFolderDataModule` (:mod:`cvft.data.preference_option`).
 
     Example:
         >>> import tempfile, shutil
