@@ -12,8 +12,10 @@ cross-entropy), then, each from that SFT checkpoint and with the same optimizer 
 REINFORCE (moving-average baseline), PPO, TRPO (on the cost matrix's reward ``-cost``), DPO on pairs generated from the
 cost matrix, and PPO on the scores of a Bradley-Terry reward model trained on ``--rm-pairs`` preference pairs. The
 honest baseline is **SFT with the Bayes-optimal decision rule** on its probabilities (``argmin_a sum_y p(y|x) cost[y,
-a]``, :func:`cvft.strategies.preference.bayes_decisions`): it needs no training at all. Every policy is evaluated
-by its most likely label (the decision a user deploys).
+a]``, :func:`cvft.strategies.preference.bayes_decisions`): it needs no training at all; ``sft+calibrated bayes``
+applies it to probabilities temperature-scaled on the validation split. Every policy is evaluated by its most likely
+label (the decision a user deploys). ``--align-split val`` makes the aligned methods roll out (and DPO and the reward
+model draw their pairs) on the validation split, which SFT never trained on, instead of SFT's own training split.
 
 Each (data set, seed) is its own process (``--jobs`` at once). The table goes to stdout (markdown; expected cost and
 accuracy as mean ± std over seeds, pneumonia sensitivity and specificity where binary) and ``--out`` gets
@@ -57,7 +59,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "pneumoniamnist": {"cost": PNEUMONIA_COST, "classes": 2, "size": 64, "sft_epochs": 3},
     "digits": {"cost": digits_cost(), "classes": 10, "size": 32, "sft_epochs": 10},
 }
-METHODS = ("sft", "sft+bayes", "reinforce", "ppo", "trpo", "dpo", "reward_model+ppo")
+METHODS = ("sft", "sft+bayes", "sft+calibrated bayes", "reinforce", "ppo", "trpo", "dpo", "reward_model+ppo")
 
 
 def load(dataset: str, args: argparse.Namespace, seed: int) -> dict[str, torch.Tensor]:
@@ -137,11 +139,15 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> list[dict[str
 
     from cvft.data.preference import PreferencePairDataset, pairs_from_cost_matrix
     from cvft.strategies.preference import bayes_decisions
+    from cvft.tasks.temperature import fit_temperature
 
     spec = DATASETS[dataset]
     cost, classes = spec["cost"], spec["classes"]
     data = load(dataset, args, seed)
     labelled = TensorDataset(data["train_x"], data["train_y"])
+    # What the aligned methods roll out on: the SFT training split, or the validation split SFT never saw.
+    align_x, align_y = data[f"{args.align_split}_x"], data[f"{args.align_split}_y"]
+    aligned_on = TensorDataset(align_x, align_y)
     test_x, test_y = data["test_x"], data["test_y"]
 
     def loader(dataset_: Any) -> DataLoader:
@@ -150,7 +156,7 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> list[dict[str
     rows: list[dict[str, Any]] = []
 
     def record(method: str, decisions: torch.Tensor, seconds: float, **extra: Any) -> None:
-        row = {"dataset": dataset, "seed": seed, "method": method, "train_s": seconds}
+        row = {"dataset": dataset, "seed": seed, "method": method, "align_split": args.align_split, "train_s": seconds}
         rows.append(row | _scores(decisions, test_y, cost) | extra)
         print(f"{dataset} / seed {seed} / {method}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
 
@@ -160,6 +166,11 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> list[dict[str
     probs = _probs(sft, test_x)
     record("sft", probs.argmax(-1), seconds)
     record("sft+bayes", bayes_decisions(probs, cost), 0.0)
+    # The Bayes rule on temperature-scaled probabilities (temperature fitted on the validation split).
+    val_logits = _probs(sft, data["val_x"]).clamp_min(1e-12).log()
+    temperature = fit_temperature(val_logits, data["val_y"])
+    calibrated = (probs.clamp_min(1e-12).log() / temperature).softmax(-1)
+    record("sft+calibrated bayes", bayes_decisions(calibrated, cost), 0.0, temperature=temperature)
     sft_state = copy.deepcopy(sft.backbone.state_dict())
 
     def from_sft(strategy: dict[str, Any] | str, lr: float):
@@ -168,12 +179,12 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> list[dict[str
         model.backbone.load_state_dict(sft_state)
         return model
 
-    pairs = PreferencePairDataset(pairs_from_cost_matrix(data["train_y"].tolist(), cost, seed=seed), images=labelled)
+    pairs = PreferencePairDataset(pairs_from_cost_matrix(align_y.tolist(), cost, seed=seed), images=aligned_on)
     for method in ("reinforce", "ppo", "trpo", "dpo"):
         if method not in args.methods:
             continue
         model = from_sft(objective(method, cost, args), args.lr)
-        seconds = _fit(model, loader(pairs if method == "dpo" else labelled), args.epochs)
+        seconds = _fit(model, loader(pairs if method == "dpo" else aligned_on), args.epochs)
         record(method, _probs(model, test_x).argmax(-1), seconds)
 
     if "reward_model+ppo" in args.methods:
@@ -193,7 +204,7 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> list[dict[str
         rm_acc = float((scores[index, preferred] > scores[index, rejected]).float().mean())
         strategy = objective("ppo", cost, args) | {"reward": {"model": reward_net}}
         model = from_sft(strategy, args.lr)
-        seconds = _fit(model, loader(labelled), args.epochs)
+        seconds = _fit(model, loader(aligned_on), args.epochs)
         record(
             "reward_model+ppo",
             _probs(model, test_x).argmax(-1),
@@ -274,6 +285,12 @@ def main() -> None:
     parser.add_argument("--sft-lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each aligned method from the SFT model")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the aligned methods (not TRPO)")
+    parser.add_argument(
+        "--align-split",
+        default="train",
+        choices=("train", "val"),
+        help="where the aligned methods roll out and draw pairs: SFT's training split, or the unseen validation split",
+    )
     parser.add_argument("--policy-params", default="linear_probe", help="what the aligned methods train")
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--max-kl", type=float, default=0.01)
