@@ -146,7 +146,9 @@ class StrategyCallback(pl.Callback):
     weight decay and its other options, see :func:`~cvft.strategies.param_groups.add_param_groups`), unless
     ``added_lr`` / ``added_weight_decay`` are given.
 
-    Strategies that add loss terms need the module's help: call :meth:`loss_terms` in ``training_step``.
+    Strategies that add loss terms need the module's help: call :meth:`loss_terms` in ``training_step``. Strategies
+    that take their own steps (``ppo``, ``trpo``; :attr:`steps_itself`) need manual optimisation and a call to
+    :meth:`optimisation_step` instead.
 
     Args:
         strategies: Names, ``{"name": ..., **kwargs}`` mappings or strategy instances, applied in order.
@@ -318,6 +320,26 @@ class StrategyCallback(pl.Callback):
     def loss_terms(self, batch: Any, outputs: Tensor) -> dict[str, Tensor]:
         """The strategies' extra loss terms for this batch; add their sum to your loss in ``training_step``."""
         return self.stack.loss_terms(self.backbone, batch, outputs)
+
+    @property
+    def steps_itself(self) -> bool:
+        """Whether a strategy takes its own optimisation steps (``ppo``, ``trpo``): then optimise manually."""
+        return self.stack.steps_itself
+
+    def optimisation_step(
+        self,
+        images: Tensor,
+        targets: Tensor | None,
+        indices: Tensor | None,
+        optimizer_step: Callable[[], None],
+    ) -> dict[str, Tensor]:
+        """One batch of a strategy that takes its own steps; call it from ``training_step``.
+
+        Set ``self.automatic_optimization = False`` in your module (Lightning's manual optimisation).
+        ``optimizer_step()`` must step your optimizer and zero its gradients; the strategy calls it after writing
+        gradients. Returns scalars to log, keyed ``"<strategy>/<name>"``.
+        """
+        return self.stack.optimisation_step(self.backbone, images, targets, indices, optimizer_step)
 
     def state_dict(self) -> dict[str, Any]:
         """Added param groups (by parameter name, in order), the epoch and the strategies' own state."""
