@@ -91,3 +91,20 @@ def test_a_missing_pair_csv_and_a_missing_option_exit_with_code_2(shapes_folder,
     _fails_cleanly(args, capsys, "nowhere.csv does not exist")
     args = cvft_args("fit", shapes_folder, resnet_weights, tmp_path / "runs2", "--model.strategies=[linear_probe, dpo]")
     _fails_cleanly(args, capsys, "dpo trains on preference pairs", "--data.preference_pairs")
+
+
+@pytest.mark.parametrize(
+    "objective",
+    ["{name: ppo, epochs: 2, minibatches: 1, kl_coef: 0.1, reward: {cost_matrix: [[0, 1, 1], [5, 0, 1], [1, 1, 0]]}}",
+     "{name: trpo, max_kl: 0.01, reward: {cost_matrix: [[0, 1, 1], [5, 0, 1], [1, 1, 0]]}}"],
+    ids=["ppo", "trpo"],
+)  # fmt: skip
+def test_fit_self_stepping_objective_through_the_cli(objective, shapes_folder, resnet_weights, tmp_path):
+    last = _fit(shapes_folder, resnet_weights, tmp_path / "runs", f"--model.strategies=[linear_probe, {objective}]")
+    checkpoint = torch.load(last, weights_only=True)
+    name = "ppo" if "ppo" in objective else "trpo"
+    assert "reference" in checkpoint["cvft_strategies"][name]
+    (history,) = checkpoint["callbacks"]["TrainingReport"]["history"]
+    assert f"train/{name}/reward" in history and "val/acc" in history
+    # 3 training batches of 8: PPO steps epochs x minibatches = 2 times per batch, TRPO once
+    assert checkpoint["global_step"] == (6 if name == "ppo" else 3)
