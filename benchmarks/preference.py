@@ -99,17 +99,9 @@ def _classifier(num_classes: int, strategies: list[Any], lr: float):
 
 
 def _fit(model, loader, epochs: int) -> float:
-    import lightning.pytorch as pl
+    from objectives import trainer as quiet_trainer
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(epochs)
     start = time.perf_counter()
     trainer.fit(model, loader)
     return time.perf_counter() - start

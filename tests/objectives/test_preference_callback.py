@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from quiet_trainer import make_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from cvft.data.preference import pair_target
@@ -85,15 +86,7 @@ def test_objective_moves_a_foreign_module_towards_the_preferred_class(objective,
     module = ForeignModule(callback)
     before = _preferred_log_odds(module)
     frozen = {n: p.detach().clone() for n, p in module.net.named_parameters() if not n.startswith("fc.")}
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = make_trainer(max_epochs=3, callbacks=[callback])
     trainer.fit(module, _batches(pairs))
     assert callback.steps_itself == (objective["name"] in ("ppo", "trpo"))
     assert _preferred_log_odds(module) > before + 0.1
