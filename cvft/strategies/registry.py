@@ -17,6 +17,7 @@ __all__ = [
     "available_strategies",
     "build_strategy",
     "build_strategies",
+    "strategy_signature",
 ]
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -74,10 +75,44 @@ def get_strategy(name: str) -> type[Strategy]:
         ) from None
 
 
+def strategy_signature(cls: type[Strategy]) -> inspect.Signature:
+    """The options ``cls`` takes: those of its ``__init__`` and those its ``**kwargs`` pass on to its base classes.
+
+    A subclass may declare only the options it adds and forward the rest with ``**kwargs`` (the low-rank strategies
+    do). The options are then collected along the MRO, through every ``__init__`` that takes ``**kwargs``, as
+    keyword-only parameters: each where the most basic class declares it, with the default and type of the most
+    derived one. A class whose ``__init__`` takes no ``**kwargs`` has its plain signature.
+
+    Example:
+        >>> from cvft.strategies.lora import LoRA
+        >>> list(strategy_signature(LoRA).parameters)
+        ['rank', 'alpha', 'dropout', 'targets', 'train_head', 'train_bias', 'qkv_parts', 'use_rslora']
+    """
+    signature = inspect.signature(cls)
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return signature
+    declared: list[list[inspect.Parameter]] = []  # most derived first
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+        declared.append(parameters)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    options: dict[str, inspect.Parameter] = {}
+    for parameters in reversed(declared):  # a redeclared option keeps its place and takes the derived default
+        for p in parameters:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                options[p.name] = p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+    return signature.replace(parameters=list(options.values()))
+
+
 def build_strategy(spec: StrategySpec) -> Strategy:
     """Build one strategy from a name, a ``{"name": ..., **kwargs}`` mapping, or pass an instance through.
 
     Parameter strategies (``takes_bn``) also accept ``bn``, the BatchNorm policy (see :mod:`cvft.strategies.base`).
+    The other keys are checked against :func:`strategy_signature` (options forwarded to base classes included).
 
     Raises:
         StrategyError: Unknown name, a mapping without ``name``, or arguments the strategy does not take.
@@ -99,13 +134,12 @@ def build_strategy(spec: StrategySpec) -> Strategy:
         raise StrategyError(f"Cannot build a strategy from {spec!r}; give a name, a mapping or a Strategy.")
     cls = get_strategy(name)
     bn = kwargs.pop("bn", None) if cls.takes_bn else None  # the BatchNorm policy every parameter strategy takes
+    signature = strategy_signature(cls)
     try:
-        inspect.signature(cls).bind(**kwargs)
+        signature.bind(**kwargs)
     except TypeError as err:
         hint = " (`bn` is taken by parameter strategies only)" if "bn" in kwargs else ""
-        raise StrategyError(
-            f"Strategy {name!r}: {err}{hint}. Its signature is {name}{inspect.signature(cls)}."
-        ) from None
+        raise StrategyError(f"Strategy {name!r}: {err}{hint}. Its signature is {name}{signature}.") from None
     strategy = cls(**kwargs)
     return strategy.with_bn(bn) if bn is not None else strategy
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from cvft.strategies.lokr.layer import LoKrLayer, check_factor
@@ -43,6 +45,8 @@ class LoKr(LowRankStrategy):
         factor: How each weight dimension is split between ``C`` and ``B A``: ``-1`` for the most balanced split,
             or the largest size ``C`` may have along each dimension.
         factor_c: Also factor ``C`` into a rank-``r`` product.
+        kwargs: The low-rank family's arguments (``rank`` as above, ``alpha``, ``dropout``, ``targets``,
+            ``train_head``, ``train_bias``).
 
     Example:
         >>> import timm
@@ -54,18 +58,8 @@ class LoKr(LowRankStrategy):
 
     name = "lokr"
 
-    def __init__(
-        self,
-        rank: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        targets: str | list[str] = "auto",
-        factor: int = -1,
-        factor_c: bool = False,
-        train_head: bool = True,
-        train_bias: bool = False,
-    ) -> None:
-        super().__init__(rank, alpha, dropout, targets, train_head, train_bias)
+    def __init__(self, *, factor: int = -1, factor_c: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         check_factor(factor)
         self.factor = factor
         self.factor_c = bool(factor_c)

@@ -9,6 +9,7 @@ every low-rank layer, LoRA's or not, as it always did.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -109,6 +110,8 @@ class LoRA(LowRankStrategy):
         qkv_parts: Adapt only these thirds (``"q"``, ``"k"``, ``"v"``) of fused ``qkv`` projections, e.g.
             ``["q", "v"]`` as in the LoRA paper; ``None`` adapts all three.
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
+        kwargs: The low-rank family's arguments (``rank``, ``alpha``, ``dropout``, ``targets``, ``train_head``,
+            ``train_bias``).
 
     Example:
         >>> import timm
@@ -126,18 +129,8 @@ class LoRA(LowRankStrategy):
     # statistics re-estimated ("train", what a PEFT loop in train mode does) no seed collapsed.
     default_bn = "train"
 
-    def __init__(
-        self,
-        rank: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        targets: str | list[str] = "auto",
-        qkv_parts: list[str] | None = None,
-        use_rslora: bool = False,
-        train_head: bool = True,
-        train_bias: bool = False,
-    ) -> None:
-        super().__init__(rank, alpha, dropout, targets, train_head, train_bias)
+    def __init__(self, *, qkv_parts: list[str] | None = None, use_rslora: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if qkv_parts is not None:
             qkv_parts = list(qkv_parts)
             check_qkv_parts(qkv_parts)

@@ -60,7 +60,8 @@ class LowRankStrategy(ParameterStrategy):
 
     Subclasses set ``name`` and implement :meth:`make_layer`; :meth:`layer_factory` and :meth:`prepare_targets`
     are there when they need more. The arguments below are those of every low-rank strategy, documented here once:
-    a subclass keeps them in its signature, in this order, and documents only what it adds or means differently.
+    a subclass declares only the options it adds (keyword-only), forwards these with ``**kwargs`` and documents only
+    what it adds or means differently; :func:`~cvft.strategies.registry.strategy_signature` lists and checks them all.
     Every wrapper is a low-rank layer, so ``merge_low_rank``, ``unmerge_low_rank`` and ``export_plain_model`` apply
     to them unchanged. The BatchNorm policy ``bn`` (``"train"``, ``"frozen"``, ``"adabn"``) is set with
     :meth:`~cvft.strategies.Strategy.with_bn` or a ``bn`` key in a recipe.

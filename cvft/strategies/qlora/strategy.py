@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from cvft.errors import StrategyError
@@ -82,6 +84,8 @@ class QLoRA(LoRA):
             the next whole block.
         scaler_block_size: Blocks per second-level scale block.
         quantize_depthwise: Also store depthwise convolutions in NF4 (they are a tiny share of the weights).
+        kwargs: :class:`~cvft.strategies.lora.LoRA`'s other arguments (``qkv_parts``, ``use_rslora`` and the
+            low-rank family's ``rank``, ``alpha``, ``dropout``, ``train_head``, ``train_bias``).
 
     Example:
         >>> import timm
@@ -99,20 +103,14 @@ class QLoRA(LoRA):
 
     def __init__(
         self,
-        rank: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
+        *,
         targets: str | list[str] | None = None,
-        qkv_parts: list[str] | None = None,
-        use_rslora: bool = False,
-        train_head: bool = True,
-        train_bias: bool = False,
         block_size: int = 64,
         scaler_block_size: int = 256,
         quantize_depthwise: bool = QUANTIZE_DEPTHWISE,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(rank, alpha, dropout, "auto" if targets is None else targets, qkv_parts, use_rslora,
-                         train_head, train_bias)  # fmt: skip
+        super().__init__(targets="auto" if targets is None else targets, **kwargs)
         if targets is None:
             self.targets = None
         if block_size < 2 or block_size % 2 or scaler_block_size < 1:
