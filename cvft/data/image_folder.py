@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.dataset import ImageDataset
 from cvft.data.image_check import find_unreadable_images
@@ -142,10 +141,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         preference_pairs: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # class_names stays out of hparams: the model records the resolved list, and Lightning refuses to log
-        # model and data hparams that share a key with different values.
-        self.save_hyperparameters(ignore=["class_names"])
-        loadable_hparams(self)
+        self._save_data_hparams()
         validate_options(
             choices={
                 "check_images": (check_images, CHECK_IMAGES_MODES),

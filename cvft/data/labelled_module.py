@@ -12,10 +12,11 @@ the backbone's pretrained data config. A subclass says where its data comes from
 * :meth:`~LabelledDataModule._has_labelled_data` and :meth:`~LabelledDataModule._source`: whether a source is set,
   and its name for messages.
 
-Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), validates the ones
-of its own, and hands the shared ones to :meth:`~LabelledDataModule._keep_shared_options` and
-:meth:`~LabelledDataModule._resolve_data_config` (which check them), and the image pipeline options (user pipelines,
-random erasing) to :meth:`~LabelledDataModule._keep_pipeline_options`. A subclass builds its preset pipelines in
+Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), saves them with
+:meth:`~LabelledDataModule._save_data_hparams`, validates the ones of its own, and hands the shared ones to
+:meth:`~LabelledDataModule._keep_shared_options` and :meth:`~LabelledDataModule._resolve_data_config` (which check
+them), and the image pipeline options (user pipelines, random erasing) to
+:meth:`~LabelledDataModule._keep_pipeline_options`. A subclass builds its preset pipelines in
 :meth:`~LabelledDataModule._preset_transform`; :meth:`~LabelledDataModule._transform` hands out a user pipeline
 instead where one is given, and ``setup`` checks each user pipeline on a real image of the first split it serves
 (:func:`~cvft.data.user_pipeline.check_pipeline_output`). The DataLoaders come from
@@ -30,6 +31,7 @@ labelled.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -40,6 +42,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.normalization import per_channel
 from cvft.data.preference import PreferencePair, PreferencePairDataset
@@ -118,6 +121,20 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         self._checked_pipelines: set[str] = set()
 
     # --- construction helpers -------------------------------------------------------------------------------
+
+    def _save_data_hparams(self, ignore: Sequence[str] = ()) -> None:
+        """Save the calling constructor's arguments as ``hparams`` that load with ``weights_only``.
+
+        ``class_names`` (and ``ignore``) stay out: the model records the resolved list, and Lightning refuses to log
+        model and data hparams that share a key with different values. Path-like values become strings
+        (:func:`~cvft.checkpoints.loadable_hparams`).
+
+        Args:
+            ignore: Further arguments to leave out.
+        """
+        frame = inspect.currentframe()
+        self.save_hyperparameters(ignore=["class_names", *ignore], frame=frame.f_back if frame else None)
+        loadable_hparams(self)
 
     def _keep_shared_options(
         self,

@@ -182,17 +182,12 @@ def read_label_csv(
         >>> names, samples[0].target
         (['cat', 'dog'], (0, 1))
     """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DatasetError(f"Label CSV file {csv_path} does not exist. Check the path (e.g. --data.csv).")
-    base = Path(root) if root is not None else csv_path.parent
+    csv_path, base = label_csv_location(csv_path, root)
     rows = _read_rows(csv_path)
     labels: list[list[str]] = []
     for line, path_text, label_text in rows:
         labels.append(parse_label_cell(label_text, multi_label, f"{csv_path} line {line} ({path_text})"))
-    if class_names is None:
-        class_names = sorted_labels({name for names in labels for name in names})
-    index = {name: i for i, name in enumerate(class_names)}
+    class_names, index = class_index(labels, class_names)
     samples: list[Sample] = []
     missing: list[str] = []
     for (line, path_text, _), names in zip(rows, labels, strict=True):
@@ -203,7 +198,7 @@ def read_label_csv(
         samples.append(Sample(path, targets if multi_label else targets[0]))
     if missing:
         raise missing_files_error(missing, csv_path, base)
-    return samples, list(class_names)
+    return samples, class_names
 
 
 def scan_unlabelled(folder: str | Path) -> list[Path]:
@@ -396,6 +391,33 @@ def _read_rows(csv_path: Path) -> list[tuple[int, str, str]]:
 
 
 # --- label-CSV pieces shared with cvft.data.medical.labels ------------------------------------------------------
+
+
+def label_csv_location(csv_path: str | Path, root: str | Path | None) -> tuple[Path, Path]:
+    """Return a label CSV file, checked to exist, and the folder its relative paths start from.
+
+    Args:
+        csv_path: The CSV file.
+        root: Folder that relative paths start from; ``None``: the CSV file's folder.
+
+    Raises:
+        DatasetError: The CSV file does not exist.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"Label CSV file {csv_path} does not exist. Check the path (e.g. --data.csv).")
+    return csv_path, Path(root) if root is not None else csv_path.parent
+
+
+def class_index(labels: Iterable[Sequence[str]], class_names: Sequence[str] | None) -> tuple[list[str], dict[str, int]]:
+    """Return the class names in index order and each name's index.
+
+    Args:
+        labels: Every row's class names.
+        class_names: The order to use; ``None``: the labels found, sorted by :func:`sorted_labels`.
+    """
+    names = list(class_names) if class_names is not None else sorted_labels({n for row in labels for n in row})
+    return names, {name: i for i, name in enumerate(names)}
 
 
 def parse_label_cell(label_text: str, multi_label: bool, where: str) -> list[str]:

@@ -12,7 +12,6 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.detection._yolo import yaml_names
 from cvft.data.detection.annotations import (
@@ -128,8 +127,7 @@ class DetectionDataModule(LabelledDataModule[DetectionRecord]):
         keep_negatives: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["class_names", "category_ids"])
-        loadable_hparams(self)
+        self._save_data_hparams(ignore=["category_ids"])
         validate_options(
             image_size=image_size,
             min_visibility=min_visibility,

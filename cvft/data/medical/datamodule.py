@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from cvft.checkpoints import loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.labelled_module import SPLITS, LabelledDataModule
 from cvft.data.medical.augment import build_medical_transforms, check_medical_augment
@@ -161,8 +160,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         preference_pairs: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["class_names"])  # the model records the resolved class list
-        loadable_hparams(self)
+        self._save_data_hparams()
         if (csv is None) == (medmnist is None):
             raise DatasetError(
                 "MedicalImageDataModule needs exactly one source: csv=... (a label CSV file) or medmnist=... (a "

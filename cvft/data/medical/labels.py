@@ -26,11 +26,12 @@ from typing import NamedTuple
 
 from cvft.data.samples import (
     Sample,
+    class_index,
+    label_csv_location,
     label_indices,
     missing_files_error,
     parse_label_cell,
     resolve_csv_path,
-    sorted_labels,
 )
 from cvft.errors import DatasetError
 
@@ -116,10 +117,7 @@ def read_medical_csv(
     """
     if none_label is not None and not multi_label:
         raise ValueError(f"none_label={none_label!r} needs multi_label=True; in single-label data it is a class.")
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DatasetError(f"Label CSV file {csv_path} does not exist. Check the path (e.g. --data.csv).")
-    base = Path(root) if root is not None else csv_path.parent
+    csv_path, base = label_csv_location(csv_path, root)
     header, rows = _read_table(csv_path, path_column, label_column)
     columns = {name.strip().lower(): i for i, name in enumerate(header)}
     path_col, label_col = columns[path_column.lower()], columns[label_column.lower()]
@@ -131,9 +129,7 @@ def read_medical_csv(
     for line, row in rows:
         where = f"{csv_path} line {line} ({row[path_col].strip()})"
         parsed.append(_labels(row[label_col], multi_label, none_label, where))
-    if class_names is None:
-        class_names = sorted_labels({name for names in parsed for name in names})
-    index = {name: i for i, name in enumerate(class_names)}
+    class_names, index = class_index(parsed, class_names)
 
     records: list[MedicalRecord] = []
     missing: list[str] = []
@@ -155,7 +151,7 @@ def read_medical_csv(
         )
     if missing:
         raise missing_files_error(missing, csv_path, base)
-    return records, list(class_names)
+    return records, class_names
 
 
 def as_samples(records: Sequence[MedicalRecord]) -> list[Sample]:
