@@ -226,8 +226,10 @@ def load_module(
         checkpoint = load_checkpoint(path, map_location=map_location, require_lightning=True)
     with pl_legacy_patch():
         checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=None)
-    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
-    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(overrides)
+    hparams = checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    for name, value in getattr(cls, "legacy_hparams", {}).items():  # options the checkpoint predates
+        hparams.setdefault(name, value)
+    hparams.update(overrides)
     return _load_state(cls, checkpoint, **overrides)
 
 

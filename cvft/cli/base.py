@@ -228,6 +228,7 @@ class RunCLI(LightningCLI):
                 hparams.pop(name, None)
         if not hparams:
             return
+        hparams = {**getattr(self.model_class, "legacy_hparams", {}), **hparams}  # options the checkpoint predates
         try:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         except SystemExit:

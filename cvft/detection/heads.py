@@ -29,12 +29,13 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from cvft.data.normalization import per_channel
+from cvft.detection.fcos_regression import BoxActivation, FCOSBoxRegressionHead
 from cvft.detection.features import VITDET_SCALES, MultiScaleFeatures
 from cvft.errors import CvftError
 
@@ -190,6 +191,7 @@ def build_detection_model(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
+    box_activation: BoxActivation = "exp",
 ) -> nn.Module:
     """A torchvision FCOS, RetinaNet or Faster R-CNN that reads ``features``.
 
@@ -205,6 +207,8 @@ def build_detection_model(
         score_thresh: Minimum score of a returned detection.
         nms_thresh: IoU threshold of the per-class non-maximum suppression.
         detections_per_img: Most detections returned per image.
+        box_activation: FCOS only: box distances as ``exp(s_l * x)`` (the paper) or ``relu(x)`` (torchvision), see
+            :mod:`cvft.detection.fcos_regression`.
 
     Raises:
         CvftError: Unknown head, or ``anchor_sizes`` / ``aspect_ratios`` that do not fit the levels.
@@ -240,7 +244,7 @@ def build_detection_model(
         fcos_head = FCOSHead(channels, 1, num_classes)
         norm = _group_norm(channels)  # torchvision's default GroupNorm(32) needs a multiple of 32 channels
         fcos_head.classification_head = FCOSClassificationHead(channels, 1, num_classes, norm_layer=norm)
-        fcos_head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
+        fcos_head.regression_head = FCOSBoxRegressionHead(channels, 1, levels, box_activation, norm_layer=norm)
         return FCOS(
             features,
             num_classes,

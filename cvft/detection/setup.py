@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from cvft.backbones import create_backbone
+from cvft.detection.fcos_regression import BoxActivation
 from cvft.detection.features import FeatureLevels, MultiScaleFeatures, build_neck, neck_strides
 from cvft.detection.heads import (
     build_detection_model,
@@ -174,6 +175,7 @@ def build_detector_network(
     score_thresh: float,
     nms_thresh: float | None,
     detections_per_img: int,
+    box_activation: BoxActivation = "exp",
 ) -> tuple[nn.Module, nn.Module]:
     """The neck (FPN for CNNs, ViTDet simple pyramid for ViTs) and the torchvision detector reading ``backbone``.
 
@@ -190,6 +192,7 @@ def build_detector_network(
         score_thresh: Minimum score of returned detections.
         nms_thresh: Per-class NMS IoU threshold (``None``: :data:`NMS_DEFAULTS` of ``head``).
         detections_per_img: Most detections per image.
+        box_activation: FCOS's box distances, ``"exp"`` (the paper) or ``"relu"`` (torchvision).
 
     Returns:
         ``(neck, detector)``; the detector's ``backbone`` is a :class:`~cvft.detection.features.MultiScaleFeatures`
@@ -203,5 +206,6 @@ def build_detector_network(
     detector = build_detection_model(
         head, features, num_classes, image_size, mean, std, anchor_sizes, aspect_ratios,
         score_thresh, nms_thresh if nms_thresh is not None else NMS_DEFAULTS[head], detections_per_img,
+        box_activation,
     )  # fmt: skip
     return neck, detector

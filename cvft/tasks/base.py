@@ -144,6 +144,9 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
     strategy_support: ClassVar[TaskSupport] = TaskSupport("FineTuningModule")
     #: Constructor arguments :meth:`from_checkpoint` replaces besides ``pretrained`` and ``weights``.
     checkpoint_overrides: ClassVar[Mapping[str, Any]] = {}
+    #: Options added after older checkpoints were written, with the value those checkpoints were trained with: a
+    #: checkpoint (or adapter file) that does not record one of them loads with this value, not the new default.
+    legacy_hparams: ClassVar[Mapping[str, Any]] = {}
 
     backbone: nn.Module
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from cvft.detection.fcos_regression import BoxActivation, check_box_activation
 from cvft.detection.features import MultiScaleFeatures, feature_levels
 from cvft.detection.heads import detection_losses, head_mode, label_offset, shift_labels
 from cvft.detection.metrics import detection_map, map_scalars, resolve_map_backend
@@ -40,7 +41,7 @@ _logger = logging.getLogger(__name__)
 #: Keys of the hyperparameters that shape the network (kept in adapter metadata to rebuild it).
 _ARCHITECTURE_KEYS = (
     "num_classes", "class_names", "category_ids", "backbone", "in_chans", "head", "out_indices", "fpn_channels",
-    "anchor_sizes", "aspect_ratios", "image_size", "backbone_kwargs",
+    "anchor_sizes", "aspect_ratios", "image_size", "backbone_kwargs", "box_activation",
 )  # fmt: skip
 
 
@@ -88,6 +89,10 @@ class ObjectDetector(FineTuningModule):
         score_thresh: Minimum score of returned detections (low values suit mAP).
         nms_thresh: Per-class NMS IoU threshold (default 0.6 for FCOS, 0.5 otherwise).
         detections_per_img: Most detections per image.
+        box_activation: FCOS's box distances: ``"exp"``, ``exp(s_l * x)`` with a trainable scale per level as in the
+            FCOS paper, or ``"relu"``, torchvision's ``relu(x)``, which can die when fine-tuned with AdamW on small
+            data (see :mod:`cvft.detection.fcos_regression`). Checkpoints and adapters written before this option
+            load as ``"relu"``, what they were trained with.
         freeze_bn_stats: Keep the backbone's BatchNorm running statistics fixed (detection batches are small);
             their affine parameters still train where the strategies let them.
         optimizer: ``"adamw"`` or ``"sgd"``.
@@ -118,6 +123,7 @@ class ObjectDetector(FineTuningModule):
 
     strategy_support = DETECTOR_SUPPORT
     checkpoint_overrides = {"adapter": None}
+    legacy_hparams = {"box_activation": "relu"}
 
     def __init__(
         self,
@@ -138,6 +144,7 @@ class ObjectDetector(FineTuningModule):
         score_thresh: float = 0.05,
         nms_thresh: float | None = None,
         detections_per_img: int = 100,
+        box_activation: BoxActivation = "exp",
         freeze_bn_stats: bool = True,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float | Literal["auto"] = 1e-4,
@@ -167,6 +174,7 @@ class ObjectDetector(FineTuningModule):
         self.hparams.update(class_names=class_names, category_ids=category_ids, num_classes=len(class_names))
         check_optimizer(optimizer)
         check_head(head)
+        check_box_activation(box_activation)
         resolve_map_backend(map_backend)  # fail early when no backend is installed
         self.build_strategy_stack(strategies)
 
@@ -185,7 +193,7 @@ class ObjectDetector(FineTuningModule):
             torch.manual_seed(head_seed)
             self.neck, self.detector = build_detector_network(
                 self.backbone, levels, head, len(class_names), in_chans, fpn_channels, image_size, anchor_sizes,
-                aspect_ratios, score_thresh, nms_thresh, detections_per_img,
+                aspect_ratios, score_thresh, nms_thresh, detections_per_img, box_activation,
             )  # fmt: skip
         self.num_classes = len(class_names)
         self.class_names = class_names
@@ -342,7 +350,7 @@ class ObjectDetector(FineTuningModule):
         from cvft.detection.adapter_files import read_detector_metadata
 
         architecture, strategies = read_detector_metadata(path)
-        return {**architecture, "strategies": strategies}
+        return {**cls.legacy_hparams, **architecture, "strategies": strategies}
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (backbone strategy tensors, neck, heads) and the architecture to ``path``."""
