@@ -80,6 +80,8 @@ def run_one(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, 
     torch.manual_seed(args.seed)
     data = data_module(dataset, args)
     lr, backbone_share = LEARNING_RATES[strategy]
+    if args.backbone_lr_share is not None and strategy != "frozen":
+        backbone_share = args.backbone_lr_share
     weights = args.weights or (lite0_weights() if args.backbone == "tf_efficientnet_lite0" else None)
     model = ObjectDetector(
         data.num_classes,
@@ -121,6 +123,7 @@ def run_one(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, 
         "strategy": strategy,
         "seed": args.seed,
         "head_warmup_epochs": args.head_warmup_epochs if strategy != "frozen" else 0,
+        "backbone_lr_share": backbone_share,
         "head": args.head,
         "backbone": args.backbone,
         "weights": model.weights_source.split(" ")[0],
@@ -200,6 +203,9 @@ def main() -> None:
     parser.add_argument("--augment", default="default", choices=("none", "default", "strong"))
     parser.add_argument(
         "--head-warmup-epochs", type=int, default=0, help="train neck and head alone first (not the frozen row)"
+    )
+    parser.add_argument(
+        "--backbone-lr-share", type=float, default=None, help="backbone lr as a share of the head's (default per row)"
     )
     parser.add_argument("--classes", default=None, help="coco128: keep only these categories, e.g. person,car")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
