@@ -20,9 +20,10 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ __all__ = [
     "SafeCheckpointIO",
     "weights_from_checkpoint",
     "loadable_hparams",
+    "save_loadable_hparams",
+    "with_legacy_hparams",
 ]
 
 
@@ -226,11 +229,25 @@ def load_module(
         checkpoint = load_checkpoint(path, map_location=map_location, require_lightning=True)
     with pl_legacy_patch():
         checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=None)
-    hparams = checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
-    for name, value in getattr(cls, "legacy_hparams", {}).items():  # options the checkpoint predates
-        hparams.setdefault(name, value)
-    hparams.update(overrides)
+    hparams = with_legacy_hparams(cls, checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}))
+    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, **overrides}
     return _load_state(cls, checkpoint, **overrides)
+
+
+def with_legacy_hparams(cls: type[Any], hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``hparams`` saved by an older release, with ``cls.legacy_hparams`` filling the options it did not record yet.
+
+    An option added later gets a new default, but a file written before it was trained with the old behaviour:
+    ``cls.legacy_hparams`` names that value (e.g. ``ObjectDetector``'s ``box_activation: relu``), so checkpoints and
+    adapter files keep predicting as they did. Values the file records win.
+
+    Example:
+        >>> class Task:
+        ...     legacy_hparams = {"box_activation": "relu"}
+        >>> with_legacy_hparams(Task, {"lr": 0.1}), with_legacy_hparams(Task, {"box_activation": "exp"})
+        ({'box_activation': 'relu', 'lr': 0.1}, {'box_activation': 'exp'})
+    """
+    return {**getattr(cls, "legacy_hparams", {}), **hparams}
 
 
 @contextmanager
@@ -252,6 +269,21 @@ def weights_from_checkpoint() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def save_loadable_hparams(module: Any, frame: FrameType | None, ignore: Sequence[str] = ()) -> None:
+    """Save the arguments of the constructor running in ``frame`` as ``module.hparams``, as plain data.
+
+    Lightning's ``save_hyperparameters(frame=...)`` followed by :func:`loadable_hparams`, so the checkpoint loads with
+    ``torch.load(weights_only=True)``.
+
+    Args:
+        module: A LightningModule or LightningDataModule.
+        frame: The frame of its ``__init__`` (``inspect.currentframe().f_back`` in a helper it calls).
+        ignore: Arguments to leave out.
+    """
+    module.save_hyperparameters(ignore=list(ignore), frame=frame)
+    loadable_hparams(module)
 
 
 def loadable_hparams(module: Any) -> None:

@@ -34,7 +34,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from cvft import __version__
 from cvft.callbacks import RunCheckpoint, output_dir
-from cvft.checkpoints import SafeCheckpointIO, load_checkpoint, weights_from_checkpoint
+from cvft.checkpoints import SafeCheckpointIO, load_checkpoint, weights_from_checkpoint, with_legacy_hparams
 from cvft.cli.tuning import LR_FIND, add_finder_arguments, fit_command, refuse_finders_on_resume, run_finders
 from cvft.errors import ConfigError, CvftError
 from cvft.runs import ResumePoint, resume_point, run_loggers
@@ -228,7 +228,7 @@ class RunCLI(LightningCLI):
                 hparams.pop(name, None)
         if not hparams:
             return
-        hparams = {**getattr(self.model_class, "legacy_hparams", {}), **hparams}  # options the checkpoint predates
+        hparams = with_legacy_hparams(self.model_class, hparams)  # options the checkpoint predates
         try:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         except SystemExit:

@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cvft.checkpoints import loadable_hparams
+from cvft.checkpoints import save_loadable_hparams
 from cvft.data._options import validate_options
 from cvft.data.normalization import per_channel
 from cvft.data.preference import PreferencePair, PreferencePairDataset
@@ -127,14 +127,13 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
 
         ``class_names`` (and ``ignore``) stay out: the model records the resolved list, and Lightning refuses to log
         model and data hparams that share a key with different values. Path-like values become strings
-        (:func:`~cvft.checkpoints.loadable_hparams`).
+        (:func:`~cvft.checkpoints.save_loadable_hparams`).
 
         Args:
             ignore: Further arguments to leave out.
         """
         frame = inspect.currentframe()
-        self.save_hyperparameters(ignore=["class_names", *ignore], frame=frame.f_back if frame else None)
-        loadable_hparams(self)
+        save_loadable_hparams(self, frame.f_back if frame else None, ignore=["class_names", *ignore])
 
     def _keep_shared_options(
         self,

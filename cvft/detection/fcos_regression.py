@@ -68,8 +68,13 @@ class FCOSBoxRegressionHead(FCOSRegressionHead):
         norm_layer: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__(in_channels, num_anchors, num_convs=num_convs, norm_layer=norm_layer)
-        self.activation = check_box_activation(activation)
+        check_box_activation(activation)
         self.scales = nn.Parameter(torch.ones(num_levels)) if activation == "exp" else None
+
+    @property
+    def activation(self) -> BoxActivation:
+        """``"exp"`` (with per-level ``scales``) or ``"relu"`` (without)."""
+        return "relu" if self.scales is None else "exp"
 
     def distances(self, logits: Tensor, level: int) -> Tensor:
         """The positive side distances of one level from the raw outputs ``logits`` of ``bbox_reg``."""

@@ -67,7 +67,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from cvft.backbones import create_backbone, is_pretrained, weights_source
-from cvft.checkpoints import loadable_hparams
+from cvft.checkpoints import save_loadable_hparams
 from cvft.errors import ConfigError, CvftError
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
@@ -177,8 +177,7 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
                 unknown ``compile_mode``.
         """
         frame = inspect.currentframe()
-        self.save_hyperparameters(ignore=["strategies", *ignore], frame=frame.f_back if frame else None)
-        loadable_hparams(self)
+        save_loadable_hparams(self, frame.f_back if frame else None, ignore=["strategies", *ignore])
         names = dict.fromkeys([*check, *SHARED_NUMERIC_OPTIONS])
         values = {name: self.hparams.get(name) for name in names}
         if values.get("lr") == LR_AUTO:  # a number replaces it in build_strategy_stack

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from cvft.checkpoints import with_legacy_hparams
 from cvft.detection.fcos_regression import BoxActivation, check_box_activation
 from cvft.detection.features import MultiScaleFeatures, feature_levels
 from cvft.detection.heads import detection_losses, head_mode, label_offset, shift_labels
@@ -350,7 +351,7 @@ class ObjectDetector(FineTuningModule):
         from cvft.detection.adapter_files import read_detector_metadata
 
         architecture, strategies = read_detector_metadata(path)
-        return {**cls.legacy_hparams, **architecture, "strategies": strategies}
+        return {**with_legacy_hparams(cls, architecture), "strategies": strategies}
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tensors (backbone strategy tensors, neck, heads) and the architecture to ``path``."""
