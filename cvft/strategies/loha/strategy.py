@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 from torch import nn
 
 from cvft.strategies.loha.layer import LoHALayer
@@ -11,10 +14,10 @@ from cvft.strategies.registry import register_strategy
 __all__ = ["LoHA", "inject_loha"]
 
 
-def inject_loha(
-    model: nn.Module, targets: str | list[str] = "auto", rank: int = 8, alpha: float = 16, dropout: float = 0.0
-) -> list[str]:
+def inject_loha(model: nn.Module, targets: str | list[str] = "auto", **options: Any) -> list[str]:
     """Replace the target layers of ``model`` by :class:`LoHALayer` wrappers in place; return their names.
+
+    ``options`` go to every wrapper: :class:`LoHALayer`'s arguments (``rank``, ``alpha``, ``dropout``).
 
     Example:
         >>> import timm
@@ -22,7 +25,7 @@ def inject_loha(
         >>> inject_loha(model, "vit_attention", rank=2)[:2]
         ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
     """
-    return inject_low_rank(model, targets, lambda base: LoHALayer(base, rank, alpha, dropout))
+    return inject_low_rank(model, targets, partial(LoHALayer, **options))
 
 
 @register_strategy
@@ -47,4 +50,4 @@ class LoHA(LowRankStrategy):
 
     def make_layer(self, base: nn.Module) -> LoHALayer:
         """A :class:`LoHALayer` around ``base``."""
-        return LoHALayer(base, self.rank, self.alpha, self.dropout)
+        return LoHALayer(base, **self.layer_options())

@@ -9,6 +9,7 @@ exactly what the base did.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,11 +60,10 @@ class LoKrLayer(DeltaWeightLayer):
 
     Args:
         base: The layer to adapt; its parameters are frozen.
-        rank: Rank of ``B @ A`` (and of ``C`` with ``factor_c``).
-        alpha: Scale numerator; the update is scaled by ``alpha / rank``.
-        dropout: Dropout probability on the update's input.
         factor: ``-1`` for the most balanced split of each dimension, or the largest size ``C`` may have.
         factor_c: Also factor ``C`` into a rank-``rank`` product ``C_b @ C_a``.
+        kwargs: The family's arguments, with their defaults (:class:`~cvft.strategies.lowrank.DeltaWeightLayer`):
+            ``rank`` (of ``B @ A``, and of ``C`` with ``factor_c``), ``alpha``, ``dropout``.
 
     Example:
         >>> import torch
@@ -77,16 +77,9 @@ class LoKrLayer(DeltaWeightLayer):
 
     method = "lokr"
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        factor: int = -1,
-        factor_c: bool = False,
-    ) -> None:
-        super().__init__(base, rank, alpha, dropout)
+    def __init__(self, base: nn.Module, *, factor: int = -1, factor_c: bool = False, **kwargs: Any) -> None:
+        super().__init__(base, **kwargs)
+        rank = self.rank
         out_features, in_flat = self.matrix_shape
         (o1, o2), (i1, i2) = factorize(out_features, factor), factorize(in_flat, factor)
         self.factor = factor

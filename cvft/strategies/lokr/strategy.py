@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -13,16 +14,11 @@ from cvft.strategies.registry import register_strategy
 __all__ = ["LoKr", "inject_lokr"]
 
 
-def inject_lokr(
-    model: nn.Module,
-    targets: str | list[str] = "auto",
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    factor: int = -1,
-    factor_c: bool = False,
-) -> list[str]:
+def inject_lokr(model: nn.Module, targets: str | list[str] = "auto", **options: Any) -> list[str]:
     """Replace the target layers of ``model`` by :class:`LoKrLayer` wrappers in place; return their names.
+
+    ``options`` go to every wrapper: :class:`LoKrLayer`'s arguments (``factor``, ``factor_c`` and the family's
+    ``rank``, ``alpha``, ``dropout``).
 
     Example:
         >>> import timm
@@ -30,7 +26,7 @@ def inject_lokr(
         >>> inject_lokr(model, "resnet_blocks", rank=2)[:2]
         ['layer1.0.conv1', 'layer1.0.conv2']
     """
-    return inject_low_rank(model, targets, lambda base: LoKrLayer(base, rank, alpha, dropout, factor, factor_c))
+    return inject_low_rank(model, targets, partial(LoKrLayer, **options))
 
 
 @register_strategy
@@ -66,4 +62,4 @@ class LoKr(LowRankStrategy):
 
     def make_layer(self, base: nn.Module) -> LoKrLayer:
         """A :class:`LoKrLayer` around ``base``."""
-        return LoKrLayer(base, self.rank, self.alpha, self.dropout, self.factor, self.factor_c)
+        return LoKrLayer(base, factor=self.factor, factor_c=self.factor_c, **self.layer_options())

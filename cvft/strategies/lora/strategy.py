@@ -49,42 +49,29 @@ merge_lora = merge_low_rank
 unmerge_lora = unmerge_low_rank
 
 
-def lora_layer_factory(
-    model: nn.Module,
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    qkv_parts: Sequence[str] | None = None,
-) -> LayerFactory:
+def lora_layer_factory(model: nn.Module, *, qkv_parts: Sequence[str] | None = None, **options: Any) -> LayerFactory:
     """What builds ``model``'s LoRA wrappers.
 
-    :class:`LoRAConv2d` for convolutions, :class:`LoRALinear` for Linear layers, with ``qkv_parts`` on the fused
-    ``...qkv`` projections (timm's attention).
+    :class:`LoRAConv2d` for convolutions, :class:`LoRALinear` for Linear layers, with ``qkv_parts`` (their
+    ``split``) on the fused ``...qkv`` projections (timm's attention). ``options`` go to every wrapper: the
+    arguments the two wrappers share (``rank``, ``alpha``, ``dropout``, ``use_rslora``; see :class:`LoRALinear`).
     """
     fused_qkv = {id(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "qkv"}
 
     def make_layer(base: nn.Module) -> LowRankLayer:
         if isinstance(base, nn.Linear):
             split = qkv_parts if id(base) in fused_qkv else None
-            return LoRALinear(base, rank, alpha, dropout, use_rslora, split=split)
-        return LoRAConv2d(base, rank, alpha, dropout, use_rslora)
+            return LoRALinear(base, split=split, **options)
+        return LoRAConv2d(base, **options)
 
     return make_layer
 
 
-def inject_lora(
-    model: nn.Module,
-    targets: str | Sequence[str] = "auto",
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    qkv_parts: Sequence[str] | None = None,
-) -> list[str]:
+def inject_lora(model: nn.Module, targets: str | Sequence[str] = "auto", **options: Any) -> list[str]:
     """Replace the target layers of ``model`` by LoRA wrappers in place; return their names.
 
-    ``qkv_parts`` applies to targeted Linear layers named ``...qkv`` (timm's fused attention projection).
+    ``options`` are :func:`lora_layer_factory`'s: ``qkv_parts``, for targeted Linear layers named ``...qkv`` (timm's
+    fused attention projection), and the wrappers' ``rank``, ``alpha``, ``dropout`` and ``use_rslora``.
 
     Example:
         >>> import timm
@@ -94,7 +81,7 @@ def inject_lora(
         >>> model.blocks[0].attn.qkv.split
         ('q', 'v')
     """
-    return inject_low_rank(model, targets, lora_layer_factory(model, rank, alpha, dropout, use_rslora, qkv_parts))
+    return inject_low_rank(model, targets, lora_layer_factory(model, **options))
 
 
 @register_strategy
@@ -139,4 +126,4 @@ class LoRA(LowRankStrategy):
 
     def layer_factory(self, model: nn.Module) -> LayerFactory:
         """LoRA wrappers; fused ``qkv`` projections get ``qkv_parts`` (see :func:`lora_layer_factory`)."""
-        return lora_layer_factory(model, self.rank, self.alpha, self.dropout, self.use_rslora, self.qkv_parts)
+        return lora_layer_factory(model, qkv_parts=self.qkv_parts, use_rslora=self.use_rslora, **self.layer_options())

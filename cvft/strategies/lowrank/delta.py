@@ -20,6 +20,9 @@ __all__ = ["DeltaWeightLayer"]
 class DeltaWeightLayer(LowRankLayer):
     """A frozen ``nn.Linear`` or plain ``nn.Conv2d`` plus an update given as a full delta weight.
 
+    The arguments and their defaults are the family's, documented here once; a subclass declares only the options it
+    adds (keyword-only) and forwards these with ``**kwargs`` (:class:`~cvft.strategies.lokr.LoKrLayer` does).
+
     Args:
         base: The layer to adapt; its parameters are frozen.
         rank: Rank of the low-rank factors.
@@ -27,7 +30,7 @@ class DeltaWeightLayer(LowRankLayer):
         dropout: Dropout probability on the update's input.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
         super().__init__(base, rank, alpha, dropout, use_rslora=False)
 
     def check_base(self, base: nn.Module) -> None:

@@ -10,6 +10,7 @@ on the model or on the other layers: LoRA's fused ``qkv`` projections, shared Lo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -99,8 +100,12 @@ class LowRankStrategy(ParameterStrategy):
         self.train_head = bool(train_head)
         self.train_bias = bool(train_bias)
 
+    def layer_options(self) -> dict[str, Any]:
+        """The family's wrapper arguments as this strategy holds them: ``rank``, ``alpha``, ``dropout``."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+
     def make_layer(self, base: nn.Module) -> LowRankLayer:
-        """The wrapper of one target layer."""
+        """The wrapper of one target layer (e.g. ``SomeLayer(base, **self.layer_options())``)."""
         raise NotImplementedError
 
     def layer_factory(self, model: nn.Module) -> LayerFactory:
