@@ -84,24 +84,9 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         class_names: Class names in index order. Given, ``class_names`` / ``num_classes`` come from this list
             without scanning the data (e.g. predicting with a checkpoint's classes), and labelled data is mapped
             onto this order (a class not in the list raises). ``None``: the sorted class folder names or CSV labels.
-        random_erasing: Probability of timm's random erasing on training images (timm's ``reprob``; 0: off), after
-            normalisation, on top of any ``augment`` preset (:mod:`cvft.data.random_erasing`).
-        random_erasing_mode: Fill of the erased box: ``pixel`` (per-pixel normal noise, timm's default in training),
-            ``rand`` (one random colour) or ``const`` (the mean colour).
-        train_transform: Your own training pipeline instead of ``augment``: a path to an albumentations YAML / JSON
-            file (``A.save``), the same mapping inline in the config, or from Python an albumentations transform or
-            a callable ``image -> tensor`` (:mod:`cvft.data.user_pipeline`). It must end in ``Normalize`` and
-            ``ToTensorV2``: it is checked at setup on a real image (floating ``channels x image_size`` tensor,
-            normalised) and refused naming the step at fault.
-        eval_transform: Your own pipeline for validation, test and prediction (same forms and checks). Saved with
-            the run: ``cvft predict`` / ``cvft test`` with ``--ckpt_path`` use the one the run was trained with.
-        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a CSV path
-            (``path,preferred,rejected[,weight]``, image paths relative to the CSV's folder or to ``root``, labels as
-            class names or indices, multi-label sets as ``cat;dog``), or a generator over the labelled training
-            split, ``{from: labels}`` or ``{from: cost_matrix, cost_matrix: [[...]]}``, with an optional ``seed``
-            (:mod:`cvft.data.preference_option`). The training split becomes a
-            :class:`~cvft.data.preference.PreferencePairDataset` with the training pipeline; validation and test
-            stay labelled.
+        **kwargs: The image-pipeline and preference-pair options, forwarded to
+            :class:`~cvft.data.labelled_module.LabelledDataModule`: ``random_erasing``, ``random_erasing_mode``,
+            ``train_transform``, ``eval_transform``, ``preference_pairs``.
 
     Example:
         >>> from cvft.data.demo import write_demo_image_folder
@@ -134,13 +119,9 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
         check_images: str = "full",
         class_names: list[str] | None = None,
         on_bad_image: str = "error",
-        random_erasing: float = 0.0,
-        random_erasing_mode: str = "pixel",
-        train_transform: str | dict[str, Any] | None = None,
-        eval_transform: str | dict[str, Any] | None = None,
-        preference_pairs: str | dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         self._save_data_hparams()
         validate_options(
             choices={
@@ -149,7 +130,7 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
                 "channels": (channels, (1, 3)),
             },
         )
-        check_augment(augment, random_erasing, random_erasing_mode)
+        check_augment(augment, self.random_erasing, self.random_erasing_mode)
         if multi_label and csv is None and root is not None:
             raise DatasetError(
                 "multi_label=True needs labels from a CSV file (csv=...); class folders are single-label."
@@ -164,8 +145,8 @@ class ImageFolderDataModule(LabelledDataModule[Sample]):
             batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names, test_fraction=test_fraction
         )
         self._resolve_data_config(backbone, image_size, mean, std, channels)
-        self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
-        self._keep_preference_pairs(preference_pairs, multi_label)
+        self._keep_pipeline_options()
+        self._keep_preference_pairs(multi_label)
 
     # --- reading the data ----------------------------------------------------------------------------------
 

@@ -12,11 +12,12 @@ the backbone's pretrained data config. A subclass says where its data comes from
 * :meth:`~LabelledDataModule._has_labelled_data` and :meth:`~LabelledDataModule._source`: whether a source is set,
   and its name for messages.
 
-Its ``__init__`` keeps listing its own arguments (LightningCLI reads them from the signature), saves them with
-:meth:`~LabelledDataModule._save_data_hparams`, validates the ones of its own, and hands the shared ones to
-:meth:`~LabelledDataModule._keep_shared_options` and :meth:`~LabelledDataModule._resolve_data_config` (which check
-them), and the image pipeline options (user pipelines, random erasing) to
-:meth:`~LabelledDataModule._keep_pipeline_options`. A subclass builds its preset pipelines in
+Its ``__init__`` lists its own arguments (LightningCLI reads them from the signature) and forwards the image
+pipeline and preference-pair options (user pipelines, random erasing, ``preference_pairs``) with ``**kwargs`` to this
+base; it saves them all with :meth:`~LabelledDataModule._save_data_hparams`, validates the ones of its own, and hands
+the shared ones to :meth:`~LabelledDataModule._keep_shared_options` and :meth:`~LabelledDataModule._resolve_data_config`
+(which check them), and the forwarded ones to :meth:`~LabelledDataModule._keep_pipeline_options` and
+:meth:`~LabelledDataModule._keep_preference_pairs`. A subclass builds its preset pipelines in
 :meth:`~LabelledDataModule._preset_transform`; :meth:`~LabelledDataModule._transform` hands out a user pipeline
 instead where one is given, and ``setup`` checks each user pipeline on a real image of the first split it serves
 (:func:`~cvft.data.user_pipeline.check_pipeline_output`). The DataLoaders come from
@@ -52,6 +53,7 @@ from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
 from cvft.data.user_pipeline import UserPipeline, check_pipeline_output, load_user_pipeline
 from cvft.errors import CheckpointMismatchError, ConfigError, DatasetError
+from cvft.signatures import forwarded_signature
 
 __all__ = ["LabelledDataModule", "SPLITS"]
 
@@ -72,6 +74,31 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
     ``class_names``, ``num_classes``, ``class_counts`` and :meth:`samples` work right after construction (the source
     is read on first use), so a CLI can link them into the model before ``setup``. Class names given to the
     constructor are used without reading the source (e.g. predicting with a checkpoint's classes).
+
+    The arguments below are the image-pipeline and preference-pair options of the classification DataModules, which
+    forward them with ``**kwargs`` (LightningCLI follows the forwarding and reads their help here). A subclass keeps
+    them with :meth:`_keep_pipeline_options` and :meth:`_keep_preference_pairs`; one that does not forward them (the
+    detection DataModule) has the defaults.
+
+    Args:
+        random_erasing: Probability of timm's random erasing on training images (timm's ``reprob``; 0: off), after
+            normalisation, on top of any ``augment`` preset (:mod:`cvft.data.random_erasing`).
+        random_erasing_mode: Fill of the erased box: ``pixel`` (per-pixel normal noise, timm's default in training),
+            ``rand`` (one random colour) or ``const`` (the mean colour).
+        train_transform: Your own training pipeline instead of ``augment``: a path to an albumentations YAML / JSON
+            file (``A.save``), the same mapping inline in the config, or from Python an albumentations transform or
+            a callable ``image -> tensor`` (:mod:`cvft.data.user_pipeline`). It must end in ``Normalize`` and
+            ``ToTensorV2``: it is checked at setup on a real image (floating ``channels x image_size`` tensor,
+            normalised) and refused naming the step at fault.
+        eval_transform: Your own pipeline for validation, test and prediction (same forms and checks). Saved with
+            the run: ``cvft predict`` / ``cvft test`` with ``--ckpt_path`` use the one the run was trained with.
+        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a CSV path
+            (``path,preferred,rejected[,weight]``, image paths relative to the CSV's folder or to ``root``, labels as
+            class names or indices, multi-label sets as ``cat;dog``), or a generator over the labelled training
+            split, ``{from: labels}`` or ``{from: cost_matrix, cost_matrix: [[...]]}``, with an optional ``seed``
+            (:mod:`cvft.data.preference_option`). The training split becomes a
+            :class:`~cvft.data.preference.PreferencePairDataset` with the training pipeline; validation and test
+            stay labelled.
 
     Example:
         >>> class Toy(LabelledDataModule):
@@ -107,7 +134,15 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
     augment: str
     predict_root: str | Path | None
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "pixel",
+        train_transform: str | dict[str, Any] | None = None,
+        eval_transform: str | dict[str, Any] | None = None,
+        preference_pairs: str | dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self._splits: dict[str, list[ItemT]] | None = None
         self._class_names: list[str] | None = None
@@ -115,8 +150,9 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         self.datasets: dict[str, Any] = {}
         self.user_pipelines: dict[str, UserPipeline] = {}
         """The user's pipelines by use, ``"train"`` and ``"eval"`` (val, test, predict), where given."""
-        self.random_erasing, self.random_erasing_mode = 0.0, "pixel"
-        self.preference_pairs: PreferencePairsSpec = None
+        self.random_erasing, self.random_erasing_mode = random_erasing, random_erasing_mode
+        self._pipeline_specs = {"train": train_transform, "eval": eval_transform}
+        self.preference_pairs: PreferencePairsSpec = preference_pairs
         """Where the training split's preference pairs come from (``None``: train on the labels)."""
         self._checked_pipelines: set[str] = set()
 
@@ -133,7 +169,12 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
             ignore: Further arguments to leave out.
         """
         frame = inspect.currentframe()
-        save_loadable_hparams(self, frame.f_back if frame else None, ignore=["class_names", *ignore])
+        ignore = ["class_names", *ignore]
+        save_loadable_hparams(self, frame.f_back if frame else None, ignore=ignore)
+        # the options a subclass forwarded with **kwargs are recorded only when given: add the defaults
+        for name, parameter in forwarded_signature(type(self)).parameters.items():
+            if name not in self.hparams and name not in ignore and parameter.default is not parameter.empty:
+                self.hparams[name] = parameter.default
 
     def _keep_shared_options(
         self,
@@ -193,13 +234,7 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         self.data_config: dict[str, Any] = config
         """Resolved ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct``."""
 
-    def _keep_pipeline_options(
-        self,
-        train_transform: Any,
-        eval_transform: Any,
-        random_erasing: float = 0.0,
-        random_erasing_mode: str = "pixel",
-    ) -> None:
+    def _keep_pipeline_options(self) -> None:
         """Keep the user pipelines and random erasing (after ``save_hyperparameters``).
 
         The pipelines are loaded and their steps built now (:func:`~cvft.data.user_pipeline.load_user_pipeline`);
@@ -209,13 +244,13 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         Raises:
             ConfigError: A pipeline cannot be loaded, or ``random_erasing`` is combined with ``train_transform``.
         """
-        if train_transform is not None and random_erasing:
+        train_transform, eval_transform = self._pipeline_specs["train"], self._pipeline_specs["eval"]
+        if train_transform is not None and self.random_erasing:
             raise ConfigError(
                 "random_erasing adds erasing to the augment presets; train_transform replaces them. Put the erasing "
                 "into your pipeline instead: a cvft.data.random_erasing.RandomErasing step (or A.Erasing) after "
                 "Normalize, and leave random_erasing at 0."
             )
-        self.random_erasing, self.random_erasing_mode = random_erasing, random_erasing_mode
         for use, option, spec in (
             ("train", "train_transform", train_transform),
             ("eval", "eval_transform", eval_transform),
@@ -226,7 +261,7 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
             if option in self.hparams:
                 self.hparams[option] = pipeline.serialised if pipeline is not None else None
 
-    def _keep_preference_pairs(self, preference_pairs: PreferencePairsSpec, multi_label: bool = False) -> None:
+    def _keep_preference_pairs(self, multi_label: bool = False) -> None:
         """Check and keep ``preference_pairs`` (:mod:`cvft.data.preference_option`); it is in ``hparams`` as given.
 
         A CSV file is read (and a missing one refused) when the training split is built, so ``test`` and ``predict``
@@ -235,6 +270,7 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         Raises:
             DatasetError: A bad generator spec, naming the fix.
         """
+        preference_pairs = self.preference_pairs
         if isinstance(preference_pairs, Path):
             preference_pairs = str(preference_pairs)
         check_preference_pairs(preference_pairs, multi_label, files=False)  # the CSV is read when training starts

@@ -91,19 +91,10 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         num_workers: DataLoader worker processes (0: load in the main process; None: 0 for data held in
             memory such as MedMNIST arrays, else 2).
         predict_root: Image file or folder (searched recursively) for ``predict``.
-        random_erasing: Probability of timm's random erasing on training images (0: off), after normalisation, on
-            top of ``augment`` (:mod:`cvft.data.random_erasing`).
-        random_erasing_mode: Fill of the erased box: ``pixel`` (normal noise), ``rand`` (one random value) or
-            ``const`` (the mean).
-        train_transform: Your own training pipeline instead of ``augment`` (albumentations file path, inline mapping,
-            or from Python a transform or callable; :mod:`cvft.data.user_pipeline`). It receives ``float32``
-            ``H x W x channels`` images in ``[0, 1]``, so it normalises with ``max_pixel_value=1``, and must end in
-            ``Normalize`` and ``ToTensorV2``; it is checked at setup on a real image.
-        eval_transform: Your own pipeline for validation, test and prediction (same forms and checks), saved with the
-            run for ``cvft predict`` / ``cvft test --ckpt_path``.
-        preference_pairs: Train on preference pairs (DPO, reward models) instead of the labels: a pair CSV or a
-            generator over the labelled training split, as in
-            :class:`~cvft.data.image_folder.ImageFolderDataModule` (:mod:`cvft.data.preference_option`).
+        **kwargs: The image-pipeline and preference-pair options, forwarded to
+            :class:`~cvft.data.labelled_module.LabelledDataModule`: ``random_erasing``, ``random_erasing_mode``,
+            ``train_transform`` (here it receives ``float32`` ``H x W x channels`` images in ``[0, 1]``, so it
+            normalises with ``max_pixel_value=1``), ``eval_transform``, ``preference_pairs``.
 
     Example:
         >>> import tempfile, shutil
@@ -153,13 +144,9 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         batch_size: int = 32,
         num_workers: int | None = None,
         predict_root: str | None = None,
-        random_erasing: float = 0.0,
-        random_erasing_mode: str = "pixel",
-        train_transform: str | dict[str, Any] | None = None,
-        eval_transform: str | dict[str, Any] | None = None,
-        preference_pairs: str | dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         self._save_data_hparams()
         if (csv is None) == (medmnist is None):
             raise DatasetError(
@@ -169,7 +156,7 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
         if medmnist is not None and (val_csv or test_csv):
             raise DatasetError("val_csv / test_csv go with csv=...; MedMNIST brings its own train / val / test split.")
         _validate(sampler, channels, context)
-        check_medical_augment(augment, random_erasing, random_erasing_mode)
+        check_medical_augment(augment, self.random_erasing, self.random_erasing_mode)
         validate_options(channels=channels, context=context)
         self.csv, self.val_csv, self.test_csv, self.root = csv, val_csv, test_csv, root
         self.medmnist, self.medmnist_root, self.download = medmnist, medmnist_root, download
@@ -183,8 +170,8 @@ class MedicalImageDataModule(LabelledDataModule[MedicalRecord]):
             batch_size, num_workers, seed, val_fraction, augment, predict_root, class_names, test_fraction=test_fraction
         )
         self._resolve_data_config(backbone, image_size, mean, std, channels)
-        self._keep_pipeline_options(train_transform, eval_transform, random_erasing, random_erasing_mode)
-        self._keep_preference_pairs(preference_pairs, multi_label)
+        self._keep_pipeline_options()
+        self._keep_preference_pairs(multi_label)
         self._arrays: dict[str, tuple[np.ndarray, list[Any]]] = {}
 
     # --- what the data is -----------------------------------------------------------------------------------
