@@ -6,7 +6,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -16,7 +16,22 @@ from cvft.data.io import load_image
 from cvft.data.samples import Sample
 from cvft.errors import DatasetError, ImageLoadError
 
-__all__ = ["ImageDataset", "seed_worker"]
+__all__ = ["ImageDataset", "ItemOptions", "seed_worker"]
+
+
+class ItemOptions(TypedDict, total=False):
+    """The item options of :class:`ImageDataset` (see its Args), which its subclasses pass on as ``**options``.
+
+    Example:
+        >>> options: ItemOptions = {"multi_label": True, "num_classes": 4}
+        >>> sorted(ItemOptions.__optional_keys__)
+        ['multi_label', 'num_classes', 'num_views', 'return_index']
+    """
+
+    multi_label: bool
+    num_classes: int | None
+    num_views: int
+    return_index: bool
 
 
 class ImageDataset(Dataset):

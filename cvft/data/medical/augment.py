@@ -57,7 +57,8 @@ def build_medical_transforms(
     """Build the albumentations pipeline for float medical images.
 
     Args:
-        image_size: Output size, ``int`` for square or ``(height, width)``.
+        image_size: Output size, ``int`` for square or ``(height, width)``, that the whole image is fitted into
+            (longest side resized, the rest zero-padded; nothing is cropped).
         mean: Per-channel mean of values in ``[0, 1]`` (one value per image channel).
         std: Per-channel standard deviation.
         train: Build the augmenting training pipeline (``False``: the deterministic evaluation pipeline).
@@ -113,10 +114,9 @@ def build_medical_transforms(
 def check_medical_augment(preset: str, random_erasing: float = 0.0, random_erasing_mode: str = "pixel") -> None:
     """Check the training augmentation options of :func:`build_medical_transforms` (the DataModule calls it first).
 
-    Args:
-        preset: A name of :data:`MEDICAL_AUGMENT_PRESETS` or a timm-style ``rand-...`` / ``augmix-...`` string.
-        random_erasing: Erasing probability, in ``[0, 1]``.
-        random_erasing_mode: One of :data:`~cvft.data.random_erasing.ERASING_MODES`.
+    :func:`~cvft.data.transforms.check_augment` with the medical presets: ``preset`` is a name of
+    :data:`MEDICAL_AUGMENT_PRESETS` (or a timm-style ``rand-...`` / ``augmix-...`` string); ``random_erasing`` and
+    ``random_erasing_mode`` are checked (and documented) by ``check_augment``.
 
     Raises:
         ConfigError: The bad option, its value and the allowed values (the natural-image presets are named as

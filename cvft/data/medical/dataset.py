@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from cvft.data.dataset import ImageDataset
+from cvft.data.dataset import ImageDataset, ItemOptions
 from cvft.errors import DatasetError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["MedicalImageDataset", "MedicalArrayDataset", "fit_channels"]
 
@@ -76,11 +79,9 @@ class MedicalImageDataset(ImageDataset):
             :func:`~cvft.data.medical.augment.build_medical_transforms`.
         channels: Channels the model takes (``in_chans``): 3 for RGB-pretrained backbones (grayscale is repeated),
             1 for ``in_chans=1``, or ``2k + 1`` for a 2.5D stack read with ``context=k``.
-        multi_label: Targets are tuples of class indices, returned as multi-hot vectors.
-        num_classes: Length of multi-hot vectors; required when ``multi_label``.
-        num_views: Independently transformed views of each labelled image (``(V, C, H, W)`` stacks when > 1).
-        return_index: Labelled items become ``(image, target, index)``.
         reader_options: Keyword arguments of ``read_medical_image``.
+        **options: :class:`~cvft.data.dataset.ItemOptions` (``multi_label``, ``num_classes``, ``num_views``,
+            ``return_index``), as documented by :class:`~cvft.data.dataset.ImageDataset`.
 
     Example:
         >>> import tempfile
@@ -98,16 +99,14 @@ class MedicalImageDataset(ImageDataset):
         records: Sequence[Any],
         transform: Callable[..., dict[str, Any]] | None = None,
         channels: int = 3,
-        multi_label: bool = False,
-        num_classes: int | None = None,
-        num_views: int = 1,
-        return_index: bool = False,
+        *,
         reader_options: Mapping[str, Any] | None = None,
+        **options: Unpack[ItemOptions],
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}.")
         items = [_as_item(record) for record in records]
-        super().__init__(items, transform, 1 if channels == 1 else 3, multi_label, num_classes, num_views, return_index)
+        super().__init__(items, transform, 1 if channels == 1 else 3, **options)
         self.channels = channels  # ImageDataset allows 1 or 3; medical stacks may have 2k + 1
         self.reader_options: dict[str, Any] = dict(reader_options or {})
 
@@ -146,15 +145,12 @@ class MedicalArrayDataset(MedicalImageDataset):
         targets: Per-image class index, or tuple of class indices with ``multi_label``.
         transform: Albumentations-style callable on float ``H x W x C`` arrays.
         channels: Channels the model takes (grayscale is repeated to 3 for RGB-pretrained backbones).
-        multi_label: Targets are tuples of class indices, returned as multi-hot vectors.
-        num_classes: Length of multi-hot vectors; required when ``multi_label``.
-        num_views: Independently transformed views of each image.
-        return_index: Items become ``(image, target, index)``.
         name: Name used in :attr:`paths` and error messages (e.g. ``"pneumoniamnist.npz:train"``).
         deterministic_transform: The transform maps an image to the same tensor every time (evaluation transforms,
             training without augmentation). Each transformed image is then kept after its first use and served from
             memory in later epochs, as long as the whole split fits in :data:`TRANSFORMED_CACHE_BYTES`; items are
             identical either way.
+        **options: :class:`~cvft.data.dataset.ItemOptions`, as in :class:`MedicalImageDataset`.
 
     Example:
         >>> images = np.zeros((4, 28, 28), np.uint8)
@@ -172,19 +168,17 @@ class MedicalArrayDataset(MedicalImageDataset):
         targets: Sequence[int | Sequence[int]],
         transform: Callable[..., dict[str, Any]] | None = None,
         channels: int = 3,
-        multi_label: bool = False,
-        num_classes: int | None = None,
-        num_views: int = 1,
-        return_index: bool = False,
+        *,
         name: str = "array",
         deterministic_transform: bool = False,
+        **options: Unpack[ItemOptions],
     ) -> None:
         if images.ndim not in (3, 4):
             raise DatasetError(f"{name}: images must be N x H x W or N x H x W x C, got shape {images.shape}.")
         if len(images) != len(targets):
             raise DatasetError(f"{name}: {len(images)} images but {len(targets)} targets; give one target each.")
         records = [(Path(f"{name}[{i}]"), target) for i, target in enumerate(targets)]
-        super().__init__(records, transform, channels, multi_label, num_classes, num_views, return_index)
+        super().__init__(records, transform, channels, **options)
         self.images = images
         self.name = name
         self.deterministic_transform = deterministic_transform
