@@ -167,31 +167,27 @@ class MedicalReport(pl.Callback):
         """Start collecting this validation epoch's probabilities."""
         self._outputs["val"].start(self.enabled and self.after_fit and not trainer.sanity_checking)
 
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
-        """Keep the batch's probabilities and targets."""
-        self._outputs["val"].add(outputs, batch, dataloader_idx, _multi_label(pl_module))
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Note the training step the collected probabilities belong to."""
-        self._outputs["val"].finish(trainer)
-
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start collecting the test probabilities."""
         self._outputs["test"].start(self.enabled and self.after_test)
 
-    def on_test_batch_end(
+    def _loop_outputs(self, trainer: pl.Trainer) -> _LoopOutputs:
+        """What the running loop collects: the test loop's while testing, else the validation loop's."""
+        return self._outputs["test" if trainer.testing else "val"]
+
+    def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        """Keep the batch's probabilities and targets."""
-        self._outputs["test"].add(outputs, batch, dataloader_idx, _multi_label(pl_module))
+        """Keep the batch's probabilities and targets (also ``on_test_batch_end``: the loop that runs)."""
+        self._loop_outputs(trainer).add(outputs, batch, dataloader_idx, _multi_label(pl_module))
 
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Note the training step the collected probabilities belong to."""
-        self._outputs["test"].finish(trainer)
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note the training step the collected probabilities belong to (also ``on_test_epoch_end``)."""
+        self._loop_outputs(trainer).finish(trainer)
+
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

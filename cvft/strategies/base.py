@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from cvft.strategies._freeze import BN_POLICIES, apply_bn_policy, check_bn_policy
-from cvft.strategies.outputs import StepOutputs
+from cvft.strategies.outputs import StepBatch, StepOutputs
 
 __all__ = ["Strategy", "ParameterStrategy", "StrategyStack", "LossFn", "calibration_mode", "eval_mode"]
 
@@ -235,18 +235,14 @@ class Strategy:
         return {}
 
     def optimisation_step(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        targets: Tensor | None,
-        indices: Tensor | None,
-        optimizer_step: Callable[[], None],
+        self, model: nn.Module, batch: StepBatch, optimizer_step: Callable[[], None]
     ) -> dict[str, Tensor]:
         """Train ``model`` on one batch with the strategy's own steps; return scalars to log, by name.
 
-        Only called when :attr:`steps_itself` is set. ``optimizer_step()`` applies the task's optimizer to the
-        gradients the strategy wrote into ``.grad`` (and zeroes them); a strategy may also change the trainable
-        parameters itself under ``torch.no_grad``.
+        Only called when :attr:`steps_itself` is set. ``batch`` is a :class:`~cvft.strategies.outputs.StepBatch`
+        (images, targets, dataset indices). ``optimizer_step()`` applies the task's optimizer to the gradients the
+        strategy wrote into ``.grad`` (and zeroes them); a strategy may also change the trainable parameters itself
+        under ``torch.no_grad``.
         """
         raise NotImplementedError(f"{self.name} takes no optimisation steps of its own (steps_itself is False).")
 
@@ -390,17 +386,12 @@ class StrategyStack:
         return any(s.pair_targets for s in self.strategies)
 
     def optimisation_step(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        targets: Tensor | None,
-        indices: Tensor | None,
-        optimizer_step: Callable[[], None],
+        self, model: nn.Module, batch: StepBatch, optimizer_step: Callable[[], None]
     ) -> dict[str, Tensor]:
         """The self-stepping member's :meth:`Strategy.optimisation_step`, its scalars keyed ``"<strategy>/<name>"``."""
         for strategy in self.strategies:
             if strategy.steps_itself:
-                stats = strategy.optimisation_step(model, images, targets, indices, optimizer_step)
+                stats = strategy.optimisation_step(model, batch, optimizer_step)
                 return {f"{strategy.name}/{key}": value for key, value in stats.items()}
         raise NotImplementedError("No strategy of this stack takes its own optimisation steps.")
 

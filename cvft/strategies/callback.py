@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from cvft.errors import StrategyError
 from cvft.strategies._ddp import LateGradientSync
 from cvft.strategies.base import ADAPTER_BUFFERS_ATTR, LossFn, StrategyStack
+from cvft.strategies.outputs import StepBatch
 from cvft.strategies.param_groups import add_param_groups, split_param_groups_by_scale
 from cvft.strategies.registry import StrategySpec, build_strategies
 
@@ -339,7 +340,7 @@ class StrategyCallback(pl.Callback):
         ``optimizer_step()`` must step your optimizer and zero its gradients; the strategy calls it after writing
         gradients. Returns scalars to log, keyed ``"<strategy>/<name>"``.
         """
-        return self.stack.optimisation_step(self.backbone, images, targets, indices, optimizer_step)
+        return self.stack.optimisation_step(self.backbone, StepBatch(images, targets, indices), optimizer_step)
 
     def state_dict(self) -> dict[str, Any]:
         """Added param groups (by parameter name, in order), the epoch and the strategies' own state."""

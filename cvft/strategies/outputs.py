@@ -1,4 +1,4 @@
-"""What a training step hands to the strategies' loss terms: logits, pre-logit features, targets, views, indices.
+"""What a training step hands to the strategies: logits, pre-logit features, targets, views, indices.
 
 Objectives such as distillation, supervised contrastive learning or continual-learning regularisers need more than
 the logits: the pooled features before the classifier, the images (to run a teacher), the dataset index of each
@@ -6,6 +6,9 @@ sample (to cache teacher logits) and, with several augmented views per image, wh
 
 Rows are *view-major*: with ``num_views = V`` and a batch of ``B`` images, row ``v * B + i`` is view ``v`` of
 image ``i``, so ``logits.view(V, B, -1)`` groups the views.
+
+An objective that takes its own optimisation steps (``ppo``, ``trpo``) receives the batch before any forward pass,
+as a :class:`StepBatch`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,31 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["StepOutputs", "split_views", "forward_with_features"]
+__all__ = ["StepBatch", "StepOutputs", "split_views", "forward_with_features"]
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One training batch as an objective that takes its own steps receives it (``Strategy.optimisation_step``).
+
+    Attributes:
+        images: ``(B, C, H, W)`` images, one view each.
+        targets: ``(B,)`` class indices, ``(B, C)`` multi-hot targets or preference pairs, or None.
+        indices: ``(B,)`` dataset indices of the images, when the data module provides them.
+
+    Example:
+        >>> import torch
+        >>> batch = StepBatch(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
+        >>> len(batch), batch.indices is None
+        (2, True)
+    """
+
+    images: Tensor
+    targets: Tensor | None = None
+    indices: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 @dataclass

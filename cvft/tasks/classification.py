@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 from cvft.data.preference import PreferencePairDataset, split_pair_targets
 from cvft.errors import ConfigError, CvftError, DatasetError
 from cvft.strategies.callback import calibrate_before_fit
-from cvft.strategies.outputs import StepOutputs, forward_with_features, split_views
+from cvft.strategies.outputs import StepBatch, StepOutputs, forward_with_features, split_views
 from cvft.strategies.support import TaskSupport
 from cvft.tasks.base import DEFAULT_LR, FineTuningModule
 from cvft.tasks.feature_cache import FEATURE_CACHE_MODES, ActiveFeatureCache, activate_feature_cache, head_logits
@@ -428,14 +428,14 @@ class ImageClassifier(FineTuningModule):
         images, targets, views = split_views(batch[0], batch[1])
         if views > 1:
             raise ConfigError("ppo / trpo train on one view per image; drop the strategy asking for several views.")
-        indices = batch[2] if len(batch) > 2 else None
+        step_batch = StepBatch(images, targets, batch[2] if len(batch) > 2 else None)
         optimizer = self.optimizers()
 
         def optimizer_step() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        stats = self.strategy_stack.optimisation_step(self.backbone, images, targets, indices, optimizer_step)
+        stats = self.strategy_stack.optimisation_step(self.backbone, step_batch, optimizer_step)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -12,7 +12,7 @@ from torch import nn
 
 from cvft.errors import StrategyError
 from cvft.strategies import StrategyStack, build_strategy
-from cvft.strategies.outputs import StepOutputs
+from cvft.strategies.outputs import StepBatch, StepOutputs
 from cvft.strategies.preference import (
     DPO,
     PPO,
@@ -165,12 +165,12 @@ def test_reference_stays_bit_identical_while_the_policy_moves():
     images, targets = _data()
     ppo = PPO(reward=_prefers_good, kl_coef=0.5, epochs=3)
     step = _sgd_step(model)
-    ppo.optimisation_step(model, images, targets, None, step)
+    ppo.optimisation_step(model, StepBatch(images, targets), step)
     snapshot = {k: v.clone() for k, v in ppo.reference_policy.snapshot.items()}
     initial = {k: v.clone() for k, v in _policy().state_dict().items()}
     assert all(torch.equal(snapshot[k], initial[k]) for k in initial)
     for _ in range(3):
-        ppo.optimisation_step(model, images, targets, None, step)
+        ppo.optimisation_step(model, StepBatch(images, targets), step)
     assert all(torch.equal(ppo.reference_policy.snapshot[k], snapshot[k]) for k in snapshot)
     assert not torch.equal(model.weight, initial["weight"])
 
@@ -192,9 +192,9 @@ def test_zero_reward_and_zero_kl_move_nothing(method):
             loss.backward()
             step()
     elif method == "ppo":
-        PPO(reward=_zero_reward, kl_coef=0.0, epochs=3).optimisation_step(model, images, targets, None, step)
+        PPO(reward=_zero_reward, kl_coef=0.0, epochs=3).optimisation_step(model, StepBatch(images, targets), step)
     else:
-        TRPO(reward=_zero_reward).optimisation_step(model, images, targets, None, step)
+        TRPO(reward=_zero_reward).optimisation_step(model, StepBatch(images, targets), step)
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
@@ -215,11 +215,11 @@ def test_each_method_moves_towards_the_preferred_action(method):
     elif method == "ppo":
         strategy = PPO(reward=_prefers_good, kl_coef=0.01, epochs=4, minibatches=2)
         for _ in range(5):
-            strategy.optimisation_step(model, images, targets, None, step)
+            strategy.optimisation_step(model, StepBatch(images, targets), step)
     elif method == "trpo":
         strategy = TRPO(reward=_prefers_good, max_kl=0.02)
         for _ in range(5):
-            strategy.optimisation_step(model, images, targets, None, step)
+            strategy.optimisation_step(model, StepBatch(images, targets), step)
     else:
         rejected = (torch.arange(len(images)) % 2).long()  # classes 0 and 1, never GOOD
         pairs = torch.stack([torch.full((len(images),), float(GOOD)), rejected.float(), torch.ones(len(images))], 1)

@@ -190,11 +190,9 @@ class AdaBN(Strategy):
 
     Example:
         >>> import tempfile, timm
-        >>> from PIL import Image
+        >>> from cvft.data.demo import write_demo_image_folder
         >>> from cvft.strategies import apply_strategies
-        >>> root = Path(tempfile.mkdtemp())
-        >>> for i in range(4):
-        ...     Image.new("RGB", (32, 32), (60 * i, 20, 200)).save(root / f"{i}.png")
+        >>> root = write_demo_image_folder("digits", Path(tempfile.mkdtemp()) / "target", limit_per_class=1)
         >>> model = timm.create_model("test_resnet", num_classes=3)
         >>> stack = apply_strategies(model, ["linear_probe", {"name": "adabn", "target_root": str(root),
         ...                          "image_size": 32}], calibration_data=[])

@@ -69,11 +69,9 @@ class PseudoLabel(Strategy):
     Example:
         >>> import tempfile, timm, torch
         >>> from pathlib import Path
-        >>> from PIL import Image
+        >>> from cvft.data.demo import write_demo_image_folder
         >>> from cvft.strategies import apply_strategies
-        >>> root = Path(tempfile.mkdtemp())
-        >>> for i in range(4):
-        ...     Image.new("RGB", (32, 32), (60 * i, 20, 200)).save(root / f"{i}.png")
+        >>> root = write_demo_image_folder("digits", Path(tempfile.mkdtemp()) / "target", limit_per_class=1)
         >>> model = timm.create_model("test_resnet", num_classes=3)
         >>> stack = apply_strategies(model, [{"name": "pseudo_label", "target_root": str(root), "threshold": 0.0,
         ...                                   "batch_size": 2, "image_size": 32}])

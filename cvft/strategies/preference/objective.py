@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from cvft.errors import StrategyError
 from cvft.strategies.base import Strategy
+from cvft.strategies.outputs import StepBatch
 from cvft.strategies.preference._distributed import mean_across_ranks
 from cvft.strategies.preference.policy import is_multi_label
 from cvft.strategies.preference.reference import ReferencePolicy
@@ -135,17 +136,13 @@ class RolloutObjective(PolicyObjective):
         raise NotImplementedError
 
     def optimisation_step(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        targets: Tensor | None,
-        indices: Tensor | None,
-        optimizer_step: Callable[[], None],
+        self, model: nn.Module, batch: StepBatch, optimizer_step: Callable[[], None]
     ) -> dict[str, Tensor]:
-        """Collect a rollout on ``images`` and :meth:`update` on it; the scalars include the mean ``reward``."""
+        """Collect a rollout on the batch's images and :meth:`update` on it; the scalars include the mean ``reward``."""
         reference = self.reference_policy if self.current_kl_coef > 0 else None
+        images, targets = batch.images, batch.targets
         rollout = collect_rollout(
-            model, images, targets, self.reward_fn, is_multi_label(targets), reference, indices,
+            model, images, targets, self.reward_fn, is_multi_label(targets), reference, batch.indices,
             self.normalize_advantages,
         )  # fmt: skip
         stats = self.update(model, images, rollout, optimizer_step)

@@ -123,8 +123,9 @@ class PPO(RolloutObjective):
         >>> model = torch.nn.Linear(3, 2)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> ppo = PPO(reward={"cost_matrix": [[0, 1], [5, 0]]}, epochs=2, kl_coef=0.1)
-        >>> stats = ppo.optimisation_step(model, torch.randn(8, 3), torch.tensor([0, 1] * 4), None,
-        ...                               lambda: (optimizer.step(), optimizer.zero_grad()))
+        >>> from cvft.strategies.outputs import StepBatch
+        >>> batch = StepBatch(torch.randn(8, 3), torch.tensor([0, 1] * 4))
+        >>> stats = ppo.optimisation_step(model, batch, lambda: (optimizer.step(), optimizer.zero_grad()))
         >>> sorted(stats)
         ['clip_fraction', 'kl', 'kl_coef', 'loss', 'reward']
     """
