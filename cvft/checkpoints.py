@@ -32,6 +32,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from cvft.atomic import atomic_path
 from cvft.backbones.sources import cache_dir
 from cvft.errors import CheckpointError
+from cvft.signatures import forwarded_signature
 
 __all__ = [
     "load_checkpoint",
@@ -275,7 +276,8 @@ def save_loadable_hparams(module: Any, frame: FrameType | None, ignore: Sequence
     """Save the arguments of the constructor running in ``frame`` as ``module.hparams``, as plain data.
 
     Lightning's ``save_hyperparameters(frame=...)`` followed by :func:`loadable_hparams`, so the checkpoint loads with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. Options the constructor forwards to a base class with ``**kwargs`` are
+    recorded with their defaults when not given (:func:`~cvft.signatures.forwarded_signature`), like its own.
 
     Args:
         module: A LightningModule or LightningDataModule.
@@ -283,6 +285,9 @@ def save_loadable_hparams(module: Any, frame: FrameType | None, ignore: Sequence
         ignore: Arguments to leave out.
     """
     module.save_hyperparameters(ignore=list(ignore), frame=frame)
+    for name, parameter in forwarded_signature(type(module)).parameters.items():
+        if name not in module.hparams and name not in ignore and parameter.default is not parameter.empty:
+            module.hparams[name] = parameter.default
     loadable_hparams(module)
 
 

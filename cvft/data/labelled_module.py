@@ -53,7 +53,6 @@ from cvft.data.split_module import SplitDataModule
 from cvft.data.transforms import IMAGENET_DATA_CONFIG, data_config_for
 from cvft.data.user_pipeline import UserPipeline, check_pipeline_output, load_user_pipeline
 from cvft.errors import CheckpointMismatchError, ConfigError, DatasetError
-from cvft.signatures import forwarded_signature
 
 __all__ = ["LabelledDataModule", "SPLITS"]
 
@@ -171,10 +170,6 @@ class LabelledDataModule(SplitDataModule, ABC, Generic[ItemT]):
         frame = inspect.currentframe()
         ignore = ["class_names", *ignore]
         save_loadable_hparams(self, frame.f_back if frame else None, ignore=ignore)
-        # the options a subclass forwarded with **kwargs are recorded only when given: add the defaults
-        for name, parameter in forwarded_signature(type(self)).parameters.items():
-            if name not in self.hparams and name not in ignore and parameter.default is not parameter.empty:
-                self.hparams[name] = parameter.default
 
     def _keep_shared_options(
         self,

@@ -216,10 +216,6 @@ class FineTuningModule(StrategyHooks, pl.LightningModule):
         frame = inspect.currentframe()
         ignore = ["strategies", *ignore]
         save_loadable_hparams(self, frame.f_back if frame else None, ignore=ignore)
-        # the shared options the task forwarded with **kwargs are recorded only when given: add the defaults
-        for name, parameter in forwarded_signature(type(self)).parameters.items():
-            if name not in self.hparams and name not in ignore and parameter.default is not parameter.empty:
-                self.hparams[name] = parameter.default
         names = dict.fromkeys([*check, *SHARED_NUMERIC_OPTIONS])
         values = {name: self.hparams.get(name) for name in names}
         if values.get("lr") == LR_AUTO:  # a number replaces it in build_strategy_stack
