@@ -238,8 +238,12 @@ class AdaBN(Strategy):
                 "back to the training data. Put a strategy that freezes BatchNorm statistics (linear_probe, lora, "
                 "bitfit ...) before adabn, or apply AdaBN after training with AdaBNCallback."
             )
-        used = adabn(model, self.target_root, self.batches, self.image_size, self.batch_size)
+        used = self.reestimate(model)
         _logger.info("adabn: re-estimated %d BatchNorm layers on %d target images", len(layers), used)
+
+    def reestimate(self, model: nn.Module) -> int:
+        """Re-estimate ``model``'s BatchNorm statistics on the target folder (:func:`adabn`); return the images used."""
+        return adabn(model, self.target_root, self.batches, self.image_size, self.batch_size)
 
 
 class AdaBNCallback(pl.Callback):
@@ -251,18 +255,17 @@ class AdaBNCallback(pl.Callback):
     Re-estimating twice gives the same statistics (the evaluation transform is deterministic).
 
     Args:
-        target_root: Folder of unlabelled target-domain images.
-        image_size: Input size (default: the backbone's pretrained size; give the training ``image_size``).
-        batch_size: Images per batch.
-        batches: Use at most this many batches (``None``: all).
+        target_root: Folder of unlabelled target-domain images (searched recursively).
         stages: When to re-estimate: any of ``"fit_end"``, ``"validate"``, ``"test"``, ``"predict"`` (the start of
             that loop; ``"validate"`` only for ``Trainer.validate``, never between training epochs).
         module_attr: Attribute path of the backbone in the LightningModule (default: the first timm model found).
+        **options: ``image_size``, ``batch_size`` and ``batches`` of the re-estimation, checked and documented as
+            for the ``adabn`` strategy (:class:`AdaBN`), which the callback runs.
 
     Example:
         >>> callback = AdaBNCallback("data/target", image_size=32, stages=("test",))
-        >>> callback.stages
-        ('test',)
+        >>> callback.stages, callback.adaptation.image_size
+        (('test',), 32)
     """
 
     STAGES = ("fit_end", "validate", "test", "predict")
@@ -270,17 +273,15 @@ class AdaBNCallback(pl.Callback):
     def __init__(
         self,
         target_root: str,
-        image_size: int | None = None,
-        batch_size: int = 32,
-        batches: int | None = None,
         stages: Sequence[str] = ("fit_end", "test", "predict"),
         module_attr: str | None = None,
+        **options: Any,
     ) -> None:
         unknown = [stage for stage in stages if stage not in self.STAGES]
         if unknown or not stages:
             raise StrategyError(f"AdaBNCallback: unknown stages {unknown}; choose from {', '.join(self.STAGES)}.")
-        self.target_root = str(target_root)
-        self.image_size, self.batch_size, self.batches = image_size, batch_size, batches
+        self.adaptation = AdaBN(target_root, **options)
+        """The re-estimation the callback runs (its target folder and options)."""
         self.stages = tuple(stages)
         self.module_attr = module_attr
 
@@ -289,7 +290,7 @@ class AdaBNCallback(pl.Callback):
         from cvft.strategies.callback import find_backbone
 
         backbone = find_backbone(pl_module, self.module_attr)
-        used = adabn(backbone, self.target_root, self.batches, self.image_size, self.batch_size)
+        used = self.adaptation.reestimate(backbone)
         _logger.info("AdaBN: BatchNorm statistics re-estimated on %d target images", used)
         return used
 
