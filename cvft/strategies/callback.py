@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,7 +21,7 @@ from cvft.strategies.outputs import StepBatch
 from cvft.strategies.param_groups import add_param_groups, split_param_groups_by_scale
 from cvft.strategies.registry import StrategySpec, build_strategies
 
-__all__ = ["StrategyCallback", "find_backbone", "training_batches", "calibrate_before_fit"]
+__all__ = ["AddedGroupOptions", "StrategyCallback", "find_backbone", "training_batches", "calibrate_before_fit"]
 
 
 def find_backbone(pl_module: nn.Module, module_attr: str | None = None) -> nn.Module:
@@ -186,13 +187,10 @@ class StrategyCallback(pl.Callback):
         added_lr: float | None = None,
         added_weight_decay: float | None = None,
     ) -> None:
-        _check_options(optimizer_index, added_lr, added_weight_decay)
+        self.added_groups = AddedGroupOptions(optimizer_index, added_lr, added_weight_decay)
         self.stack = StrategyStack(build_strategies(strategies))
         self.module_attr = module_attr
         self.calibration_loss = calibration_loss
-        self.optimizer_index = optimizer_index
-        self.added_lr = added_lr
-        self.added_weight_decay = added_weight_decay
         self._calibrated = False
         self._backbone: nn.Module | None = None
         self._target_index: int | None = None
@@ -280,22 +278,23 @@ class StrategyCallback(pl.Callback):
             optimizer,
             self.backbone,
             own,
-            lr=self.added_lr,
+            lr=self.added_groups.lr,
             lr_scales=scales,
             schedulers=self._schedulers(trainer, optimizer),
-            weight_decay=self.added_weight_decay,
+            weight_decay=self.added_groups.weight_decay,
         )
 
     def _backbone_optimizer_index(self, optimizers: Sequence[Any]) -> int | None:
         """Position of the optimizer that trains the backbone (``None``: the module configured no optimizer)."""
-        if self.optimizer_index is not None:
-            if self.optimizer_index >= len(optimizers):
+        index = self.added_groups.optimizer_index
+        if index is not None:
+            if index >= len(optimizers):
                 raise StrategyError(
-                    f"StrategyCallback(optimizer_index={self.optimizer_index}): configure_optimizers returned "
+                    f"StrategyCallback(optimizer_index={index}): configure_optimizers returned "
                     f"{len(optimizers)} optimizer(s). Pass the position of the optimizer that trains the backbone "
                     f"(0 to {len(optimizers) - 1})."
                 )
-            return self.optimizer_index
+            return index
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         holders = [i for i, opt in enumerate(optimizers) if any(id(p) in backbone_ids for p in _parameters(opt))]
         if len(holders) == 1:
@@ -362,21 +361,40 @@ class StrategyCallback(pl.Callback):
         return [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.scheduler.optimizer is optimizer]
 
 
-def _check_options(optimizer_index: int | None, added_lr: float | None, added_weight_decay: float | None) -> None:
-    if optimizer_index is not None and (
-        isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0
-    ):
-        raise StrategyError(
-            f"StrategyCallback(optimizer_index={optimizer_index!r}): pass the position (an integer >= 0) of the "
-            "optimizer that trains the backbone in the list configure_optimizers returns, or None to find it."
-        )
-    if added_lr is not None and not (math.isfinite(added_lr) and added_lr > 0):
-        raise StrategyError(f"StrategyCallback(added_lr={added_lr!r}): pass a finite rate > 0, or None to inherit.")
-    if added_weight_decay is not None and not (math.isfinite(added_weight_decay) and added_weight_decay >= 0):
-        raise StrategyError(
-            f"StrategyCallback(added_weight_decay={added_weight_decay!r}): pass a finite value >= 0, or None to "
-            "inherit."
-        )
+@dataclass(frozen=True)
+class AddedGroupOptions:
+    """Where :class:`StrategyCallback` adds the param groups of tensors its strategies make trainable, and how.
+
+    Args:
+        optimizer_index: Position of the optimizer that trains the backbone (``None``: found).
+        lr: Base learning rate of the added groups (``None``: inherited).
+        weight_decay: Their weight decay (``None``: inherited).
+
+    Raises:
+        StrategyError: A value out of range, naming the ``StrategyCallback`` argument.
+
+    Example:
+        >>> AddedGroupOptions(optimizer_index=0, lr=1e-3).weight_decay is None
+        True
+    """
+
+    optimizer_index: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        index, lr, decay = self.optimizer_index, self.lr, self.weight_decay
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+            raise StrategyError(
+                f"StrategyCallback(optimizer_index={index!r}): pass the position (an integer >= 0) of the "
+                "optimizer that trains the backbone in the list configure_optimizers returns, or None to find it."
+            )
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise StrategyError(f"StrategyCallback(added_lr={lr!r}): pass a finite rate > 0, or None to inherit.")
+        if decay is not None and not (math.isfinite(decay) and decay >= 0):
+            raise StrategyError(
+                f"StrategyCallback(added_weight_decay={decay!r}): pass a finite value >= 0, or None to inherit."
+            )
 
 
 def _parameters(optimizer: Any) -> Iterable[Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from torch import nn
@@ -15,17 +14,8 @@ __all__ = ["LoHA", "inject_loha"]
 
 
 def inject_loha(model: nn.Module, targets: str | list[str] = "auto", **options: Any) -> list[str]:
-    """Replace the target layers of ``model`` by :class:`LoHALayer` wrappers in place; return their names.
-
-    ``options`` go to every wrapper: :class:`LoHALayer`'s arguments (``rank``, ``alpha``, ``dropout``).
-
-    Example:
-        >>> import timm
-        >>> model = timm.create_model("test_vit")
-        >>> inject_loha(model, "vit_attention", rank=2)[:2]
-        ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
-    """
-    return inject_low_rank(model, targets, partial(LoHALayer, **options))
+    """Wrap the targets in :class:`LoHALayer` (``options``: its arguments); see :func:`.inject_low_rank`."""
+    return inject_low_rank(model, targets, LoHALayer, **options)
 
 
 @register_strategy

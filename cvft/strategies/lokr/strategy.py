@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from torch import nn
@@ -15,18 +14,8 @@ __all__ = ["LoKr", "inject_lokr"]
 
 
 def inject_lokr(model: nn.Module, targets: str | list[str] = "auto", **options: Any) -> list[str]:
-    """Replace the target layers of ``model`` by :class:`LoKrLayer` wrappers in place; return their names.
-
-    ``options`` go to every wrapper: :class:`LoKrLayer`'s arguments (``factor``, ``factor_c`` and the family's
-    ``rank``, ``alpha``, ``dropout``).
-
-    Example:
-        >>> import timm
-        >>> model = timm.create_model("test_resnet")
-        >>> inject_lokr(model, "resnet_blocks", rank=2)[:2]
-        ['layer1.0.conv1', 'layer1.0.conv2']
-    """
-    return inject_low_rank(model, targets, partial(LoKrLayer, **options))
+    """Wrap the targets in :class:`LoKrLayer` (``options``: its arguments); see :func:`.inject_low_rank`."""
+    return inject_low_rank(model, targets, LoKrLayer, **options)
 
 
 @register_strategy

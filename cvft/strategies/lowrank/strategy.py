@@ -10,6 +10,7 @@ on the model or on the other layers: LoRA's fused ``qkv`` projections, shared Lo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -40,20 +41,29 @@ def wrap_layers(model: nn.Module, names: Sequence[str], make_layer: LayerFactory
     return list(names)
 
 
-def inject_low_rank(model: nn.Module, targets: str | Sequence[str], make_layer: LayerFactory) -> list[str]:
+def inject_low_rank(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    make_layer: LayerFactory | Callable[..., LowRankLayer],
+    **options: Any,
+) -> list[str]:
     """Replace the target layers of ``model`` (see :func:`~cvft.strategies.lowrank.find_low_rank_targets`) in place.
 
-    ``make_layer`` builds the wrapper of one base layer; it is moved to the base weight's device and dtype.
-    Returns the names of the replaced layers.
+    ``make_layer`` builds the wrapper of one base layer, called as ``make_layer(base, **options)``: a layer class of
+    the family (:class:`~cvft.strategies.lora.LoRALinear`, :class:`~cvft.strategies.loha.LoHALayer`,
+    :class:`~cvft.strategies.lokr.LoKrLayer` ...) with its arguments as ``options``, or any factory. Each wrapper is
+    moved to the base weight's device and dtype. Returns the names of the replaced layers.
 
     Example:
         >>> import timm
-        >>> from cvft.strategies.lora import LoRALinear
-        >>> model = timm.create_model("test_vit")
-        >>> inject_low_rank(model, "blocks.0.attn.proj", lambda base: LoRALinear(base, rank=2))
-        ['blocks.0.attn.proj']
+        >>> from cvft.strategies.loha import LoHALayer
+        >>> from cvft.strategies.lokr import LoKrLayer
+        >>> inject_low_rank(timm.create_model("test_vit"), "vit_attention", LoHALayer, rank=2)[:2]
+        ['blocks.0.attn.qkv', 'blocks.0.attn.proj']
+        >>> inject_low_rank(timm.create_model("test_resnet"), "resnet_blocks", LoKrLayer, rank=2, factor=4)[:2]
+        ['layer1.0.conv1', 'layer1.0.conv2']
     """
-    return wrap_layers(model, find_low_rank_targets(model, targets), make_layer)
+    return wrap_layers(model, find_low_rank_targets(model, targets), partial(make_layer, **options))
 
 
 class LowRankStrategy(ParameterStrategy):
