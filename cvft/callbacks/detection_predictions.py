@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,31 +17,23 @@ from cvft.callbacks.prediction_file import PredictionFileWriter
 
 __all__ = ["DetectionPredictionWriter", "boxes_to_original", "box_colour", "draw_detections"]
 
-# Distinct, saturated colours (RGB); class ``k`` is drawn in ``_PALETTE[k % len(_PALETTE)]``.
-_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (255, 225, 25),
-    (0, 128, 128),
-    (170, 110, 40),
-    (128, 0, 0),
-)
-
 
 def box_colour(label: int) -> tuple[int, int, int]:
-    """The RGB colour boxes of class ``label`` are drawn in.
+    """The RGB colour boxes of class ``label`` are drawn in: matplotlib's ``tab10`` category colours, in turn.
 
     Example:
-        >>> box_colour(0), box_colour(12) == box_colour(0)
-        ((230, 25, 75), True)
+        >>> box_colour(0), box_colour(10) == box_colour(0)
+        ((31, 119, 180), True)
     """
-    return _PALETTE[int(label) % len(_PALETTE)]
+    palette = _palette()
+    return palette[int(label) % len(palette)]
+
+
+@functools.cache
+def _palette() -> tuple[tuple[int, int, int], ...]:
+    from matplotlib import colormaps
+
+    return tuple(tuple(round(255 * channel) for channel in colour) for colour in colormaps["tab10"].colors)
 
 
 def boxes_to_original(boxes: Tensor, size: Sequence[int], orig_size: Sequence[int], keep_ratio: bool = True) -> Tensor:

@@ -59,12 +59,16 @@ def merge_filter_select(model: nn.Module) -> nn.Module:
     The result computes exactly what the model with row deltas did and has the original state-dict keys.
 
     Example:
-        >>> import timm
-        >>> model = timm.create_model("test_resnet", num_classes=3)
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", num_classes=3).eval()
         >>> keys = list(model.state_dict())
         >>> FilterSelect(k=0.1).setup(model)
-        >>> list(merge_filter_select(model).state_dict()) == keys
-        True
+        >>> _ = [p.data.normal_(0, 0.01) for p in model.parameters() if p.requires_grad]  # as if trained
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> tuned = model(images)
+        >>> merged = merge_filter_select(model)
+        >>> list(merged.state_dict()) == keys, torch.allclose(merged(images), tuned, atol=1e-5)
+        (True, True)
     """
     put_merged_back(model, filter_select_layers(model))
     return model

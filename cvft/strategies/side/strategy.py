@@ -158,11 +158,16 @@ class SideTuning(ParameterStrategy):
         train_head: Also train the classifier head.
 
     Example:
-        >>> import timm
-        >>> model = timm.create_model("test_vit", num_classes=3)
-        >>> SideTuning(mode="top", train_head=False).setup(model)
-        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[:2]
-        ['side_module.net.0.attn.proj.bias', 'side_module.net.0.attn.proj.weight']
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", num_classes=3).eval()
+        >>> SideTuning(mode="side", train_head=False).setup(model)
+        >>> sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+        ['side_module']
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> with_side = model.eval()(images)
+        >>> model.side_module.enabled = False  # the original backbone's features
+        >>> torch.equal(model(images), with_side)  # the side network's gate starts at zero
+        True
     """
 
     name = "side_module"
