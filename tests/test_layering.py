@@ -3,7 +3,7 @@
 The layers, from the bottom (a module may import its own layer and those below it, at module level or inside a
 function; a type-only import counts too):
 
-0. foundation: ``cvft`` itself (``__version__``), ``errors``, ``atomic``, ``_deprecation``;
+0. foundation: ``cvft`` itself (``__version__``), ``errors``, ``atomic``, ``_deprecation``, ``signatures``;
 1. files and backbones: ``backbones``, ``checkpoints`` (safe loading, downloads), ``runs`` (run folders);
 2. ``data``;
 3. ``strategies``;
@@ -29,7 +29,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "cvft"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("cvft", "cvft.errors", "cvft.atomic", "cvft._deprecation"),
+    ("cvft", "cvft.errors", "cvft.atomic", "cvft._deprecation", "cvft.signatures"),
     ("cvft.backbones", "cvft.checkpoints", "cvft.runs"),
     ("cvft.data",),
     ("cvft.strategies",),

@@ -9,6 +9,6 @@ Example:
 """
 
 from cvft.strategies.side.layer import SideNetwork, TopBottleneck, TopTransformer
-from cvft.strategies.side.strategy import SIDE_ATTR, SideModule, SideTuning
+from cvft.strategies.side.strategy import SIDE_ATTR, FeatureLayout, SideModule, SideTuning
 
-__all__ = ["SideTuning", "SideModule", "SideNetwork", "TopBottleneck", "TopTransformer", "SIDE_ATTR"]
+__all__ = ["SideTuning", "SideModule", "FeatureLayout", "SideNetwork", "TopBottleneck", "TopTransformer", "SIDE_ATTR"]

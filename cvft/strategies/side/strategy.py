@@ -12,7 +12,7 @@ the first child module (``model.forward_features(x)``), capture it for the final
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from torch import Tensor, nn
 
@@ -22,7 +22,7 @@ from cvft.strategies.base import ParameterStrategy
 from cvft.strategies.registry import register_strategy
 from cvft.strategies.side.layer import SideNetwork, TopBottleneck, TopTransformer
 
-__all__ = ["SideModule", "SideTuning", "SIDE_ATTR"]
+__all__ = ["FeatureLayout", "SideModule", "SideTuning", "SIDE_ATTR"]
 
 #: Attribute of the backbone that holds the added module (its parameters are named ``side_module.*``).
 SIDE_ATTR = "side_module"
@@ -48,15 +48,59 @@ def _in_chans(model: nn.Module) -> int:
     return first_conv.in_channels
 
 
+class FeatureLayout(NamedTuple):
+    """The layout of a backbone's final features, which the added module reads and returns.
+
+    Args:
+        tokens: Whether the features are ``(B, N, C)`` tokens (ViT) rather than an NCHW map.
+        channels: Channels (token width) of the features.
+        patch_size: ViT patch size, to find the patch grid of an input image.
+        dynamic_pad: Whether the ViT pads images to a multiple of the patch size.
+
+    Example:
+        >>> import torch
+        >>> layout = FeatureLayout(tokens=True, channels=8, patch_size=(16, 16))
+        >>> layout.grid(torch.zeros(1, 3, 64, 48), num_tokens=13, num_prefix_tokens=1)
+        (4, 3)
+    """
+
+    tokens: bool
+    channels: int
+    patch_size: tuple[int, int] | None = None
+    dynamic_pad: bool = False
+
+    def check(self, features: Tensor) -> None:
+        """Refuse features of another layout (a backbone timm's contract does not cover)."""
+        if self.tokens:
+            expected = features.ndim == 3 and features.shape[-1] == self.channels
+        else:
+            expected = features.ndim == 4 and features.shape[1] == self.channels
+        if not expected:
+            layout = "(B, N, C)" if self.tokens else "NCHW (B, C, H, W)"
+            raise StrategyError(
+                f"side_module: the final features have shape {tuple(features.shape)}, not {layout} with "
+                f"C={self.channels}. side_module supports {_SUPPORTED}."
+            )
+
+    def grid(self, image: Tensor, num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
+        """The patch grid of ``image``, checked against the ``num_tokens`` of its features."""
+        height, width = image.shape[-2:]
+        ph, pw = self.patch_size or (1, 1)
+        grid = (-(-height // ph), -(-width // pw)) if self.dynamic_pad else (height // ph, width // pw)
+        if grid[0] * grid[1] + num_prefix_tokens != num_tokens:
+            raise StrategyError(
+                f"side_module: {num_tokens} tokens do not match a {grid[0]}x{grid[1]} patch grid of a "
+                f"{height}x{width} image plus {num_prefix_tokens} prefix tokens."
+            )
+        return grid
+
+
 class SideModule(nn.Module):
     """The added module plus the hooks' logic; registered on the backbone as ``side_module``.
 
     Args:
         net: A :class:`TopTransformer`, :class:`TopBottleneck` or :class:`SideNetwork`.
-        tokens: Whether the final features are ``(B, N, C)`` tokens (ViT) rather than an NCHW map.
-        channels: Channels (token width) of the final features.
-        patch_size: ViT patch size, to find the patch grid of an input image.
-        dynamic_pad: Whether the ViT pads images to a multiple of the patch size.
+        layout: The layout of the backbone's final features.
 
     Example:
         >>> import timm, torch
@@ -65,23 +109,14 @@ class SideModule(nn.Module):
         >>> SideTuning(mode="side").setup(model)
         >>> torch.equal(model.forward_features(torch.ones(1, 3, 32, 32)), reference)  # gate 0
         True
-        >>> model.side_module.enabled = False  # the original path alone
+        >>> model.side_module.layout.channels, model.side_module.layout.tokens
+        (96, False)
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        tokens: bool,
-        channels: int,
-        patch_size: tuple[int, int] | None = None,
-        dynamic_pad: bool = False,
-    ) -> None:
+    def __init__(self, net: nn.Module, layout: FeatureLayout) -> None:
         super().__init__()
         self.net = net
-        self.tokens = tokens
-        self.channels = channels
-        self.patch_size = patch_size
-        self.dynamic_pad = dynamic_pad
+        self.layout = layout
         #: Set False to compute the original backbone's features (the added module is skipped).
         self.enabled = True
         self._image: Tensor | None = None
@@ -96,30 +131,11 @@ class SideModule(nn.Module):
         if args and isinstance(args[0], Tensor) and args[0].ndim == 4:
             self._image = args[0]
 
-    def _grid(self, image: Tensor, num_tokens: int) -> tuple[int, int]:
-        height, width = image.shape[-2:]
-        ph, pw = self.patch_size
-        grid = (-(-height // ph), -(-width // pw)) if self.dynamic_pad else (height // ph, width // pw)
-        if grid[0] * grid[1] + self.net.num_prefix_tokens != num_tokens:
-            raise StrategyError(
-                f"side_module: {num_tokens} tokens do not match a {grid[0]}x{grid[1]} patch grid of a "
-                f"{height}x{width} image plus {self.net.num_prefix_tokens} prefix tokens."
-            )
-        return grid
-
     def on_features(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """Forward hook on the final feature module: apply the top block or blend in the side network."""
         if not self.enabled:
             return output
-        expected = output.ndim == 3 and output.shape[-1] == self.channels
-        if not self.tokens:
-            expected = output.ndim == 4 and output.shape[1] == self.channels
-        if not expected:
-            layout = "(B, N, C)" if self.tokens else "NCHW (B, C, H, W)"
-            raise StrategyError(
-                f"side_module: the final features have shape {tuple(output.shape)}, not {layout} with "
-                f"C={self.channels}. side_module supports {_SUPPORTED}."
-            )
+        self.layout.check(output)
         if not self.needs_image:
             return self.net(output)
         # the image stays referenced until the next call: activation checkpointing re-runs this hook in backward
@@ -129,12 +145,12 @@ class SideModule(nn.Module):
                 "side_module: mode='side' needs the input image of this batch, but none was captured; call the "
                 "model (or its forward_features) on images rather than a submodule."
             )
-        grid = self._grid(image, output.shape[1]) if self.tokens else None
+        grid = self.layout.grid(image, output.shape[1], self.net.num_prefix_tokens) if self.layout.tokens else None
         return self.net(image, output, grid)
 
     def extra_repr(self) -> str:
         """Layout and whether the module is active, for ``repr(model)``."""
-        return f"tokens={self.tokens}, channels={self.channels}, enabled={self.enabled}"
+        return f"tokens={self.layout.tokens}, channels={self.layout.channels}, enabled={self.enabled}"
 
 
 @register_strategy
@@ -217,14 +233,13 @@ class SideTuning(ParameterStrategy):
             else:
                 net = SideNetwork(_in_chans(model), dim, self.side_width, self.side_stages, model.num_prefix_tokens)
             patch_embed = model.patch_embed
-            side = SideModule(
-                net,
+            layout = FeatureLayout(
                 tokens=True,
                 channels=dim,
                 patch_size=tuple(patch_embed.patch_size),
                 dynamic_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
             )
-            return side, module_name
+            return SideModule(net, layout), module_name
         if final is None:
             raise StrategyError(
                 f"side_module: cannot place a module on {type(model).__name__}: it supports {_SUPPORTED}."
@@ -234,7 +249,7 @@ class SideTuning(ParameterStrategy):
             net = TopBottleneck(channels, self.reduction, self.depth)
         else:
             net = SideNetwork(_in_chans(model), channels, self.side_width, self.side_stages)
-        return SideModule(net, tokens=False, channels=channels), module_name
+        return SideModule(net, FeatureLayout(tokens=False, channels=channels)), module_name
 
     def setup(self, model: nn.Module) -> None:
         """Freeze the model, attach the top block or side network with its hooks, train it (and the head)."""
