@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from cvft.strategies.lowrank import LayerFactory, LowRankStrategy, inject_low_rank
@@ -40,13 +42,12 @@ def shared_layer_factory(rank: int = 8, alpha: float = 16, dropout: float = 0.0)
     return make_layer
 
 
-def inject_shared_lora(
-    model: nn.Module, targets: str | list[str] = "auto", rank: int = 8, alpha: float = 16, dropout: float = 0.0
-) -> list[str]:
+def inject_shared_lora(model: nn.Module, targets: str | list[str] = "auto", **options: Any) -> list[str]:
     """Wrap the target layers of ``model`` (see :func:`~cvft.strategies.lowrank.find_low_rank_targets`), by shape.
 
     Layers whose weights have the same shape (a Linear's ``(out, in)``, a conv's ``(out, in / groups, kh, kw)``)
-    share one :class:`SharedLowRankPair`. Returns the wrapped layers' names.
+    share one :class:`SharedLowRankPair`. ``options`` are :func:`shared_layer_factory`'s (the family's ``rank``,
+    ``alpha``, ``dropout``). Returns the wrapped layers' names.
 
     Example:
         >>> import timm
@@ -56,7 +57,7 @@ def inject_shared_lora(
         >>> model.blocks[0].mlp.fc1.shared is model.blocks[5].mlp.fc1.shared
         True
     """
-    return inject_low_rank(model, targets, shared_layer_factory(rank, alpha, dropout))
+    return inject_low_rank(model, targets, shared_layer_factory(**options))
 
 
 @register_strategy
@@ -84,4 +85,4 @@ class SharedLoRA(LowRankStrategy):
 
     def layer_factory(self, model: nn.Module) -> LayerFactory:
         """Wrappers sharing one pair per weight shape."""
-        return shared_layer_factory(self.rank, self.alpha, self.dropout)
+        return shared_layer_factory(**self.layer_options())
