@@ -44,7 +44,7 @@ def wrap_layers(model: nn.Module, names: Sequence[str], make_layer: LayerFactory
 def inject_low_rank(
     model: nn.Module,
     targets: str | Sequence[str],
-    make_layer: LayerFactory | Callable[..., LowRankLayer],
+    make_layer: Callable[..., LowRankLayer],
     **options: Any,
 ) -> list[str]:
     """Replace the target layers of ``model`` (see :func:`~cvft.strategies.lowrank.find_low_rank_targets`) in place.

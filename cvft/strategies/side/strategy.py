@@ -85,7 +85,7 @@ class FeatureLayout(NamedTuple):
     def grid(self, image: Tensor, num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
         """The patch grid of ``image``, checked against the ``num_tokens`` of its features."""
         height, width = image.shape[-2:]
-        ph, pw = self.patch_size or (1, 1)
+        ph, pw = self.patch_size
         grid = (-(-height // ph), -(-width // pw)) if self.dynamic_pad else (height // ph, width // pw)
         if grid[0] * grid[1] + num_prefix_tokens != num_tokens:
             raise StrategyError(
